@@ -1,0 +1,71 @@
+// Global libtorch switches that tch 0.24 does not expose. Every entry point catches C++ exceptions
+// and reports failure through its return value, so nothing unwinds into Rust.
+#include <ATen/Context.h>
+#include <torch/headeronly/version.h>
+
+#include <dlfcn.h>
+
+#include <cstring>
+
+extern "C" {
+
+// Returns 0 on success, -1 if libtorch threw.
+int residual_set_flag(int flag, int value) {
+  try {
+    auto& ctx = at::globalContext();
+    switch (flag) {
+      case 0: ctx.setAllowTF32CuDNN(value != 0); return 0;
+      case 1: ctx.setAllowTF32CuBLAS(value != 0); return 0;
+      case 2: ctx.setDeterministicAlgorithms(value != 0, false); return 0;
+      case 3: ctx.setDeterministicCuDNN(value != 0); return 0;
+      case 4: ctx.setBenchmarkCuDNN(value != 0); return 0;
+      default: return -1;
+    }
+  } catch (...) {
+    return -1;
+  }
+}
+
+// Returns 0 or 1 for the flag's value, -1 on failure.
+int residual_get_flag(int flag) {
+  try {
+    auto& ctx = at::globalContext();
+    switch (flag) {
+      case 0: return ctx.allowTF32CuDNN() ? 1 : 0;
+      case 1: return ctx.allowTF32CuBLAS() ? 1 : 0;
+      case 2: return ctx.deterministicAlgorithms() ? 1 : 0;
+      case 3: return ctx.deterministicCuDNN() ? 1 : 0;
+      case 4: return ctx.benchmarkCuDNN() ? 1 : 0;
+      default: return -1;
+    }
+  } catch (...) {
+    return -1;
+  }
+}
+
+// The libtorch version these headers belong to, e.g. "2.11.0".
+const char* residual_torch_header_version() { return TORCH_VERSION; }
+
+// Writes the name of CUDA device `index` (driver API, loaded at run time) into `buf`. Returns 0 on
+// success, -1 when the driver or the device is missing.
+int residual_cuda_device_name(int index, char* buf, int len) {
+  if (len <= 0) return -1;
+  void* lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
+  if (lib == nullptr) lib = dlopen("libcuda.so.1", RTLD_LAZY);
+  if (lib == nullptr) return -1;
+  using InitFn = int (*)(unsigned int);
+  using GetFn = int (*)(int*, int);
+  using NameFn = int (*)(char*, int, int);
+  auto init = reinterpret_cast<InitFn>(dlsym(lib, "cuInit"));
+  auto get = reinterpret_cast<GetFn>(dlsym(lib, "cuDeviceGet"));
+  auto name = reinterpret_cast<NameFn>(dlsym(lib, "cuDeviceGetName"));
+  int device = 0;
+  if (init == nullptr || get == nullptr || name == nullptr || init(0) != 0 ||
+      get(&device, index) != 0 || name(buf, len, device) != 0) {
+    return -1;
+  }
+  buf[len - 1] = '\0';
+  return 0;
+}
+
+}  // extern "C"

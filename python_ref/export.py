@@ -1,0 +1,267 @@
+"""Writes the parity references that the Rust tests and `residual parity` compare against.
+
+Usage: python python_ref/export.py [--out target/python_ref] [--only NAME ...]
+
+For every case, into OUT/<case>/:
+  module.pt               the module as TorchScript (torch.jit.script; trace only where scripting fails)
+  state_dict.safetensors  its state_dict (parameters and buffers, PyTorch's key names)
+  state_dict.pth          the same state_dict as written by torch.save
+  inputs.safetensors      the forward inputs, by name
+  outputs.safetensors     the eager outputs (`output`, plus `loss` and any named extras)
+  loss.safetensors        what the scalar loss needs besides the outputs (cotangent, target positions)
+  grads.safetensors       d loss / d input (`input.<name>`) and / d parameter (`param.<key>`)
+and OUT/manifest.json listing the cases with their config, mode, shapes, dtypes and tolerances. The
+manifest is written last, atomically: a partial export never looks complete.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List
+
+import torch
+from safetensors.torch import save_file
+
+import reference as R
+
+# fp32 tolerances (max abs) from the foundation issue; CUDA runs compare to these CPU references.
+TOL_FORWARD = 1e-6
+TOL_GRAD = 1e-5
+TOL_CUDA = 1e-4
+
+
+@dataclass
+class Case:
+    name: str
+    module: str
+    config: Dict
+    build: Callable[[], torch.nn.Module]
+    inputs: Callable[[], Dict[str, torch.Tensor]]
+    mode: str = "eval"
+    loss: str = "weighted_sum"
+    loss_inputs: Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]] = None
+    tolerance: Dict[str, float] = field(
+        default_factory=lambda: {"forward": TOL_FORWARD, "grad": TOL_GRAD, "cuda": TOL_CUDA}
+    )
+
+
+def conv_sds_head_case(name, n_layers, input_size, hidden_size, num_labels, batch, mode="eval"):
+    cfg = dict(n_layers=n_layers, input_size=input_size, hidden_size=hidden_size, num_labels=num_labels)
+    return Case(
+        name=name,
+        module="ConvSDSHead",
+        config={"arch": "conv_sds_head", **cfg},
+        build=lambda: R.ConvSDSHead(**cfg),
+        inputs=lambda: {"input": torch.randn(batch, input_size, hidden_size)},
+        mode=mode,
+    )
+
+
+def qa_positions(inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    batch, length, _ = inputs["input"].shape
+    start = torch.randint(0, length, (batch,))
+    end = torch.randint(0, length, (batch,))
+    # One start beyond the sequence (ignored by the loss) and one negative end (clamped to 0).
+    start[0] = length + 7
+    end[-1] = -3
+    return {"start_positions": start, "end_positions": end}
+
+
+def sid_config(**overrides) -> R.SiDConfig:
+    base = dict(
+        num_categories_list=[3, 7, 5],
+        num_numerical_features=4,
+        num_text_features=2,
+        text_input_size=24,
+        embedding_size=16,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_transform_blocks=2,
+        num_attention_blocks=1,
+        num_labels=5,
+    )
+    base.update(overrides)
+    return R.SiDConfig(**base)
+
+
+def sid_inputs(config: R.SiDConfig, batch: int) -> Callable[[], Dict[str, torch.Tensor]]:
+    def make():
+        categorical = torch.stack(
+            [torch.randint(0, n, (batch,)) for n in config.num_categories_list], dim=1
+        )
+        return {
+            "categorical": categorical,
+            "numerical": torch.randn(batch, config.num_numerical_features),
+            "text": torch.randn(batch, config.num_text_features, config.text_input_size),
+        }
+
+    return make
+
+
+def sid_case(name, config: R.SiDConfig, batch: int, mode="eval"):
+    return Case(
+        name=name,
+        module="SiDClassifier",
+        config={"arch": "sid_classifier", **asdict(config)},
+        build=lambda: R.SiDClassifier(config),
+        inputs=sid_inputs(config, batch),
+        mode=mode,
+    )
+
+
+def cases() -> List[Case]:
+    block_cfg = sid_config(hidden_size=96, intermediate_size=160)
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_dropout_prob=0.0, drop_path_prob=0.0)
+    default_sid = R.SiDConfig(
+        num_categories_list=[12, 30, 7, 100, 4],
+        num_numerical_features=6,
+        num_text_features=2,
+        text_input_size=768,
+        num_labels=2,
+    )
+    return [
+        Case(
+            name="conv_sds_layer_small",
+            module="ConvSDSLayer",
+            config={"arch": "conv_sds_layer", "input_size": 64, "hidden_dim": 96},
+            build=lambda: R.ConvSDSLayer(64, 96),
+            inputs=lambda: {"input": torch.randn(3, 64, 96)},
+        ),
+        conv_sds_head_case("conv_sds_head_small_eval", 3, 64, 96, 2, batch=3),
+        conv_sds_head_case("conv_sds_head_small_train", 3, 64, 96, 2, batch=3, mode="train"),
+        conv_sds_head_case("conv_sds_head_odd", 2, 17, 33, 3, batch=5),
+        conv_sds_head_case("conv_sds_head_default", 5, 512, 768, 2, batch=1),
+        conv_sds_head_case("conv_sds_head_roberta_large", 5, 512, 1024, 2, batch=1),
+        Case(
+            name="conv_sds_head_qa_span_loss",
+            module="ConvSDSHead",
+            config={"arch": "conv_sds_head", "n_layers": 3, "input_size": 64, "hidden_size": 96,
+                    "num_labels": 2},
+            build=lambda: R.ConvSDSHead(3, 64, 96, 2),
+            inputs=lambda: {"input": torch.randn(4, 64, 96)},
+            loss="qa_span",
+            loss_inputs=qa_positions,
+        ),
+        Case(
+            name="sid_residual_block",
+            module="SiDResidualBlock",
+            config={"arch": "sid_residual_block", "hidden_size": 96, "intermediate_size": 160,
+                    "hidden_dropout_prob": 0.5},
+            build=lambda: R.SiDResidualBlock(block_cfg),
+            inputs=lambda: {"input": torch.randn(3, 96)},
+        ),
+        sid_case("sid_classifier_small_eval", sid_config(), batch=3),
+        sid_case("sid_classifier_small_train_nodrop", sid_config(**no_dropout), batch=3, mode="train"),
+        sid_case("sid_classifier_default", default_sid, batch=4),
+    ]
+
+
+def to_script(module: torch.nn.Module, inputs: List[torch.Tensor]):
+    try:
+        return torch.jit.script(module), "script"
+    except Exception as err:  # noqa: BLE001 - fall back to trace only where scripting is impossible
+        print(f"  torch.jit.script failed ({type(err).__name__}); tracing instead")
+        return torch.jit.trace(module, tuple(inputs)), "trace"
+
+
+def spec(tensors: Dict[str, torch.Tensor]) -> List[Dict]:
+    return [
+        {"name": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+        for k, v in tensors.items()
+    ]
+
+
+def export_case(case: Case, out_dir: str) -> Dict:
+    seed = zlib.crc32(case.name.encode())
+    torch.manual_seed(seed)
+    model = case.build()
+    model.train(case.mode == "train")
+    inputs = case.inputs()
+    extra = case.loss_inputs(inputs) if case.loss_inputs else {}
+
+    scripted, script_method = to_script(model, list(inputs.values()))
+
+    leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
+    output = model(*leaves.values())
+    outputs = {"output": output}
+    if case.loss == "weighted_sum":
+        extra["cotangent"] = torch.randn_like(output)
+        loss = (output * extra["cotangent"]).sum()
+    elif case.loss == "qa_span":
+        start, end = output.split(1, dim=-1)
+        outputs["start_logits"] = start.squeeze(-1)
+        outputs["end_logits"] = end.squeeze(-1)
+        loss = R.qa_span_loss(output, extra["start_positions"], extra["end_positions"])
+    else:
+        raise ValueError(f"unknown loss {case.loss}")
+    outputs["loss"] = loss
+    loss.backward()
+
+    grads = {f"input.{k}": v.grad for k, v in leaves.items() if v.grad is not None}
+    for key, param in model.named_parameters():
+        grads[f"param.{key}"] = param.grad if param.grad is not None else torch.zeros_like(param)
+
+    def detach(d):
+        return {k: v.detach().contiguous() for k, v in d.items()}
+
+    case_dir = os.path.join(out_dir, case.name)
+    os.makedirs(case_dir, exist_ok=True)
+    scripted.save(os.path.join(case_dir, "module.pt"))
+    state = model.state_dict()
+    save_file(detach(state), os.path.join(case_dir, "state_dict.safetensors"))
+    torch.save(state, os.path.join(case_dir, "state_dict.pth"))
+    save_file(detach(inputs), os.path.join(case_dir, "inputs.safetensors"))
+    save_file(detach(outputs), os.path.join(case_dir, "outputs.safetensors"))
+    save_file(detach(extra), os.path.join(case_dir, "loss.safetensors"))
+    save_file(detach(grads), os.path.join(case_dir, "grads.safetensors"))
+
+    return {
+        "name": case.name,
+        "module": case.module,
+        "config": case.config,
+        "mode": case.mode,
+        "loss": case.loss,
+        "seed": seed,
+        "torchscript": script_method,
+        "inputs": spec(inputs),
+        "outputs": spec(detach(outputs)),
+        "parameters": spec(detach(dict(model.named_parameters()))),
+        "buffers": spec(dict(model.named_buffers())),
+        "dtype": "float32",
+        "tolerance": case.tolerance,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="target/python_ref")
+    parser.add_argument("--only", nargs="*", help="export only these cases")
+    args = parser.parse_args()
+
+    torch.use_deterministic_algorithms(True)
+    os.makedirs(args.out, exist_ok=True)
+    entries = []
+    for case in cases():
+        if args.only and case.name not in args.only:
+            continue
+        print(f"exporting {case.name}", flush=True)
+        entries.append(export_case(case, args.out))
+
+    manifest = {
+        "torch_version": torch.__version__,
+        "generated_by": "python_ref/export.py",
+        "cases": entries,
+    }
+    fd, tmp = tempfile.mkstemp(dir=args.out, prefix=".manifest-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, os.path.join(args.out, "manifest.json"))
+    print(f"wrote {len(entries)} cases to {args.out}/manifest.json")
+
+
+if __name__ == "__main__":
+    main()

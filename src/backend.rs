@@ -1,0 +1,76 @@
+//! Global libtorch switches that tch 0.24 does not expose, set through `csrc/backend.cpp`.
+//!
+//! libtorch lets cuDNN convolutions use TF32 by default, which alone moves fp32 results by ~1e-3 on
+//! Ampere and later GPUs; parity runs switch it off with [`set_flag`].
+
+use anyhow::{bail, Result};
+
+extern "C" {
+    fn residual_set_flag(flag: i32, value: i32) -> i32;
+    fn residual_get_flag(flag: i32) -> i32;
+    fn residual_torch_header_version() -> *const std::os::raw::c_char;
+    fn residual_cuda_device_name(index: i32, buf: *mut std::os::raw::c_char, len: i32) -> i32;
+}
+
+/// A global libtorch switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flag {
+    /// `torch.backends.cudnn.allow_tf32` (on by default in libtorch).
+    AllowTf32Cudnn = 0,
+    /// `torch.backends.cuda.matmul.allow_tf32` (off by default).
+    AllowTf32Cublas = 1,
+    /// `torch.use_deterministic_algorithms`.
+    DeterministicAlgorithms = 2,
+    /// `torch.backends.cudnn.deterministic`.
+    DeterministicCudnn = 3,
+    /// `torch.backends.cudnn.benchmark`.
+    BenchmarkCudnn = 4,
+}
+
+/// Sets a switch for the whole process.
+pub fn set_flag(flag: Flag, on: bool) -> Result<()> {
+    // SAFETY: plain C function; it catches every C++ exception.
+    if unsafe { residual_set_flag(flag as i32, on as i32) } != 0 {
+        bail!("libtorch refused to set {flag:?} to {on}");
+    }
+    Ok(())
+}
+
+/// Reads a switch back from libtorch.
+pub fn flag(flag: Flag) -> Result<bool> {
+    // SAFETY: plain C function; it catches every C++ exception.
+    match unsafe { residual_get_flag(flag as i32) } {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => bail!("libtorch could not report {flag:?}"),
+    }
+}
+
+/// Settings for fp32 parity: no TF32 anywhere, deterministic cuDNN.
+pub fn strict_fp32() -> Result<()> {
+    set_flag(Flag::AllowTf32Cudnn, false)?;
+    set_flag(Flag::AllowTf32Cublas, false)?;
+    set_flag(Flag::DeterministicCudnn, true)?;
+    set_flag(Flag::BenchmarkCudnn, false)
+}
+
+/// The libtorch version of the headers this crate was compiled against.
+pub fn header_version() -> String {
+    // SAFETY: returns a pointer to a static NUL-terminated string literal.
+    unsafe { std::ffi::CStr::from_ptr(residual_torch_header_version()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The name of CUDA device `index` as the driver reports it (`NVIDIA H100 80GB HBM3`), if any.
+pub fn cuda_device_name(index: usize) -> Option<String> {
+    let mut buf = [0 as std::os::raw::c_char; 256];
+    // SAFETY: the buffer outlives the call and its length is passed; the C side NUL-terminates.
+    let rc = unsafe { residual_cuda_device_name(index as i32, buf.as_mut_ptr(), buf.len() as i32) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: NUL-terminated by the C side on success.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}

@@ -1,0 +1,20 @@
+//! `residual`: residual networks from PyTorch, ported to tch (libtorch), with parity against the
+//! PyTorch code they mirror.
+//!
+//! * [`models`]: the modules, one file per family, named like their PyTorch state_dict keys.
+//! * [`config`]: typed model configs (`{"arch": ...}`) and the one builder from config to model.
+//! * [`checkpoint`]: state_dicts by name, strict loading.
+//! * [`parity`]: the parity cases against the `python_ref/` exports, shared by tests and the CLI.
+//! * [`backend`]: libtorch switches tch lacks (TF32, determinism), through a small C++ shim.
+//! * [`device`], [`doctor`]: device selection and the environment report.
+
+pub mod backend;
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod doctor;
+pub mod models;
+pub mod parity;
+
+pub use config::ModelConfig;
+pub use models::{Inputs, Model};

@@ -1,0 +1,591 @@
+//! SiD, the gated-MLP tabular model of affjljoo3581/Job-Recommend-Competition (`src/modeling.py`,
+//! commit bb41cdd), whose `SiDResidualBlock` the seed document shows.
+//!
+//! Inputs: `categorical` int64 `[B, C]`, `numerical` float `[B, N]`, `text` float `[B, T, D]`
+//! (one D-wide vector per text feature). They are embedded into `[B, F, E]` (`F = C + N + T`); each
+//! layer re-weights those embeddings with an attention over features computed from the previous
+//! hidden state, projects them to `[B, H]`, transforms them with residual blocks, and adds the
+//! result to the hidden state through stochastic depth.
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+
+use super::layers::{self, BiasInit};
+use super::{input, Expect, Inputs, Model};
+
+/// The original `SiDConfig`, field for field, with its defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidConfig {
+    pub num_categories_list: Vec<i64>,
+    pub num_numerical_features: i64,
+    pub num_text_features: i64,
+    pub text_input_size: i64,
+    #[serde(default = "d_embedding_size")]
+    pub embedding_size: i64,
+    #[serde(default = "d_hidden_size")]
+    pub hidden_size: i64,
+    #[serde(default = "d_intermediate_size")]
+    pub intermediate_size: i64,
+    #[serde(default = "d_num_hidden_layers")]
+    pub num_hidden_layers: i64,
+    #[serde(default = "d_one")]
+    pub num_transform_blocks: i64,
+    #[serde(default = "d_one")]
+    pub num_attention_blocks: i64,
+    #[serde(default = "d_half")]
+    pub hidden_dropout_prob: f64,
+    #[serde(default = "d_half")]
+    pub attention_dropout_prob: f64,
+    #[serde(default = "d_half")]
+    pub drop_path_prob: f64,
+    #[serde(default = "d_embed_init_std")]
+    pub embed_init_std: f64,
+    #[serde(default)]
+    pub num_labels: Option<i64>,
+}
+
+fn d_embedding_size() -> i64 {
+    64
+}
+fn d_hidden_size() -> i64 {
+    256
+}
+fn d_intermediate_size() -> i64 {
+    1024
+}
+fn d_num_hidden_layers() -> i64 {
+    18
+}
+fn d_one() -> i64 {
+    1
+}
+fn d_half() -> f64 {
+    0.5
+}
+fn d_embed_init_std() -> f64 {
+    0.02
+}
+
+impl SidConfig {
+    pub fn num_categorical_features(&self) -> i64 {
+        self.num_categories_list.len() as i64
+    }
+
+    pub fn num_total_categories(&self) -> i64 {
+        self.num_categories_list.iter().sum()
+    }
+
+    pub fn num_total_features(&self) -> i64 {
+        self.num_categorical_features() + self.num_numerical_features + self.num_text_features
+    }
+
+    pub fn total_embedding_size(&self) -> i64 {
+        self.num_total_features() * self.embedding_size
+    }
+
+    /// Rejects configs the model cannot be built from, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.num_categories_list.is_empty() {
+            bail!("num_categories_list: needs at least one categorical feature");
+        }
+        if let Some((i, n)) = self
+            .num_categories_list
+            .iter()
+            .enumerate()
+            .find(|(_, n)| **n < 1)
+        {
+            bail!("num_categories_list[{i}]: a feature needs at least one category, got {n}");
+        }
+        if self.num_text_features < 1 {
+            bail!(
+                "num_text_features: must be at least 1 (the model stacks one projection per text \
+                 feature), got {}",
+                self.num_text_features
+            );
+        }
+        for (field, value, min) in [
+            ("num_numerical_features", self.num_numerical_features, 0),
+            ("text_input_size", self.text_input_size, 1),
+            ("embedding_size", self.embedding_size, 1),
+            ("hidden_size", self.hidden_size, 1),
+            ("intermediate_size", self.intermediate_size, 1),
+            ("num_hidden_layers", self.num_hidden_layers, 1),
+            ("num_transform_blocks", self.num_transform_blocks, 0),
+            ("num_attention_blocks", self.num_attention_blocks, 0),
+        ] {
+            if value < min {
+                bail!("{field}: must be at least {min}, got {value}");
+            }
+        }
+        for (field, p) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            ("attention_dropout_prob", self.attention_dropout_prob),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                bail!("{field}: must be in [0, 1), got {p}");
+            }
+        }
+        if !(0.0..=1.0).contains(&self.drop_path_prob) {
+            bail!(
+                "drop_path_prob: must be in [0, 1], got {}",
+                self.drop_path_prob
+            );
+        }
+        if !(self.embed_init_std.is_finite() && self.embed_init_std >= 0.0) {
+            bail!(
+                "embed_init_std: must be a finite non-negative number, got {}",
+                self.embed_init_std
+            );
+        }
+        if let Some(n) = self.num_labels {
+            if n < 1 {
+                bail!("num_labels: must be at least 1, got {n}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Stochastic depth as the original writes it: in training, each row is kept when `u > p`
+/// (`u ~ U[0, 1)`) and kept rows are divided by `p`, not by `1 - p` as in the usual formulation.
+/// The port mirrors this for parity; with the default `p = 0.5` the two agree.
+#[derive(Debug, Clone, Copy)]
+pub struct StochasticDepth {
+    pub drop_path_prob: f64,
+}
+
+impl nn::ModuleT for StochasticDepth {
+    /// `[B, ...] -> [B, ...]`.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        if self.drop_path_prob == 0.0 || !train {
+            return xs.shallow_clone();
+        }
+        let mut mask_shape = vec![1i64; xs.dim()];
+        mask_shape[0] = xs.size()[0];
+        let mask = Tensor::rand(&mask_shape, (Kind::Float, xs.device()));
+        let mask = mask.gt(self.drop_path_prob).to_kind(xs.kind()) / self.drop_path_prob;
+        mask * xs
+    }
+}
+
+/// `SiDEmbeddings`: `[B, C]`, `[B, N]`, `[B, T, D]` -> `[B, C + N + T, E]`.
+///
+/// One embedding table holds every categorical feature; feature `i`'s indices are shifted by the
+/// buffer `categorical_embedding_offsets` (`[1, C]`, the cumulative category counts). A numerical
+/// value `x` embeds as `x * direction + anchor`; each text vector goes through its own bias-free
+/// linear map.
+#[derive(Debug)]
+pub struct SidEmbeddings {
+    pub categorical_embeddings: nn::Embedding,
+    pub numerical_direction: Tensor,
+    pub numerical_anchor: Tensor,
+    pub text_projections: Vec<nn::Linear>,
+    pub categorical_embedding_offsets: Tensor,
+    num_categories: Tensor,
+}
+
+impl SidEmbeddings {
+    pub fn new(path: nn::Path, config: &SidConfig) -> Self {
+        let std = config.embed_init_std;
+        let normal = nn::Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        };
+        let e = config.embedding_size;
+        let embedding_config = nn::EmbeddingConfig {
+            ws_init: normal,
+            ..Default::default()
+        };
+        let text = &path / "text_projections";
+        let counts = &config.num_categories_list;
+        let mut offsets = vec![0i64; counts.len()];
+        for i in 1..counts.len() {
+            offsets[i] = offsets[i - 1] + counts[i - 1];
+        }
+        let offsets = Tensor::from_slice(&offsets)
+            .view([1, -1])
+            .to_device(path.device());
+        Self {
+            categorical_embeddings: nn::embedding(
+                &path / "categorical_embeddings",
+                config.num_total_categories(),
+                e,
+                embedding_config,
+            ),
+            numerical_direction: path.var(
+                "numerical_direction",
+                &[config.num_numerical_features, e],
+                normal,
+            ),
+            numerical_anchor: path.var(
+                "numerical_anchor",
+                &[config.num_numerical_features, e],
+                normal,
+            ),
+            text_projections: (0..config.num_text_features)
+                .map(|i| layers::linear(&text / i, config.text_input_size, e, None))
+                .collect(),
+            categorical_embedding_offsets: path.add(
+                "categorical_embedding_offsets",
+                offsets,
+                false,
+            ),
+            num_categories: Tensor::from_slice(counts)
+                .view([1, -1])
+                .to_device(path.device()),
+        }
+    }
+
+    /// Fails when a categorical index is negative or not below its feature's category count.
+    fn check_categories(&self, categorical: &Tensor) -> Result<()> {
+        let bad = categorical
+            .lt(0)
+            .logical_or(&categorical.ge_tensor(&self.num_categories));
+        if bad.any().int64_value(&[]) != 0 {
+            let first = bad.nonzero().get(0);
+            let (row, col) = (first.int64_value(&[0]), first.int64_value(&[1]));
+            let value = categorical.int64_value(&[row, col]);
+            let limit = self.num_categories.int64_value(&[0, col]);
+            bail!(
+                "input `categorical`: row {row}, feature {col} has index {value}, outside [0, {limit})"
+            );
+        }
+        Ok(())
+    }
+
+    /// Checked forward (see the type's doc for shapes).
+    pub fn forward(
+        &self,
+        categorical: &Tensor,
+        numerical: &Tensor,
+        text: &Tensor,
+    ) -> Result<Tensor> {
+        self.check_categories(categorical)?;
+        let categorical = categorical + &self.categorical_embedding_offsets;
+        let categorical = categorical.apply(&self.categorical_embeddings);
+        let numerical =
+            numerical.unsqueeze(-1) * &self.numerical_direction + &self.numerical_anchor;
+        let stacked: Vec<Tensor> = self
+            .text_projections
+            .iter()
+            .map(|l| l.ws.transpose(0, 1))
+            .collect();
+        let text = Tensor::einsum(
+            "btm,tmn->btn",
+            &[text, &Tensor::stack(&stacked, 0)],
+            None::<i64>,
+        );
+        Ok(Tensor::cat(&[categorical, numerical, text], 1))
+    }
+}
+
+/// `SiDResidualBlock`: `h + dropout(a * sigmoid(g))` with `[a, g] = chunk(FF(h), 2, dim=1)` and
+/// `FF = Linear(H, I) -> GELU -> Linear(I, 2H)`; `[B, H] -> [B, H]`.
+#[derive(Debug)]
+pub struct SidResidualBlock {
+    /// `feedforward.0` and `feedforward.2` (index 1 is the parameter-free GELU).
+    pub feedforward: (nn::Linear, nn::Linear),
+    pub dropout: f64,
+    pub hidden_size: i64,
+    device: Device,
+}
+
+/// `{"arch": "sid_residual_block", "hidden_size": H, "intermediate_size": I, ...}`: the block alone,
+/// with PyTorch's default Linear init (inside SiD the model re-initialises biases to zero).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidResidualBlockConfig {
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    #[serde(default = "d_half")]
+    pub hidden_dropout_prob: f64,
+}
+
+impl SidResidualBlock {
+    pub fn new(
+        path: nn::Path,
+        hidden: i64,
+        intermediate: i64,
+        dropout: f64,
+        bias: BiasInit,
+    ) -> Self {
+        let ff = &path / "feedforward";
+        Self {
+            feedforward: (
+                layers::linear(&ff / 0, hidden, intermediate, Some(bias)),
+                layers::linear(&ff / 2, intermediate, hidden * 2, Some(bias)),
+            ),
+            dropout,
+            hidden_size: hidden,
+            device: path.device(),
+        }
+    }
+
+    pub fn from_config(path: nn::Path, config: &SidResidualBlockConfig) -> Self {
+        Self::new(
+            path,
+            config.hidden_size,
+            config.intermediate_size,
+            config.hidden_dropout_prob,
+            BiasInit::Uniform,
+        )
+    }
+}
+
+impl nn::ModuleT for SidResidualBlock {
+    fn forward_t(&self, h: &Tensor, train: bool) -> Tensor {
+        let out = h
+            .apply(&self.feedforward.0)
+            .gelu("none")
+            .apply(&self.feedforward.1);
+        let parts = out.chunk(2, 1);
+        let gated = &parts[0] * parts[1].sigmoid();
+        h + gated.dropout(self.dropout, train)
+    }
+}
+
+impl Model for SidResidualBlock {
+    fn input_names(&self) -> &'static [&'static str] {
+        &["input"]
+    }
+
+    fn forward_named(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
+        let h = input(inputs, "input")?;
+        Expect {
+            name: "input",
+            dims: vec![None, Some(self.hidden_size)],
+            labels: &["B", "H"],
+            floating: true,
+            device: self.device,
+        }
+        .check(h)?;
+        Ok(nn::ModuleT::forward_t(self, h, train))
+    }
+}
+
+/// The attention of a `SiDLayer` (`attention` in PyTorch): residual blocks
+/// (`attention.0..n-1`), then `Linear(H, F)` (`attention.n`) and a sigmoid; `[B, H] -> [B, F]`.
+#[derive(Debug)]
+pub struct SidAttention {
+    pub blocks: Vec<SidResidualBlock>,
+    pub linear: nn::Linear,
+}
+
+impl nn::ModuleT for SidAttention {
+    fn forward_t(&self, h: &Tensor, train: bool) -> Tensor {
+        let h = self
+            .blocks
+            .iter()
+            .fold(h.shallow_clone(), |h, b| h.apply_t(b, train));
+        h.apply(&self.linear).sigmoid()
+    }
+}
+
+/// `SiDLayer`. With a previous hidden state `h` (every layer but the first):
+/// `h + droppath(transform(projection(flatten(emb * dropout(attention(h))))))`; the first layer has
+/// no attention and no residual: `transform(projection(flatten(emb)))`. `emb` is `[B, F, E]`,
+/// the result `[B, H]`.
+#[derive(Debug)]
+pub struct SidLayer {
+    pub attention: Option<SidAttention>,
+    pub attention_dropout: f64,
+    pub projection: nn::Linear,
+    pub transform: Vec<SidResidualBlock>,
+    pub droppath: StochasticDepth,
+}
+
+impl SidLayer {
+    pub fn new(path: nn::Path, config: &SidConfig, use_attention: bool) -> Self {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let block = |p: nn::Path| {
+            SidResidualBlock::new(p, h, i, config.hidden_dropout_prob, BiasInit::Zeros)
+        };
+        let attention = use_attention.then(|| {
+            let att = &path / "attention";
+            let n = config.num_attention_blocks;
+            SidAttention {
+                blocks: (0..n).map(|j| block(&att / j)).collect(),
+                linear: layers::linear(
+                    &att / n,
+                    h,
+                    config.num_total_features(),
+                    Some(BiasInit::Zeros),
+                ),
+            }
+        });
+        let transform = &path / "transform";
+        Self {
+            attention,
+            attention_dropout: config.attention_dropout_prob,
+            projection: layers::linear(
+                &path / "projection",
+                config.total_embedding_size(),
+                h,
+                Some(BiasInit::Zeros),
+            ),
+            transform: (0..config.num_transform_blocks)
+                .map(|j| block(&transform / j))
+                .collect(),
+            droppath: StochasticDepth {
+                drop_path_prob: config.drop_path_prob,
+            },
+        }
+    }
+
+    pub fn forward_t(&self, embeddings: &Tensor, hidden: Option<&Tensor>, train: bool) -> Tensor {
+        let embeddings = match (&self.attention, hidden) {
+            (Some(attention), Some(h)) => {
+                let probs = h
+                    .apply_t(attention, train)
+                    .dropout(self.attention_dropout, train);
+                embeddings * probs.unsqueeze(-1)
+            }
+            _ => embeddings.shallow_clone(),
+        };
+        let out = embeddings.flatten(1, -1).apply(&self.projection);
+        let out = self.transform.iter().fold(out, |o, b| o.apply_t(b, train));
+        match hidden {
+            Some(h) => h + out.apply_t(&self.droppath, train),
+            None => out,
+        }
+    }
+}
+
+/// `SiDModel`: embeddings, `num_hidden_layers` layers, LayerNorm; inputs as the module doc, output
+/// `[B, H]`.
+#[derive(Debug)]
+pub struct SidModel {
+    pub embeddings: SidEmbeddings,
+    pub layers: Vec<SidLayer>,
+    pub normalization: nn::LayerNorm,
+    pub config: SidConfig,
+    device: Device,
+}
+
+impl SidModel {
+    pub fn new(path: nn::Path, config: &SidConfig) -> Result<Self> {
+        config.validate()?;
+        let layers_path = &path / "layers";
+        Ok(Self {
+            embeddings: SidEmbeddings::new(&path / "embeddings", config),
+            layers: (0..config.num_hidden_layers)
+                .map(|i| SidLayer::new(&layers_path / i, config, i > 0))
+                .collect(),
+            normalization: layers::layer_norm(&path / "normalization", config.hidden_size),
+            config: config.clone(),
+            device: path.device(),
+        })
+    }
+
+    /// Checks the three inputs' shapes, dtypes and device.
+    pub fn check_inputs(
+        &self,
+        categorical: &Tensor,
+        numerical: &Tensor,
+        text: &Tensor,
+    ) -> Result<()> {
+        let c = &self.config;
+        let expect =
+            |name, dims: Vec<Option<i64>>, labels: &'static [&'static str], floating| Expect {
+                name,
+                dims,
+                labels,
+                floating,
+                device: self.device,
+            };
+        expect(
+            "categorical",
+            vec![None, Some(c.num_categorical_features())],
+            &["B", "C"],
+            false,
+        )
+        .check(categorical)?;
+        let batch = Some(categorical.size()[0]);
+        expect(
+            "numerical",
+            vec![batch, Some(c.num_numerical_features)],
+            &["B", "N"],
+            true,
+        )
+        .check(numerical)?;
+        expect(
+            "text",
+            vec![batch, Some(c.num_text_features), Some(c.text_input_size)],
+            &["B", "T", "D"],
+            true,
+        )
+        .check(text)
+    }
+
+    pub fn forward_t(
+        &self,
+        categorical: &Tensor,
+        numerical: &Tensor,
+        text: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.check_inputs(categorical, numerical, text)?;
+        let embeddings = self.embeddings.forward(categorical, numerical, text)?;
+        let mut hidden: Option<Tensor> = None;
+        for layer in &self.layers {
+            hidden = Some(layer.forward_t(&embeddings, hidden.as_ref(), train));
+        }
+        let hidden = hidden.expect("validate() guarantees at least one layer");
+        Ok(hidden.apply(&self.normalization))
+    }
+}
+
+/// `SiDClassifier`: `classifier(model(...))`, `[B, num_labels]` logits. The classifier keeps
+/// PyTorch's default Linear init (it is outside `SiDModel`, whose init covers the rest).
+#[derive(Debug)]
+pub struct SidClassifier {
+    pub model: SidModel,
+    pub classifier: nn::Linear,
+}
+
+impl SidClassifier {
+    pub fn new(path: nn::Path, config: &SidConfig) -> Result<Self> {
+        let Some(num_labels) = config.num_labels else {
+            bail!("num_labels: must be set for a classifier");
+        };
+        Ok(Self {
+            model: SidModel::new(&path / "model", config)?,
+            classifier: layers::linear(
+                &path / "classifier",
+                config.hidden_size,
+                num_labels,
+                Some(BiasInit::Uniform),
+            ),
+        })
+    }
+
+    pub fn forward_t(
+        &self,
+        categorical: &Tensor,
+        numerical: &Tensor,
+        text: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        Ok(self
+            .model
+            .forward_t(categorical, numerical, text, train)?
+            .apply(&self.classifier))
+    }
+}
+
+impl Model for SidClassifier {
+    fn input_names(&self) -> &'static [&'static str] {
+        &["categorical", "numerical", "text"]
+    }
+
+    fn forward_named(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
+        self.forward_t(
+            input(inputs, "categorical")?,
+            input(inputs, "numerical")?,
+            input(inputs, "text")?,
+            train,
+        )
+    }
+}
