@@ -1,0 +1,33 @@
+//! SiDResidualBlock and the full SiD classifier against the original PyTorch model.
+
+mod common;
+
+use tch::Device;
+
+#[test]
+fn sid_residual_block_matches_pytorch_on_cpu() {
+    common::check_module("SiDResidualBlock", Device::Cpu);
+}
+
+#[test]
+fn sid_classifier_matches_pytorch_on_cpu() {
+    let outcomes = common::check_module("SiDClassifier", Device::Cpu);
+    let names: Vec<&str> = outcomes.iter().map(|o| o.case.as_str()).collect();
+    for needed in [
+        "sid_classifier_default",
+        "sid_classifier_small_train_nodrop",
+    ] {
+        assert!(
+            names.contains(&needed),
+            "case {needed} missing from the manifest"
+        );
+    }
+}
+
+#[test]
+fn sid_matches_cpu_references_on_cuda() {
+    if let Some(device) = common::cuda_or_skip() {
+        common::check_module("SiDResidualBlock", device);
+        common::check_module("SiDClassifier", device);
+    }
+}
