@@ -7,7 +7,7 @@
 //! hidden state, projects them to `[B, H]`, transforms them with residual blocks, and adds the
 //! result to the hidden state through stochastic depth.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -532,7 +532,7 @@ impl SidModel {
         for layer in &self.layers {
             hidden = Some(layer.forward_t(&embeddings, hidden.as_ref(), train));
         }
-        let hidden = hidden.expect("validate() guarantees at least one layer");
+        let hidden = hidden.context("a SiD model needs at least one layer")?;
         Ok(hidden.apply(&self.normalization))
     }
 }
