@@ -19,13 +19,15 @@ import json
 import os
 import tempfile
 import zlib
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from safetensors.torch import save_file
 
 import reference as R
+import resnet_cases
 
 # fp32 tolerances (max abs) from the foundation issue; CUDA runs compare to these CPU references.
 TOL_FORWARD = 1e-6
@@ -46,6 +48,10 @@ class Case:
     tolerance: Dict[str, float] = field(
         default_factory=lambda: {"forward": TOL_FORWARD, "grad": TOL_GRAD, "cuda": TOL_CUDA}
     )
+    # One torch.optim.SGD step after the backward; the state_dict after it is exported.
+    sgd: Optional[Dict[str, float]] = None
+    # Whether to also write the state_dict with torch.save (skipped for the largest models).
+    torch_save: bool = True
 
 
 def conv_sds_head_case(name, n_layers, input_size, hidden_size, num_labels, batch, mode="eval"):
@@ -157,7 +163,7 @@ def cases() -> List[Case]:
         sid_case("sid_classifier_small_eval", sid_config(), batch=3),
         sid_case("sid_classifier_small_train_nodrop", sid_config(**no_dropout), batch=3, mode="train"),
         sid_case("sid_classifier_default", default_sid, batch=4),
-    ]
+    ] + resnet_cases.cases(Case)
 
 
 def to_script(module: torch.nn.Module, inputs: List[torch.Tensor]):
@@ -183,7 +189,13 @@ def export_case(case: Case, out_dir: str) -> Dict:
     inputs = case.inputs()
     extra = case.loss_inputs(inputs) if case.loss_inputs else {}
 
+    case_dir = os.path.join(out_dir, case.name)
+    os.makedirs(case_dir, exist_ok=True)
+    # Saved now: the scripted module shares its tensors with `model`, and the forward (BatchNorm's
+    # running statistics in training mode) and the SGD step below change them.
     scripted, script_method = to_script(model, list(inputs.values()))
+    scripted.save(os.path.join(case_dir, "module.pt"))
+    state = OrderedDict((k, v.clone()) for k, v in model.state_dict().items())
 
     leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
     output = model(*leaves.values())
@@ -204,16 +216,19 @@ def export_case(case: Case, out_dir: str) -> Dict:
     grads = {f"input.{k}": v.grad for k, v in leaves.items() if v.grad is not None}
     for key, param in model.named_parameters():
         grads[f"param.{key}"] = param.grad if param.grad is not None else torch.zeros_like(param)
+    after_step = None
+    if case.sgd is not None:
+        torch.optim.SGD(model.parameters(), **case.sgd).step()
+        after_step = model.state_dict()
 
     def detach(d):
         return {k: v.detach().contiguous() for k, v in d.items()}
 
-    case_dir = os.path.join(out_dir, case.name)
-    os.makedirs(case_dir, exist_ok=True)
-    scripted.save(os.path.join(case_dir, "module.pt"))
-    state = model.state_dict()
     save_file(detach(state), os.path.join(case_dir, "state_dict.safetensors"))
-    torch.save(state, os.path.join(case_dir, "state_dict.pth"))
+    if case.torch_save:
+        torch.save(state, os.path.join(case_dir, "state_dict.pth"))
+    if after_step is not None:
+        save_file(detach(after_step), os.path.join(case_dir, "after_step.safetensors"))
     save_file(detach(inputs), os.path.join(case_dir, "inputs.safetensors"))
     save_file(detach(outputs), os.path.join(case_dir, "outputs.safetensors"))
     save_file(detach(extra), os.path.join(case_dir, "loss.safetensors"))
@@ -233,6 +248,7 @@ def export_case(case: Case, out_dir: str) -> Dict:
         "buffers": spec(dict(model.named_buffers())),
         "dtype": "float32",
         "tolerance": case.tolerance,
+        "sgd": case.sgd,
     }
 
 

@@ -12,7 +12,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::nn;
 
+use crate::models::cifar::{CifarResNet, CifarResNetConfig};
 use crate::models::conv_sds::{ConvSdsHead, ConvSdsHeadConfig, ConvSdsLayer, ConvSdsLayerConfig};
+use crate::models::resnet::{ResNet, ResNetConfig};
 use crate::models::sid::{SidClassifier, SidConfig, SidResidualBlock, SidResidualBlockConfig};
 use crate::models::Model;
 
@@ -28,6 +30,32 @@ pub enum ModelConfig {
     SidClassifier(SidConfig),
     /// `SiDResidualBlock` alone.
     SidResidualBlock(SidResidualBlockConfig),
+    /// torchvision's constructors; each fixes block, layers, groups and width_per_group.
+    #[serde(rename = "resnet18")]
+    Resnet18(ResNetConfig),
+    #[serde(rename = "resnet34")]
+    Resnet34(ResNetConfig),
+    #[serde(rename = "resnet50")]
+    Resnet50(ResNetConfig),
+    #[serde(rename = "resnet101")]
+    Resnet101(ResNetConfig),
+    #[serde(rename = "resnet152")]
+    Resnet152(ResNetConfig),
+    #[serde(rename = "resnext50_32x4d")]
+    Resnext50_32x4d(ResNetConfig),
+    #[serde(rename = "resnext101_32x8d")]
+    Resnext101_32x8d(ResNetConfig),
+    #[serde(rename = "resnext101_64x4d")]
+    Resnext101_64x4d(ResNetConfig),
+    #[serde(rename = "wide_resnet50_2")]
+    WideResnet50_2(ResNetConfig),
+    #[serde(rename = "wide_resnet101_2")]
+    WideResnet101_2(ResNetConfig),
+    /// A ResNet given in full (`block`, `layers`, `groups`, `width_per_group`).
+    #[serde(rename = "resnet")]
+    Resnet(ResNetConfig),
+    /// The paper's CIFAR networks (6n+2 layers).
+    CifarResnet(CifarResNetConfig),
 }
 
 fn positive(field: &str, value: i64) -> Result<()> {
@@ -66,6 +94,36 @@ impl ModelConfig {
             Self::ConvSdsLayer(_) => "conv_sds_layer",
             Self::SidClassifier(_) => "sid_classifier",
             Self::SidResidualBlock(_) => "sid_residual_block",
+            Self::Resnet18(_) => "resnet18",
+            Self::Resnet34(_) => "resnet34",
+            Self::Resnet50(_) => "resnet50",
+            Self::Resnet101(_) => "resnet101",
+            Self::Resnet152(_) => "resnet152",
+            Self::Resnext50_32x4d(_) => "resnext50_32x4d",
+            Self::Resnext101_32x8d(_) => "resnext101_32x8d",
+            Self::Resnext101_64x4d(_) => "resnext101_64x4d",
+            Self::WideResnet50_2(_) => "wide_resnet50_2",
+            Self::WideResnet101_2(_) => "wide_resnet101_2",
+            Self::Resnet(_) => "resnet",
+            Self::CifarResnet(_) => "cifar_resnet",
+        }
+    }
+
+    /// The ImageNet-style ResNet config, for every ResNet arch.
+    pub fn resnet(&self) -> Option<&ResNetConfig> {
+        match self {
+            Self::Resnet18(c)
+            | Self::Resnet34(c)
+            | Self::Resnet50(c)
+            | Self::Resnet101(c)
+            | Self::Resnet152(c)
+            | Self::Resnext50_32x4d(c)
+            | Self::Resnext101_32x8d(c)
+            | Self::Resnext101_64x4d(c)
+            | Self::WideResnet50_2(c)
+            | Self::WideResnet101_2(c)
+            | Self::Resnet(c) => Some(c),
+            _ => None,
         }
     }
 
@@ -91,6 +149,11 @@ impl ModelConfig {
                         "hidden_dropout_prob: must be in [0, 1), got {p}"
                     )),
                 }),
+            Self::CifarResnet(c) => c.validate(),
+            other => match other.resnet() {
+                Some(c) => c.resolve(other.arch()).map(|_| ()),
+                None => bail!("no validation for {}", other.arch()),
+            },
         };
         checked.with_context(|| format!("bad {} config", self.arch()))
     }
@@ -103,6 +166,11 @@ impl ModelConfig {
             Self::ConvSdsLayer(c) => Box::new(ConvSdsLayer::new(path, c.input_size, c.hidden_dim)),
             Self::SidClassifier(c) => Box::new(SidClassifier::new(path, c)?),
             Self::SidResidualBlock(c) => Box::new(SidResidualBlock::from_config(path, c)),
+            Self::CifarResnet(c) => Box::new(CifarResNet::new(path, c)?),
+            other => {
+                let config = other.resnet().context("every arch is built above")?;
+                Box::new(ResNet::new(path, &config.resolve(other.arch())?))
+            }
         })
     }
 }

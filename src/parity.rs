@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use tch::nn::OptimizerConfig;
 use tch::{nn::VarStore, CModule, Device, Kind, Tensor};
 
 use crate::checkpoint::{load_state_dict, LoadReport, StateDict};
@@ -62,6 +63,17 @@ pub struct CaseSpec {
     pub outputs: Vec<TensorSpec>,
     pub dtype: String,
     pub tolerance: Tolerance,
+    /// One SGD step after the backward; `after_step.safetensors` holds the state it leads to.
+    #[serde(default)]
+    pub sgd: Option<SgdSpec>,
+}
+
+/// `torch.optim.SGD` settings of a training-step case.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct SgdSpec {
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
 }
 
 impl CaseSpec {
@@ -137,6 +149,9 @@ pub struct CaseOutcome {
     pub grad_params: f64,
     /// Gradients PyTorch exported that Rust did not produce, or the reverse.
     pub grad_missing: Vec<String>,
+    /// For training-step cases: max |Δ| of every variable (weights, running statistics,
+    /// `num_batches_tracked`) after the forward and one SGD step, against PyTorch's state.
+    pub after_step: Option<f64>,
 }
 
 impl CaseOutcome {
@@ -160,6 +175,7 @@ impl CaseOutcome {
             && self.torchscript_params == 0.0
             && self.max_abs_forward() <= self.forward_tolerance
             && self.max_abs_grad() <= self.grad_tolerance
+            && self.after_step.is_none_or(|d| d <= self.grad_tolerance)
     }
 
     /// What failed, for messages.
@@ -207,6 +223,9 @@ impl CaseOutcome {
                 self.grad_params
             ));
         }
+        if let Some(d) = self.after_step.filter(|d| *d > self.grad_tolerance) {
+            out.push(format!("state after the SGD step differs by {d:e}"));
+        }
         out
     }
 
@@ -218,6 +237,7 @@ impl CaseOutcome {
             dtype: self.dtype.clone(),
             max_abs_forward: Some(self.max_abs_forward()),
             max_abs_grad: Some(self.max_abs_grad()),
+            max_abs_step: self.after_step,
             tolerance: self.forward_tolerance,
             tolerance_grad: self.grad_tolerance,
             pass: self.pass(),
@@ -235,6 +255,8 @@ pub struct ParityRow {
     pub dtype: String,
     pub max_abs_forward: Option<f64>,
     pub max_abs_grad: Option<f64>,
+    /// Training-step cases: the state after one SGD step (null otherwise).
+    pub max_abs_step: Option<f64>,
     /// Forward tolerance (max abs).
     pub tolerance: f64,
     /// Gradient tolerance (max abs).
@@ -390,6 +412,15 @@ pub fn run_case(manifest: &Manifest, case: &CaseSpec, device: Device) -> Result<
         }
     }
 
+    let after_step = match case.sgd {
+        Some(sgd) => Some(sgd_step_diff(
+            &vs,
+            sgd,
+            &dir.join("after_step.safetensors"),
+        )?),
+        None => None,
+    };
+
     let cuda = device.is_cuda();
     Ok(CaseOutcome {
         case: case.name.clone(),
@@ -415,7 +446,38 @@ pub fn run_case(manifest: &Manifest, case: &CaseSpec, device: Device) -> Result<
         grad_inputs,
         grad_params,
         grad_missing,
+        after_step,
     })
+}
+
+/// Takes one SGD step with libtorch's optimizer (the gradients are in place) and returns the max
+/// |Δ| of every variable against the state PyTorch exported after its step.
+fn sgd_step_diff(vs: &VarStore, sgd: SgdSpec, expected: &Path) -> Result<f64> {
+    let mut opt = tch::nn::Sgd {
+        momentum: sgd.momentum,
+        dampening: 0.0,
+        wd: sgd.weight_decay,
+        nesterov: false,
+    }
+    .build(vs, sgd.lr)?;
+    opt.step();
+    let expected = read_named(expected)?;
+    let vars = vs.variables();
+    if vars.len() != expected.len() {
+        bail!(
+            "after_step.safetensors has {} entries, the model {}",
+            expected.len(),
+            vars.len()
+        );
+    }
+    let mut diff = 0.0f64;
+    for (key, value) in &expected {
+        let var = vars
+            .get(key)
+            .with_context(|| format!("after_step: `{key}` missing in the model"))?;
+        diff = diff.max(max_abs_diff(var, value)?);
+    }
+    Ok(diff)
 }
 
 /// Runs every case (or those whose name contains `filter`) on every device; a case that cannot
@@ -437,6 +499,7 @@ pub fn run_all(manifest: &Manifest, devices: &[Device], filter: Option<&str>) ->
                     dtype: case.dtype.clone(),
                     max_abs_forward: None,
                     max_abs_grad: None,
+                    max_abs_step: None,
                     tolerance: case.tolerance.forward,
                     tolerance_grad: case.tolerance.grad,
                     pass: false,
@@ -452,19 +515,23 @@ pub fn run_all(manifest: &Manifest, devices: &[Device], filter: Option<&str>) ->
 /// The report as a text table.
 pub fn format_table(rows: &[ParityRow]) -> String {
     let fmt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.2e}"));
+    let grad = |r: &ParityRow| match (r.max_abs_grad, r.max_abs_step) {
+        (Some(g), Some(s)) => Some(g.max(s)),
+        (g, _) => g,
+    };
     let mut out = format!(
-        "{:<36} {:<17} {:<7} {:<6} {:>11} {:>11} {:>17} {}\n",
+        "{:<36} {:<19} {:<7} {:<7} {:>11} {:>11} {:>13} {}\n",
         "case", "module", "device", "dtype", "max|Δ| fwd", "max|Δ| grad", "tol fwd/grad", "result"
     );
     for r in rows {
         out += &format!(
-            "{:<36} {:<17} {:<7} {:<6} {:>11} {:>11} {:>17} {}\n",
+            "{:<36} {:<19} {:<7} {:<7} {:>11} {:>11} {:>13} {}\n",
             r.case,
             r.module,
             r.device,
             r.dtype,
             fmt(r.max_abs_forward),
-            fmt(r.max_abs_grad),
+            fmt(grad(r)),
             format!("{:.0e}/{:.0e}", r.tolerance, r.tolerance_grad),
             if r.pass { "PASS" } else { "FAIL" }
         );

@@ -174,3 +174,42 @@ fn libtorch_switches_read_back() {
     assert!(!backend::flag(Flag::AllowTf32Cublas).unwrap());
     assert_eq!(backend::header_version(), "2.11.0");
 }
+
+#[test]
+fn num_batches_tracked_is_handled_as_pytorch_does() {
+    let build = |json: &str| {
+        let vs = VarStore::new(Device::Cpu);
+        ModelConfig::from_json(json)
+            .unwrap()
+            .build(vs.root())
+            .unwrap();
+        vs
+    };
+    let bn = build(r#"{"arch": "resnet18", "num_classes": 10}"#);
+    let frozen = build(r#"{"arch": "resnet18", "num_classes": 10, "norm": "frozen_batch_norm"}"#);
+    let mut state = StateDict {
+        entries: bn
+            .variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.copy()))
+            .collect(),
+    };
+    // FrozenBatchNorm2d drops the counters of a BatchNorm checkpoint.
+    load_state_dict(&frozen, &state, true).unwrap();
+    // A checkpoint without counters (PyTorch < 0.4.1) loads into BatchNorm and keeps its own.
+    state
+        .entries
+        .retain(|(k, _)| !k.ends_with("num_batches_tracked"));
+    let report = load_state_dict(&bn, &state, true).unwrap();
+    assert!(report.is_clean());
+    // Any other unexpected key still fails.
+    state.entries.push((
+        "fc.num_batches_tracked".into(),
+        Tensor::zeros([], (tch::Kind::Int64, Device::Cpu)),
+    ));
+    let msg = format!("{:#}", load_state_dict(&bn, &state, true).unwrap_err());
+    assert!(
+        msg.contains("unexpected keys (1): fc.num_batches_tracked"),
+        "{msg}"
+    );
+}

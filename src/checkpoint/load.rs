@@ -58,10 +58,23 @@ impl fmt::Display for LoadReport {
     }
 }
 
+const NUM_BATCHES_TRACKED: &str = "num_batches_tracked";
+
+/// Whether PyTorch would pass over `key` silently: a BatchNorm counter the model does not keep
+/// (FrozenBatchNorm2d drops it from checkpoints), or one the checkpoint lacks (checkpoints from
+/// before PyTorch 0.4.1 have none; BatchNorm then keeps its own).
+fn is_tolerated_counter(key: &str, has: impl Fn(&str) -> bool) -> bool {
+    match key.strip_suffix(NUM_BATCHES_TRACKED) {
+        Some(prefix) => has(&format!("{prefix}running_mean")),
+        None => false,
+    }
+}
+
 /// Copies `state` into `vs` by name. With `strict`, any missing or unexpected key or any shape or
 /// dtype-class mismatch fails the whole load (nothing is copied) with one error listing them all;
 /// without it, the keys that match are copied and the report lists the rest. Floating-point values
-/// are converted to the variable's dtype and device.
+/// are converted to the variable's dtype and device. `*.num_batches_tracked` is handled as PyTorch
+/// does: ignored when the model's norm layer keeps none, left as it is when the file has none.
 pub fn load_state_dict(vs: &VarStore, state: &StateDict, strict: bool) -> Result<LoadReport> {
     let vars = vs.variables();
     let mut report = LoadReport::default();
@@ -71,12 +84,15 @@ pub fn load_state_dict(vs: &VarStore, state: &StateDict, strict: bool) -> Result
     report.missing = model_keys
         .iter()
         .filter(|k| !file_keys.contains(k.as_str()))
+        .filter(|k| !is_tolerated_counter(k, |p| file_keys.contains(p)))
         .map(|k| k.to_string())
         .collect();
     let mut matched = Vec::new();
     for (key, src) in &state.entries {
         let Some(dst) = vars.get(key) else {
-            report.unexpected.push(key.clone());
+            if !is_tolerated_counter(key, |p| vars.contains_key(p)) {
+                report.unexpected.push(key.clone());
+            }
             continue;
         };
         if src.size() != dst.size() {

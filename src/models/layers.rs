@@ -2,6 +2,7 @@
 //! a ReLU-gain Kaiming bound of sqrt(6 / fan_in) where PyTorch uses 1 / sqrt(fan_in)).
 
 use tch::nn::{self, Init};
+use tch::Tensor;
 
 /// How a layer's bias starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,4 +49,193 @@ pub fn conv1d(path: nn::Path, in_ch: i64, out_ch: i64, kernel: i64, padding: i64
 /// `nn.LayerNorm(size)`: weight 1, bias 0, eps 1e-5.
 pub fn layer_norm(path: nn::Path, size: i64) -> nn::LayerNorm {
     nn::layer_norm(path, vec![size], Default::default())
+}
+
+/// The geometry of a square 2-D convolution.
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2dSpec {
+    pub kernel: i64,
+    pub stride: i64,
+    pub padding: i64,
+    pub groups: i64,
+    pub dilation: i64,
+}
+
+/// `nn.Conv2d(in, out, kernel, stride, padding, dilation, groups, bias=False)` with torchvision's
+/// ResNet init, `kaiming_normal_(mode="fan_out", nonlinearity="relu")`: N(0, 2 / (out * k * k)).
+pub fn conv2d_no_bias(path: nn::Path, in_ch: i64, out_ch: i64, spec: Conv2dSpec) -> nn::Conv2D {
+    let fan_out = (out_ch * spec.kernel * spec.kernel) as f64;
+    let config = nn::ConvConfig {
+        stride: spec.stride,
+        padding: spec.padding,
+        dilation: spec.dilation,
+        groups: spec.groups,
+        bias: false,
+        ws_init: Init::Randn {
+            mean: 0.0,
+            stdev: (2.0 / fan_out).sqrt(),
+        },
+        ..Default::default()
+    };
+    nn::conv2d(path, in_ch, out_ch, spec.kernel, config)
+}
+
+/// torchvision's `conv3x3`: padding = dilation.
+pub fn conv3x3(
+    path: nn::Path,
+    in_ch: i64,
+    out_ch: i64,
+    stride: i64,
+    groups: i64,
+    dilation: i64,
+) -> nn::Conv2D {
+    let spec = Conv2dSpec {
+        kernel: 3,
+        stride,
+        padding: dilation,
+        groups,
+        dilation,
+    };
+    conv2d_no_bias(path, in_ch, out_ch, spec)
+}
+
+/// torchvision's `conv1x1`.
+pub fn conv1x1(path: nn::Path, in_ch: i64, out_ch: i64, stride: i64) -> nn::Conv2D {
+    let spec = Conv2dSpec {
+        kernel: 1,
+        stride,
+        padding: 0,
+        groups: 1,
+        dilation: 1,
+    };
+    conv2d_no_bias(path, in_ch, out_ch, spec)
+}
+
+/// The normalisation layer of a convolutional network, chosen by config.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum NormKind {
+    /// `nn.BatchNorm2d` (eps 1e-5, momentum 0.1).
+    #[default]
+    BatchNorm,
+    /// `torchvision.ops.FrozenBatchNorm2d`: fixed statistics and affine values, all buffers.
+    FrozenBatchNorm,
+    /// `nn.GroupNorm(num_groups, C)`.
+    GroupNorm { num_groups: i64 },
+}
+
+/// A normalisation layer over `[B, C, H, W]`; variables named as PyTorch's (`weight`, `bias`,
+/// `running_mean`, `running_var`, `num_batches_tracked`).
+#[derive(Debug)]
+pub enum Norm2d {
+    Batch {
+        weight: Tensor,
+        bias: Tensor,
+        running_mean: Tensor,
+        running_var: Tensor,
+        /// int64 scalar, +1 per training-mode forward.
+        num_batches_tracked: Tensor,
+    },
+    Frozen {
+        weight: Tensor,
+        bias: Tensor,
+        running_mean: Tensor,
+        running_var: Tensor,
+    },
+    Group {
+        num_groups: i64,
+        weight: Tensor,
+        bias: Tensor,
+    },
+}
+
+const NORM_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
+
+impl Norm2d {
+    /// Weight 1, bias 0, running mean 0, running variance 1 (torchvision's init).
+    pub fn new(path: nn::Path, kind: NormKind, channels: i64) -> Self {
+        let c = [channels];
+        match kind {
+            NormKind::BatchNorm => Norm2d::Batch {
+                weight: path.ones("weight", &c),
+                bias: path.zeros("bias", &c),
+                running_mean: path.zeros_no_train("running_mean", &c),
+                running_var: path.ones_no_train("running_var", &c),
+                num_batches_tracked: path.add(
+                    "num_batches_tracked",
+                    Tensor::zeros([], (tch::Kind::Int64, path.device())),
+                    false,
+                ),
+            },
+            NormKind::FrozenBatchNorm => Norm2d::Frozen {
+                weight: path.ones_no_train("weight", &c),
+                bias: path.zeros_no_train("bias", &c),
+                running_mean: path.zeros_no_train("running_mean", &c),
+                running_var: path.ones_no_train("running_var", &c),
+            },
+            NormKind::GroupNorm { num_groups } => Norm2d::Group {
+                num_groups,
+                weight: path.ones("weight", &c),
+                bias: path.zeros("bias", &c),
+            },
+        }
+    }
+
+    /// The affine scale (`weight`), e.g. for zero-initialising the last norm of a residual branch.
+    pub fn weight(&self) -> &Tensor {
+        match self {
+            Norm2d::Batch { weight, .. }
+            | Norm2d::Frozen { weight, .. }
+            | Norm2d::Group { weight, .. } => weight,
+        }
+    }
+}
+
+impl nn::ModuleT for Norm2d {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        match self {
+            Norm2d::Batch {
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                num_batches_tracked,
+            } => {
+                if train {
+                    tch::no_grad(|| {
+                        let mut n = num_batches_tracked.shallow_clone();
+                        let _ = n.f_add_scalar_(1);
+                    });
+                }
+                Tensor::batch_norm(
+                    xs,
+                    Some(weight),
+                    Some(bias),
+                    Some(running_mean),
+                    Some(running_var),
+                    train,
+                    BN_MOMENTUM,
+                    NORM_EPS,
+                    true,
+                )
+            }
+            Norm2d::Frozen {
+                weight,
+                bias,
+                running_mean,
+                running_var,
+            } => {
+                let shape = [1, -1, 1, 1];
+                let scale = weight.view(shape) * (running_var.view(shape) + NORM_EPS).rsqrt();
+                let shift = bias.view(shape) - running_mean.view(shape) * &scale;
+                xs * scale + shift
+            }
+            Norm2d::Group {
+                num_groups,
+                weight,
+                bias,
+            } => xs.group_norm(*num_groups, Some(weight), Some(bias), NORM_EPS, true),
+        }
+    }
 }

@@ -5,8 +5,10 @@
 //! Every model runs through [`Model`]: a forward over named inputs with a train flag, which checks
 //! shapes, dtypes and devices before libtorch sees a tensor.
 
+pub mod cifar;
 pub mod conv_sds;
 pub mod layers;
+pub mod resnet;
 pub mod sid;
 
 use std::collections::BTreeMap;

@@ -43,8 +43,15 @@ pub fn check_module(module: &str, device: Device) -> Vec<CaseOutcome> {
         let o = parity::run_case(&manifest, case, device)
             .unwrap_or_else(|e| panic!("case {} on {device:?}: {e:#}", case.name));
         println!(
-            "{:<36} {:?}: forward eager {:?}, TorchScript {:.3e}; grad inputs {:.3e}, params {:.3e}",
-            o.case, device, o.forward_eager, o.forward_torchscript, o.grad_inputs, o.grad_params
+            "{:<36} {:?}: forward eager {:?}, TorchScript {:.3e}; grad inputs {:.3e}, params {:.3e}; \
+             after SGD step {:?}",
+            o.case,
+            device,
+            o.forward_eager,
+            o.forward_torchscript,
+            o.grad_inputs,
+            o.grad_params,
+            o.after_step
         );
         assert!(
             o.load.is_clean(),
@@ -94,6 +101,16 @@ pub fn check_module(module: &str, device: Device) -> Vec<CaseOutcome> {
             o.case,
             o.grad_params
         );
+        if case.sgd.is_some() {
+            let step = o
+                .after_step
+                .unwrap_or_else(|| panic!("{}: SGD step not compared", o.case));
+            assert!(
+                step <= o.grad_tolerance,
+                "{}: state after SGD step {step:e}",
+                o.case
+            );
+        }
         assert!(o.pass(), "{}: {:?}", o.case, o.problems());
         outcomes.push(o);
     }

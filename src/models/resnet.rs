@@ -1,0 +1,655 @@
+//! The ResNet family (He et al. 2015), state_dict-compatible with torchvision 0.26's
+//! `models/resnet.py`, plus the paper's plain networks and shortcut options.
+//!
+//! * [`BasicBlock`] (two 3x3 convs) and [`Bottleneck`] (1x1, 3x3, 1x1; the stride sits on the 3x3
+//!   conv, torchvision's "v1.5"), each `relu(branch(x) + shortcut(x))`.
+//! * Shortcuts (paper §3.3): option A, identity with the new channels zero-padded and a strided
+//!   subsample (no parameters); option B, a 1x1 projection + norm where the shape changes
+//!   (torchvision's choice); option C, a projection on every block. `plain` removes the shortcut.
+//! * [`ResNet`]: 7x7/2 stem, 3x3/2 max-pool, four stages, global average pool, `fc`;
+//!   `[B, C, H, W] -> [B, num_classes]`.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{nn, nn::ModuleT, Device, Tensor};
+
+use super::layers::{
+    self, conv1x1, conv2d_no_bias, conv3x3, BiasInit, Conv2dSpec, Norm2d, NormKind,
+};
+use super::{input, Expect, Inputs, Model};
+
+/// Which residual block a network stacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockKind {
+    /// Two 3x3 convs; expansion 1.
+    Basic,
+    /// 1x1, 3x3 (grouped, strided), 1x1; expansion 4.
+    Bottleneck,
+}
+
+impl BlockKind {
+    pub fn expansion(self) -> i64 {
+        match self {
+            BlockKind::Basic => 1,
+            BlockKind::Bottleneck => 4,
+        }
+    }
+}
+
+/// The shortcut options of the paper (§3.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ShortcutKind {
+    /// Identity; where the shape changes, strided subsample and zero-padded channels.
+    A,
+    /// Identity; a 1x1 projection + norm where the shape changes (torchvision).
+    #[default]
+    B,
+    /// A 1x1 projection + norm on every block.
+    C,
+}
+
+/// The settings every block of a network shares.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockSettings {
+    pub kind: BlockKind,
+    pub groups: i64,
+    pub width_per_group: i64,
+    pub norm: NormKind,
+    pub shortcut: ShortcutKind,
+    pub plain: bool,
+}
+
+/// The shortcut branch (`downsample` in torchvision) of a block that does not use the identity.
+#[derive(Debug)]
+pub enum Downsample {
+    /// `downsample.0` (1x1 conv, strided) and `downsample.1` (norm).
+    Projection { conv: nn::Conv2D, norm: Norm2d },
+    /// Option A: `x[:, :, ::stride, ::stride]` with `front` zero channels before and `back` after.
+    Pad { stride: i64, front: i64, back: i64 },
+}
+
+impl Downsample {
+    /// The shortcut a block from `inplanes` to `outplanes` channels at `stride` gets, if not the
+    /// identity.
+    fn new(
+        path: &nn::Path,
+        s: &BlockSettings,
+        inplanes: i64,
+        outplanes: i64,
+        stride: i64,
+    ) -> Option<Self> {
+        if s.plain {
+            return None;
+        }
+        let changes = stride != 1 || inplanes != outplanes;
+        let sub = path / "downsample";
+        match s.shortcut {
+            ShortcutKind::C => Some(Self::projection(&sub, s.norm, inplanes, outplanes, stride)),
+            ShortcutKind::B if changes => {
+                Some(Self::projection(&sub, s.norm, inplanes, outplanes, stride))
+            }
+            ShortcutKind::A if changes => {
+                let front = (outplanes - inplanes) / 2;
+                Some(Downsample::Pad {
+                    stride,
+                    front,
+                    back: outplanes - inplanes - front,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn projection(
+        path: &nn::Path,
+        norm: NormKind,
+        inplanes: i64,
+        outplanes: i64,
+        stride: i64,
+    ) -> Self {
+        Downsample::Projection {
+            conv: conv1x1(path / 0, inplanes, outplanes, stride),
+            norm: Norm2d::new(path / 1, norm, outplanes),
+        }
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        match self {
+            Downsample::Projection { conv, norm } => x.apply(conv).apply_t(norm, train),
+            Downsample::Pad {
+                stride,
+                front,
+                back,
+            } => {
+                let x = if *stride == 1 {
+                    x.shallow_clone()
+                } else {
+                    x.slice(2, 0, None, *stride).slice(3, 0, None, *stride)
+                };
+                x.constant_pad_nd([0, 0, 0, 0, *front, *back])
+            }
+        }
+    }
+}
+
+/// `relu(out + shortcut(x))`, or `relu(out)` for plain networks.
+fn join(
+    out: Tensor,
+    x: &Tensor,
+    downsample: &Option<Downsample>,
+    plain: bool,
+    train: bool,
+) -> Tensor {
+    if plain {
+        return out.relu();
+    }
+    let identity = match downsample {
+        Some(d) => d.forward_t(x, train),
+        None => x.shallow_clone(),
+    };
+    (out + identity).relu()
+}
+
+/// torchvision's `BasicBlock`: `relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`,
+/// `[B, inplanes, H, W] -> [B, planes, H / stride, W / stride]`.
+#[derive(Debug)]
+pub struct BasicBlock {
+    pub conv1: nn::Conv2D,
+    pub bn1: Norm2d,
+    pub conv2: nn::Conv2D,
+    pub bn2: Norm2d,
+    pub downsample: Option<Downsample>,
+    pub plain: bool,
+}
+
+/// torchvision's `Bottleneck`: 1x1 to `width`, 3x3 (stride, groups, dilation), 1x1 to
+/// `4 * planes`, with `width = floor(planes * width_per_group / 64) * groups`.
+#[derive(Debug)]
+pub struct Bottleneck {
+    pub conv1: nn::Conv2D,
+    pub bn1: Norm2d,
+    pub conv2: nn::Conv2D,
+    pub bn2: Norm2d,
+    pub conv3: nn::Conv2D,
+    pub bn3: Norm2d,
+    pub downsample: Option<Downsample>,
+    pub plain: bool,
+}
+
+/// One residual block of either kind.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // built once per network; boxing would only add indirection
+pub enum Block {
+    Basic(BasicBlock),
+    Bottleneck(Bottleneck),
+}
+
+impl Block {
+    /// Builds block `path` (e.g. `layer2.0`) from `inplanes` to `planes * expansion` channels.
+    pub fn new(
+        path: &nn::Path,
+        s: &BlockSettings,
+        inplanes: i64,
+        planes: i64,
+        stride: i64,
+        dilation: i64,
+    ) -> Self {
+        let out = planes * s.kind.expansion();
+        let downsample = Downsample::new(path, s, inplanes, out, stride);
+        match s.kind {
+            BlockKind::Basic => Block::Basic(BasicBlock {
+                conv1: conv3x3(path / "conv1", inplanes, planes, stride, 1, 1),
+                bn1: Norm2d::new(path / "bn1", s.norm, planes),
+                conv2: conv3x3(path / "conv2", planes, planes, 1, 1, 1),
+                bn2: Norm2d::new(path / "bn2", s.norm, planes),
+                downsample,
+                plain: s.plain,
+            }),
+            BlockKind::Bottleneck => {
+                let width = bottleneck_width(planes, s.width_per_group, s.groups);
+                Block::Bottleneck(Bottleneck {
+                    conv1: conv1x1(path / "conv1", inplanes, width, 1),
+                    bn1: Norm2d::new(path / "bn1", s.norm, width),
+                    conv2: conv3x3(path / "conv2", width, width, stride, s.groups, dilation),
+                    bn2: Norm2d::new(path / "bn2", s.norm, width),
+                    conv3: conv1x1(path / "conv3", width, out, 1),
+                    bn3: Norm2d::new(path / "bn3", s.norm, out),
+                    downsample,
+                    plain: s.plain,
+                })
+            }
+        }
+    }
+
+    /// The norm closing the residual branch (`bn2` / `bn3`), zeroed by `zero_init_residual`.
+    pub fn last_norm(&self) -> &Norm2d {
+        match self {
+            Block::Basic(b) => &b.bn2,
+            Block::Bottleneck(b) => &b.bn3,
+        }
+    }
+}
+
+/// `int(planes * (width_per_group / 64.)) * groups`, as torchvision computes it.
+pub fn bottleneck_width(planes: i64, width_per_group: i64, groups: i64) -> i64 {
+    ((planes as f64) * (width_per_group as f64 / 64.0)) as i64 * groups
+}
+
+impl ModuleT for Block {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        match self {
+            Block::Basic(b) => {
+                let out = x.apply(&b.conv1).apply_t(&b.bn1, train).relu();
+                let out = out.apply(&b.conv2).apply_t(&b.bn2, train);
+                join(out, x, &b.downsample, b.plain, train)
+            }
+            Block::Bottleneck(b) => {
+                let out = x.apply(&b.conv1).apply_t(&b.bn1, train).relu();
+                let out = out.apply(&b.conv2).apply_t(&b.bn2, train).relu();
+                let out = out.apply(&b.conv3).apply_t(&b.bn3, train);
+                join(out, x, &b.downsample, b.plain, train)
+            }
+        }
+    }
+}
+
+/// Builds stages the way torchvision's `ResNet._make_layer` does, carrying its running state:
+/// the channels entering the next stage (`inplanes`) and the current dilation.
+#[derive(Debug, Clone, Copy)]
+pub struct StageBuilder {
+    pub settings: BlockSettings,
+    pub inplanes: i64,
+    pub dilation: i64,
+}
+
+impl StageBuilder {
+    pub fn new(settings: BlockSettings, inplanes: i64) -> Self {
+        Self {
+            settings,
+            inplanes,
+            dilation: 1,
+        }
+    }
+
+    /// `blocks` blocks under `path` (`layer1`, ...) with `planes` channels (times the expansion);
+    /// the first one has `stride`, or, when `dilate`, keeps stride 1 and the dilation grows by
+    /// `stride` for the blocks after it.
+    pub fn stage(
+        &mut self,
+        path: &nn::Path,
+        planes: i64,
+        blocks: i64,
+        stride: i64,
+        dilate: bool,
+    ) -> Vec<Block> {
+        let previous_dilation = self.dilation;
+        let stride = if dilate {
+            self.dilation *= stride;
+            1
+        } else {
+            stride
+        };
+        (0..blocks)
+            .map(|i| {
+                let (st, dil) = if i == 0 {
+                    (stride, previous_dilation)
+                } else {
+                    (1, self.dilation)
+                };
+                let block = Block::new(&(path / i), &self.settings, self.inplanes, planes, st, dil);
+                self.inplanes = planes * self.settings.kind.expansion();
+                block
+            })
+            .collect()
+    }
+}
+
+/// Zeroes the last norm's weight of every block (torchvision's `zero_init_residual`).
+pub fn zero_init_residual<'a>(blocks: impl Iterator<Item = &'a Block>) {
+    tch::no_grad(|| {
+        for b in blocks {
+            let _ = b.last_norm().weight().shallow_clone().f_zero_();
+        }
+    });
+}
+
+/// Runs `blocks` in order.
+pub fn run_stage(blocks: &[Block], x: Tensor, train: bool) -> Tensor {
+    blocks.iter().fold(x, |h, b| h.apply_t(b, train))
+}
+
+/// The configuration of an ImageNet-style ResNet, torchvision's constructor arguments plus the
+/// paper's options. Named architectures (`resnet50`, ...) fix `block`, `layers`, `groups` and
+/// `width_per_group`; `{"arch": "resnet"}` takes them from the config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResNetConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<BlockKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<i64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width_per_group: Option<i64>,
+    #[serde(default = "d_num_classes")]
+    pub num_classes: i64,
+    #[serde(default)]
+    pub zero_init_residual: bool,
+    #[serde(default)]
+    pub replace_stride_with_dilation: [bool; 3],
+    #[serde(default)]
+    pub norm: NormKind,
+    #[serde(default)]
+    pub shortcut: ShortcutKind,
+    #[serde(default)]
+    pub plain: bool,
+    #[serde(default = "d_in_channels")]
+    pub in_channels: i64,
+    /// `false` drops `fc`: the model returns the pooled features (`[B, 512 * expansion]`).
+    #[serde(default = "d_true")]
+    pub include_fc: bool,
+}
+
+fn d_num_classes() -> i64 {
+    1000
+}
+fn d_in_channels() -> i64 {
+    3
+}
+fn d_true() -> bool {
+    true
+}
+
+impl Default for ResNetConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("every field has a default")
+    }
+}
+
+/// `(block, layers, groups, width_per_group)` of torchvision's constructors.
+pub fn torchvision_architecture(arch: &str) -> Option<(BlockKind, [i64; 4], i64, i64)> {
+    use BlockKind::{Basic, Bottleneck};
+    Some(match arch {
+        "resnet18" => (Basic, [2, 2, 2, 2], 1, 64),
+        "resnet34" => (Basic, [3, 4, 6, 3], 1, 64),
+        "resnet50" => (Bottleneck, [3, 4, 6, 3], 1, 64),
+        "resnet101" => (Bottleneck, [3, 4, 23, 3], 1, 64),
+        "resnet152" => (Bottleneck, [3, 8, 36, 3], 1, 64),
+        "resnext50_32x4d" => (Bottleneck, [3, 4, 6, 3], 32, 4),
+        "resnext101_32x8d" => (Bottleneck, [3, 4, 23, 3], 32, 8),
+        "resnext101_64x4d" => (Bottleneck, [3, 4, 23, 3], 64, 4),
+        "wide_resnet50_2" => (Bottleneck, [3, 4, 6, 3], 1, 128),
+        "wide_resnet101_2" => (Bottleneck, [3, 4, 23, 3], 1, 128),
+        _ => return None,
+    })
+}
+
+/// Every torchvision constructor this crate mirrors.
+pub const TORCHVISION_ARCHS: [&str; 10] = [
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+];
+
+/// A [`ResNetConfig`] with the architecture filled in and every value checked.
+#[derive(Debug, Clone)]
+pub struct ResolvedResNet {
+    pub block: BlockKind,
+    pub layers: [i64; 4],
+    pub groups: i64,
+    pub width_per_group: i64,
+    pub config: ResNetConfig,
+}
+
+impl ResNetConfig {
+    /// Fills in the architecture of `arch` (`"resnet"` for one given in full) and validates.
+    pub fn resolve(&self, arch: &str) -> Result<ResolvedResNet> {
+        let (block, layers, groups, width) = match torchvision_architecture(arch) {
+            Some((block, layers, groups, width)) => {
+                for (field, given, fixed) in [
+                    ("groups", self.groups, groups),
+                    ("width_per_group", self.width_per_group, width),
+                ] {
+                    if given.is_some_and(|g| g != fixed) {
+                        bail!("{field}: {arch} fixes it to {fixed}; use \"arch\": \"resnet\" to choose");
+                    }
+                }
+                if self.block.is_some_and(|b| b != block)
+                    || self.layers.as_ref().is_some_and(|l| l[..] != layers)
+                {
+                    bail!("block/layers: {arch} fixes them; use \"arch\": \"resnet\" to choose");
+                }
+                (block, layers, groups, width)
+            }
+            None if arch == "resnet" => {
+                let block = self
+                    .block
+                    .context("block: required for \"arch\": \"resnet\" (basic or bottleneck)")?;
+                let layers = self
+                    .layers
+                    .as_deref()
+                    .context("layers: required for \"arch\": \"resnet\"")?;
+                let layers: [i64; 4] = layers.try_into().map_err(|_| {
+                    anyhow::anyhow!("layers: needs 4 stage depths, got {}", layers.len())
+                })?;
+                (
+                    block,
+                    layers,
+                    self.groups.unwrap_or(1),
+                    self.width_per_group.unwrap_or(64),
+                )
+            }
+            None => bail!("unknown ResNet architecture `{arch}`"),
+        };
+        if let Some((i, n)) = layers.iter().enumerate().find(|(_, n)| **n < 1) {
+            bail!("layers[{i}]: every stage needs at least one block, got {n}");
+        }
+        for (field, value) in [
+            ("groups", groups),
+            ("width_per_group", width),
+            ("num_classes", self.num_classes),
+            ("in_channels", self.in_channels),
+        ] {
+            if value < 1 {
+                bail!("{field}: must be at least 1, got {value}");
+            }
+        }
+        if block == BlockKind::Basic {
+            if groups != 1 || width != 64 {
+                bail!("groups/width_per_group: BasicBlock only supports groups=1 and width_per_group=64");
+            }
+            if self.replace_stride_with_dilation.iter().any(|d| *d) {
+                bail!("replace_stride_with_dilation: dilation > 1 is not supported by BasicBlock");
+            }
+        }
+        if bottleneck_width(64, width, groups) < 1 {
+            bail!("width_per_group: {width} gives an empty bottleneck");
+        }
+        if let NormKind::GroupNorm { num_groups } = self.norm {
+            let mut channels = vec![64];
+            for planes in [64, 128, 256, 512] {
+                channels.push(planes * block.expansion());
+                if block == BlockKind::Bottleneck {
+                    channels.push(bottleneck_width(planes, width, groups));
+                }
+            }
+            if let Some(c) = channels
+                .iter()
+                .find(|c| num_groups < 1 || *c % num_groups != 0)
+            {
+                bail!("norm.group_norm.num_groups: {num_groups} does not divide {c} channels");
+            }
+        }
+        Ok(ResolvedResNet {
+            block,
+            layers,
+            groups,
+            width_per_group: width,
+            config: self.clone(),
+        })
+    }
+}
+
+/// torchvision's `ResNet`, with the paper's shortcut options and plain variant.
+#[derive(Debug)]
+pub struct ResNet {
+    pub conv1: nn::Conv2D,
+    pub bn1: Norm2d,
+    pub layer1: Vec<Block>,
+    pub layer2: Vec<Block>,
+    pub layer3: Vec<Block>,
+    pub layer4: Vec<Block>,
+    /// `None` when built without a classifier (`include_fc: false`).
+    pub fc: Option<nn::Linear>,
+    pub in_channels: i64,
+    /// The smallest input side: the network's total stride.
+    pub min_size: i64,
+    device: Device,
+}
+
+impl ResNet {
+    pub fn new(path: nn::Path, r: &ResolvedResNet) -> Self {
+        let c = &r.config;
+        let s = BlockSettings {
+            kind: r.block,
+            groups: r.groups,
+            width_per_group: r.width_per_group,
+            norm: c.norm,
+            shortcut: c.shortcut,
+            plain: c.plain,
+        };
+        let mut builder = StageBuilder::new(s, 64);
+        let [d2, d3, d4] = c.replace_stride_with_dilation;
+        let layer1 = builder.stage(&(&path / "layer1"), 64, r.layers[0], 1, false);
+        let layer2 = builder.stage(&(&path / "layer2"), 128, r.layers[1], 2, d2);
+        let layer3 = builder.stage(&(&path / "layer3"), 256, r.layers[2], 2, d3);
+        let layer4 = builder.stage(&(&path / "layer4"), 512, r.layers[3], 2, d4);
+        let features = 512 * r.block.expansion();
+        let dilated = c
+            .replace_stride_with_dilation
+            .iter()
+            .filter(|d| **d)
+            .count() as u32;
+        let min_size = 32 / 2i64.pow(dilated);
+        let model = Self {
+            conv1: conv2d_no_bias(
+                &path / "conv1",
+                c.in_channels,
+                64,
+                Conv2dSpec {
+                    kernel: 7,
+                    stride: 2,
+                    padding: 3,
+                    groups: 1,
+                    dilation: 1,
+                },
+            ),
+            bn1: Norm2d::new(&path / "bn1", c.norm, 64),
+            layer1,
+            layer2,
+            layer3,
+            layer4,
+            fc: c.include_fc.then(|| {
+                layers::linear(
+                    &path / "fc",
+                    features,
+                    c.num_classes,
+                    Some(BiasInit::Uniform),
+                )
+            }),
+            in_channels: c.in_channels,
+            min_size,
+            device: path.device(),
+        };
+        if c.zero_init_residual {
+            zero_init_residual(model.blocks());
+        }
+        model
+    }
+
+    /// Every block, stage by stage.
+    pub fn blocks(&self) -> impl Iterator<Item = &Block> {
+        self.layer1
+            .iter()
+            .chain(&self.layer2)
+            .chain(&self.layer3)
+            .chain(&self.layer4)
+    }
+
+    fn check(&self, x: &Tensor) -> Result<()> {
+        check_image(x, self.in_channels, self.min_size, self.device)
+    }
+
+    /// The outputs of `layer1` .. `layer4` (strides 4, 8, 16, 32 without dilation), for detection
+    /// and segmentation heads.
+    pub fn forward_stages(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        self.check(x)?;
+        let x = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
+        let mut h = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        let mut stages = Vec::with_capacity(4);
+        for layer in [&self.layer1, &self.layer2, &self.layer3, &self.layer4] {
+            h = run_stage(layer, h, train);
+            stages.push(h.shallow_clone());
+        }
+        Ok(stages)
+    }
+
+    /// The pooled features before `fc`: `[B, 512 * expansion]`.
+    pub fn forward_features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let last = self.forward_stages(x, train)?.pop().context("no stages")?;
+        Ok(global_pool(&last))
+    }
+
+    /// Logits `[B, num_classes]`, or the pooled features when built without `fc`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let features = self.forward_features(x, train)?;
+        Ok(match &self.fc {
+            Some(fc) => features.apply(fc),
+            None => features,
+        })
+    }
+}
+
+/// `flatten(adaptive_avg_pool2d(x, 1), 1)`: `[B, C, H, W] -> [B, C]`.
+pub fn global_pool(x: &Tensor) -> Tensor {
+    x.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
+}
+
+/// Checks a float `[B, channels, H, W]` image batch with `H, W >= min_size` on `device`.
+pub fn check_image(x: &Tensor, channels: i64, min_size: i64, device: Device) -> Result<()> {
+    Expect {
+        name: "input",
+        dims: vec![None, Some(channels), None, None],
+        labels: &["B", "C", "H", "W"],
+        floating: true,
+        device,
+    }
+    .check(x)?;
+    let size = x.size();
+    if size[2] < min_size || size[3] < min_size {
+        bail!(
+            "input `input`: expected shape [B, {channels}, H, W] with H, W >= {min_size} (the \
+             network's total stride), got {size:?}"
+        );
+    }
+    Ok(())
+}
+
+impl Model for ResNet {
+    fn input_names(&self) -> &'static [&'static str] {
+        &["input"]
+    }
+
+    fn forward_named(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
+        self.forward_t(input(inputs, "input")?, train)
+    }
+}
