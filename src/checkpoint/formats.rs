@@ -1,0 +1,445 @@
+//! Checkpoint file formats, in pure Rust (no libtorch): the files `torch.save` writes (the zip
+//! format of PyTorch >= 1.6 and the legacy format before it) and safetensors, read into
+//! [`RawTensor`]s; and writers for both that PyTorch reads back.
+
+use std::collections::HashMap;
+use std::io::{Cursor, Read, Write};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use super::pickle::{self, DType, TensorRef, Value};
+
+/// A tensor as bytes: contiguous, little-endian, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawTensor {
+    pub dtype: DType,
+    pub shape: Vec<i64>,
+    pub data: Vec<u8>,
+}
+
+impl RawTensor {
+    pub fn numel(&self) -> i64 {
+        self.shape.iter().product()
+    }
+}
+
+/// What a file is, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `torch.save` since PyTorch 1.6 (a zip archive with `data.pkl`); also TorchScript archives.
+    TorchZip,
+    /// `torch.save(..., _use_new_zipfile_serialization=False)` (a sequence of pickles).
+    TorchLegacy,
+    Safetensors,
+}
+
+/// Recognises a checkpoint from its content (not its name).
+pub fn sniff(bytes: &[u8]) -> Result<Format> {
+    if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
+        return Ok(Format::TorchZip);
+    }
+    if bytes.len() >= 2 && bytes[0] == 0x80 && (2..=5).contains(&bytes[1]) {
+        return Ok(Format::TorchLegacy);
+    }
+    if bytes.len() >= 9 {
+        let n = u64::from_le_bytes(bytes[..8].try_into()?);
+        if n > 1 && n <= (bytes.len() - 8) as u64 && bytes[8] == b'{' {
+            return Ok(Format::Safetensors);
+        }
+    }
+    if bytes.is_empty() {
+        bail!("the file is empty");
+    }
+    bail!("not a PyTorch checkpoint (neither a torch.save zip or legacy file, nor safetensors)")
+}
+
+/// Reads storages by key, for resolving tensor records lazily.
+trait Storages {
+    fn read(&mut self, key: &str) -> Result<Vec<u8>>;
+}
+
+struct ZipStorages<'a> {
+    archive: zip::ZipArchive<Cursor<&'a [u8]>>,
+    prefix: String,
+}
+
+impl Storages for ZipStorages<'_> {
+    fn read(&mut self, key: &str) -> Result<Vec<u8>> {
+        let name = format!("{}data/{key}", self.prefix);
+        let mut file = self
+            .archive
+            .by_name(&name)
+            .with_context(|| format!("the archive has no storage record `{name}`"))?;
+        let mut out = Vec::new();
+        out.try_reserve_exact(file.size() as usize)
+            .context("storage too large for memory")?;
+        file.read_to_end(&mut out)
+            .with_context(|| format!("cannot read storage record `{name}`"))?;
+        Ok(out)
+    }
+}
+
+struct LegacyStorages<'a> {
+    records: HashMap<String, &'a [u8]>,
+}
+
+impl Storages for LegacyStorages<'_> {
+    fn read(&mut self, key: &str) -> Result<Vec<u8>> {
+        let bytes = self
+            .records
+            .get(key)
+            .with_context(|| format!("the file has no storage `{key}`"))?;
+        Ok(bytes.to_vec())
+    }
+}
+
+/// A parsed `torch.save` file: the unpickled object and the storages its tensors point into.
+pub struct TorchFile<'a> {
+    pub object: Value,
+    storages: Box<dyn Storages + 'a>,
+    cache: HashMap<String, Vec<u8>>,
+}
+
+impl<'a> TorchFile<'a> {
+    /// Parses a file in either torch.save format.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self> {
+        match sniff(bytes)? {
+            Format::TorchZip => Self::parse_zip(bytes),
+            Format::TorchLegacy => Self::parse_legacy(bytes),
+            Format::Safetensors => bail!("this is a safetensors file, not a torch.save file"),
+        }
+    }
+
+    fn parse_zip(bytes: &'a [u8]) -> Result<Self> {
+        let mut archive =
+            zip::ZipArchive::new(Cursor::new(bytes)).context("corrupt zip archive")?;
+        let pkl = archive
+            .file_names()
+            .filter_map(|n| n.ok())
+            .find(|n| n.ends_with("data.pkl") && n.matches('/').count() <= 1)
+            .map(|n| n.to_string())
+            .context("the zip archive has no data.pkl: not a torch.save file")?;
+        if archive
+            .file_names()
+            .filter_map(|n| n.ok())
+            .any(|n| n.ends_with("constants.pkl"))
+        {
+            bail!("this is a TorchScript archive (torch.jit.save), not a torch.save state_dict");
+        }
+        let prefix = pkl.trim_end_matches("data.pkl").to_string();
+        if let Ok(mut f) = archive.by_name(&format!("{prefix}byteorder")) {
+            let mut order = String::new();
+            f.read_to_string(&mut order)
+                .context("unreadable byteorder record")?;
+            if order.trim() != "little" {
+                bail!("the checkpoint was written big-endian ({order:?}); only little-endian is supported");
+            }
+        }
+        let mut data = Vec::new();
+        archive
+            .by_name(&pkl)
+            .context("cannot open data.pkl")?
+            .read_to_end(&mut data)
+            .context("cannot read data.pkl")?;
+        let (object, _) = pickle::unpickle(&data).context("in data.pkl")?;
+        Ok(Self {
+            object,
+            storages: Box::new(ZipStorages { archive, prefix }),
+            cache: HashMap::new(),
+        })
+    }
+
+    fn parse_legacy(bytes: &'a [u8]) -> Result<Self> {
+        let mut pos = 0;
+        let mut next = |what: &str| -> Result<Value> {
+            let (v, n) =
+                pickle::unpickle(&bytes[pos..]).with_context(|| format!("legacy file: {what}"))?;
+            pos += n;
+            Ok(v)
+        };
+        let magic = 0x1950a86a20f9469cfc6c_u128.to_le_bytes()[..10].to_vec();
+        if next("magic number")? != Value::BigInt(magic) {
+            bail!("not a torch.save file: a pickle without PyTorch's legacy magic number");
+        }
+        let protocol = next("protocol version")?;
+        if protocol != Value::Int(1001) {
+            bail!("legacy file: protocol version {protocol:?}, expected 1001");
+        }
+        next("system info")?;
+        let object = next("object")?;
+        let keys = match next("storage keys")? {
+            Value::List(keys) => keys,
+            other => bail!("legacy file: storage key list is a {}", other.kind()),
+        };
+        let mut sizes = HashMap::new();
+        collect_storages(&object, &mut sizes);
+        let mut records = HashMap::new();
+        for key in keys {
+            let key = key
+                .as_str()
+                .context("legacy file: storage key is not a string")?
+                .to_string();
+            let element = sizes.get(&key).copied().unwrap_or(1);
+            let header = bytes
+                .get(pos..pos + 8)
+                .context("legacy file truncated in a storage header")?;
+            let numel = i64::from_le_bytes(header.try_into()?);
+            let len = usize::try_from(numel)
+                .ok()
+                .and_then(|n| n.checked_mul(element))
+                .context("legacy file: bad storage size")?;
+            let start = pos + 8;
+            let data = bytes
+                .get(start..start.checked_add(len).context("storage size overflows")?)
+                .with_context(|| format!("legacy file truncated in storage `{key}`"))?;
+            records.insert(key, data);
+            pos = start + len;
+        }
+        Ok(Self {
+            object,
+            storages: Box::new(LegacyStorages { records }),
+            cache: HashMap::new(),
+        })
+    }
+
+    /// Materialises a tensor record as contiguous bytes, checking that it fits its storage.
+    pub fn tensor(&mut self, t: &TensorRef) -> Result<RawTensor> {
+        let storage = &t.storage;
+        let (key, base) = match &storage.view {
+            Some((_, offset, _)) => (&storage.key, *offset),
+            None => (&storage.key, 0),
+        };
+        if !self.cache.contains_key(key) {
+            let bytes = self.storages.read(key)?;
+            self.cache.insert(key.clone(), bytes);
+        }
+        let bytes = &self.cache[key];
+        let elem = storage.dtype.size();
+        let declared = usize::try_from(storage.numel)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(elem);
+        if bytes.len() < declared && storage.view.is_none() {
+            bail!(
+                "storage `{key}` holds {} bytes, its header says {declared}",
+                bytes.len()
+            );
+        }
+        gather(bytes, elem, base + t.offset, &t.size, &t.stride)
+            .map(|data| RawTensor {
+                dtype: storage.dtype,
+                shape: t.size.clone(),
+                data,
+            })
+            .with_context(|| format!("tensor of size {:?} in storage `{key}`", t.size))
+    }
+
+    /// Drops cached storages (call after materialising what was needed).
+    pub fn release(&mut self) {
+        self.cache.clear();
+    }
+}
+
+fn collect_storages(v: &Value, sizes: &mut HashMap<String, usize>) {
+    match v {
+        Value::Tensor(t) => {
+            sizes.insert(t.storage.key.clone(), t.storage.dtype.size());
+        }
+        Value::Storage(s) => {
+            sizes.insert(s.key.clone(), s.dtype.size());
+        }
+        Value::Tuple(items) | Value::List(items) | Value::Object(_, items) => {
+            items.iter().for_each(|i| collect_storages(i, sizes))
+        }
+        Value::Dict(entries) => entries.iter().for_each(|(_, v)| collect_storages(v, sizes)),
+        _ => {}
+    }
+}
+
+/// Copies the strided view `(offset, size, stride)` of `bytes` (elements of `elem` bytes) into a
+/// contiguous buffer, refusing views that reach outside `bytes`.
+fn gather(bytes: &[u8], elem: usize, offset: i64, size: &[i64], stride: &[i64]) -> Result<Vec<u8>> {
+    if size.iter().any(|s| *s < 0) || stride.iter().any(|s| *s < 0) || offset < 0 {
+        bail!("negative size, stride or offset");
+    }
+    let numel = size
+        .iter()
+        .try_fold(1i64, |a, s| a.checked_mul(*s))
+        .context("tensor size overflows")?;
+    if numel == 0 {
+        return Ok(Vec::new());
+    }
+    let last = size
+        .iter()
+        .zip(stride)
+        .try_fold(offset, |a, (s, st)| {
+            (s - 1).checked_mul(*st).and_then(|x| a.checked_add(x))
+        })
+        .context("tensor extent overflows")?;
+    let available = (bytes.len() / elem) as i64;
+    if last >= available {
+        bail!("reaches element {last} but the storage has {available}");
+    }
+    let numel = numel as usize;
+    let mut out = Vec::new();
+    out.try_reserve_exact(numel * elem)
+        .context("tensor too large for memory")?;
+    let contiguous = {
+        let mut expected = 1i64;
+        let mut ok = true;
+        for (s, st) in size.iter().zip(stride).rev() {
+            if *s != 1 && *st != expected {
+                ok = false;
+            }
+            expected *= s;
+        }
+        ok
+    };
+    if contiguous {
+        let start = offset as usize * elem;
+        out.extend_from_slice(&bytes[start..start + numel * elem]);
+        return Ok(out);
+    }
+    let mut index = vec![0i64; size.len()];
+    for _ in 0..numel {
+        let at = offset + index.iter().zip(stride).map(|(i, s)| i * s).sum::<i64>();
+        let at = at as usize * elem;
+        out.extend_from_slice(&bytes[at..at + elem]);
+        for d in (0..size.len()).rev() {
+            index[d] += 1;
+            if index[d] < size[d] {
+                break;
+            }
+            index[d] = 0;
+        }
+    }
+    Ok(out)
+}
+
+/// Reads a safetensors file's tensors, in file order.
+pub fn read_safetensors(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>> {
+    use safetensors::Dtype as S;
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| anyhow::anyhow!("corrupt safetensors file: {e}"))?;
+    let mut out = Vec::new();
+    let mut names: Vec<(usize, String)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+        names.push((start, name));
+    }
+    names.sort();
+    for (_, name) in names {
+        let view = st
+            .tensor(&name)
+            .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        let dtype = match view.dtype() {
+            S::F64 => DType::F64,
+            S::F32 => DType::F32,
+            S::F16 => DType::F16,
+            S::BF16 => DType::BF16,
+            S::I64 => DType::I64,
+            S::I32 => DType::I32,
+            S::I16 => DType::I16,
+            S::I8 => DType::I8,
+            S::U8 => DType::U8,
+            S::BOOL => DType::Bool,
+            other => bail!("{name}: unsupported safetensors dtype {other:?}"),
+        };
+        let shape = view.shape().iter().map(|s| *s as i64).collect();
+        out.push((
+            name,
+            RawTensor {
+                dtype,
+                shape,
+                data: view.data().to_vec(),
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// The safetensors file of `tensors`, as bytes.
+pub fn safetensors_bytes(tensors: &[(String, RawTensor)]) -> Result<Vec<u8>> {
+    use safetensors::Dtype as S;
+    let views = tensors
+        .iter()
+        .map(|(name, t)| {
+            let dtype = match t.dtype {
+                DType::F64 => S::F64,
+                DType::F32 => S::F32,
+                DType::F16 => S::F16,
+                DType::BF16 => S::BF16,
+                DType::I64 => S::I64,
+                DType::I32 => S::I32,
+                DType::I16 => S::I16,
+                DType::I8 => S::I8,
+                DType::U8 => S::U8,
+                DType::Bool => S::BOOL,
+            };
+            let shape = t.shape.iter().map(|s| *s as usize).collect();
+            let view = safetensors::tensor::TensorView::new(dtype, shape, &t.data)
+                .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            Ok((name.clone(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, None)
+        .map_err(|e| anyhow::anyhow!("cannot write safetensors: {e}"))
+}
+
+/// The `torch.save` zip file of an `OrderedDict` of `tensors`, as bytes: what
+/// `torch.save(state_dict, path)` writes (pickle protocol 2, one storage record per tensor,
+/// 64-byte aligned), readable by `torch.load(path, weights_only=True)`.
+pub fn torch_zip_bytes(tensors: &[(String, RawTensor)], archive_name: &str) -> Result<Vec<u8>> {
+    use zip::write::SimpleFileOptions;
+    let stored = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let aligned = stored.with_alignment(64).large_file(true);
+    let specs: Vec<(String, DType, Vec<i64>)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.dtype, t.shape.clone()))
+        .collect();
+    let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let name = |record: &str| format!("{archive_name}/{record}");
+    zip.start_file(name("data.pkl"), stored)?;
+    zip.write_all(&pickle::pickle_state_dict(&specs))?;
+    zip.start_file(name(".format_version"), stored)?;
+    zip.write_all(b"1")?;
+    zip.start_file(name(".storage_alignment"), stored)?;
+    zip.write_all(b"64")?;
+    zip.start_file(name("byteorder"), stored)?;
+    zip.write_all(b"little")?;
+    for (i, (_, t)) in tensors.iter().enumerate() {
+        zip.start_file(name(&format!("data/{i}")), aligned)?;
+        zip.write_all(&t.data)?;
+    }
+    zip.start_file(name("version"), stored)?;
+    zip.write_all(b"3\n")?;
+    Ok(zip.finish()?.into_inner())
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced, then renamed
+/// over the target. A failure leaves any existing file untouched.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .context("output path has no file name")?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = (|| -> Result<()> {
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("cannot sync {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot move the new file to {}", path.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
