@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 import reference as R
 import resnet_cases
+from checkpoints import export_checkpoints
 
 # fp32 tolerances (max abs) from the foundation issue; CUDA runs compare to these CPU references.
 TOL_FORWARD = 1e-6
@@ -272,6 +273,9 @@ def main():
         "generated_by": "python_ref/export.py",
         "cases": entries,
     }
+    if not args.only:
+        print("exporting checkpoint fixtures", flush=True)
+        manifest["fixtures"] = export_checkpoints(args.out)
     fd, tmp = tempfile.mkstemp(dir=args.out, prefix=".manifest-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(manifest, f, indent=1)

@@ -31,6 +31,10 @@ if ! cmp -s "$req" "$stamp"; then
   cp "$req" "$stamp"
 fi
 
+# The environment the round-trip tests call into (`.cargo/config.toml`: RESIDUAL_PYTHON is
+# .venv/bin/python; reached through the folder link, Python still finds its pyvenv.cfg).
+ln -sfn "$venv" "$here/.venv"
+
 if [[ -n "${LIBTORCH:-}" ]]; then
   echo "setup: using LIBTORCH=$LIBTORCH (set by you)"
 else

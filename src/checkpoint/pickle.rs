@@ -438,7 +438,7 @@ impl<'a> Unpickler<'a> {
         let Value::Dict(entries) = dict else {
             bail!("SETITEMS on a {}, expected a dict", dict.kind());
         };
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             bail!("SETITEMS with an odd number of values");
         }
         let mut it = items.into_iter();

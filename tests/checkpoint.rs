@@ -1,0 +1,380 @@
+//! Reading the files PyTorch writes, loading them strictly, writing files PyTorch reads, and
+//! surviving hostile input.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use residual::checkpoint::{self, load_state_dict, ReadOptions, StateDict};
+use residual::models::Inputs;
+use residual::ModelConfig;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+fn fixtures() -> PathBuf {
+    let dir = residual::parity::default_artifacts_dir().join("checkpoints");
+    assert!(
+        dir.join("resnet50.pth").exists(),
+        "{} missing: run `make artifacts`",
+        dir.display()
+    );
+    dir
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("residual-ckpt-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn read(path: &Path, options: &ReadOptions) -> anyhow::Result<StateDict> {
+    StateDict::read(path, options)
+}
+
+fn resnet(arch: &str) -> (VarStore, Box<dyn residual::Model>) {
+    let vs = VarStore::new(Device::Cpu);
+    let model = ModelConfig::from_json(&format!(r#"{{"arch": "{arch}"}}"#))
+        .unwrap()
+        .build(vs.root())
+        .unwrap();
+    (vs, model)
+}
+
+/// Loads `file` strictly into resnet50 and returns max |logits - PyTorch's `reference`|.
+fn logits_diff(file: &str, options: &ReadOptions, reference: &str) -> f64 {
+    let dir = fixtures();
+    let state = read(&dir.join(file), options).unwrap_or_else(|e| panic!("{file}: {e:#}"));
+    let (vs, model) = resnet("resnet50");
+    let report = load_state_dict(&vs, &state, true).unwrap_or_else(|e| panic!("{file}: {e:#}"));
+    assert!(report.is_clean());
+    let io = StateDict::read(
+        &dir.join("resnet50_io.safetensors"),
+        &ReadOptions::default(),
+    )
+    .unwrap();
+    let mut inputs = Inputs::new();
+    inputs.insert("input".into(), io.get("input").unwrap().shallow_clone());
+    let logits = tch::no_grad(|| model.forward_named(&inputs, false)).unwrap();
+    let diff = residual::parity::max_abs_diff(&logits, io.get(reference).unwrap()).unwrap();
+    println!("{file}: max |Δ logits| = {diff:e}");
+    diff
+}
+
+#[test]
+fn torch_save_files_load_and_give_pytorchs_logits() {
+    let plain = ReadOptions::default();
+    for file in [
+        "resnet50.pth",
+        "resnet50_legacy.pth",
+        "resnet50_wrapped_ddp.pth",
+        "resnet50_compiled.pth",
+        "resnet50_ema.pth",
+        "resnet50.safetensors",
+    ] {
+        assert!(logits_diff(file, &plain, "logits") <= 1e-5, "{file}");
+    }
+    let lightning = ReadOptions {
+        strip_prefixes: vec!["model.".into()],
+        ..Default::default()
+    };
+    assert!(logits_diff("resnet50_lightning.ckpt", &lightning, "logits") <= 1e-5);
+    // Half-precision weights are converted to the fp32 model, as load_state_dict does.
+    assert!(logits_diff("resnet50_half.pth", &plain, "logits_from_half") <= 1e-5);
+}
+
+#[test]
+fn nesting_and_prefix_errors_are_explained() {
+    let dir = fixtures();
+    // Without the Lightning option the keys keep `model.`: the strict load names them.
+    let state = read(
+        &dir.join("resnet50_lightning.ckpt"),
+        &ReadOptions::default(),
+    )
+    .unwrap();
+    let (vs, _) = resnet("resnet50");
+    let msg = format!("{:#}", load_state_dict(&vs, &state, true).unwrap_err());
+    assert!(
+        msg.contains("unexpected keys (320)") && msg.contains("model.conv1.weight"),
+        "{msg}"
+    );
+    assert!(msg.contains("missing keys (320)"), "{msg}");
+    // An explicit key that is not there lists what is.
+    let options = ReadOptions {
+        key: Some("weights".into()),
+        ..Default::default()
+    };
+    let msg = format!(
+        "{:#}",
+        read(&dir.join("resnet50_wrapped_ddp.pth"), &options).unwrap_err()
+    );
+    assert!(
+        msg.contains("no entry `weights`") && msg.contains("state_dict: dict"),
+        "{msg}"
+    );
+    let options = ReadOptions {
+        key: Some("state_dict".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        read(&dir.join("resnet50_wrapped_ddp.pth"), &options)
+            .unwrap()
+            .len(),
+        320
+    );
+}
+
+#[test]
+fn every_dtype_and_layout_reads_bit_exact() {
+    let dir = fixtures();
+    let expected = read(&dir.join("layouts.safetensors"), &ReadOptions::default()).unwrap();
+    for file in ["layouts.pth", "layouts_legacy.pth"] {
+        let got = read(&dir.join(file), &ReadOptions::default()).unwrap();
+        assert_eq!(got.len(), expected.len(), "{file}");
+        for (key, want) in &expected.entries {
+            let have = got
+                .get(key)
+                .unwrap_or_else(|| panic!("{file}: {key} missing"));
+            assert_eq!(
+                (have.kind(), have.size()),
+                (want.kind(), want.size()),
+                "{file}: {key}"
+            );
+            assert!(have.equal(want), "{file}: {key} values differ");
+        }
+    }
+}
+
+/// Python → Rust → Python and Rust → Python → Rust, with PyTorch doing its half.
+#[test]
+fn round_trips_through_pytorch_are_bit_exact() {
+    let python =
+        std::env::var("RESIDUAL_PYTHON").expect("RESIDUAL_PYTHON comes from .cargo/config.toml");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python_ref/roundtrip.py");
+    let run = |args: &[&str]| {
+        let out = Command::new(&python)
+            .arg(&script)
+            .args(args)
+            .output()
+            .expect("cannot run python");
+        assert!(
+            out.status.success(),
+            "python {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let dir = temp_dir("roundtrip");
+    let fx = fixtures();
+
+    // Python's file, read and re-written by Rust in both formats, then checked by PyTorch.
+    let state = read(&fx.join("resnet50.pth"), &ReadOptions::default()).unwrap();
+    let rust_pth = dir.join("from_rust.pth");
+    state.save(&rust_pth).unwrap();
+    let reference = fx.join("resnet50.safetensors");
+    run(&[
+        "check",
+        "resnet50",
+        rust_pth.to_str().unwrap(),
+        reference.to_str().unwrap(),
+    ]);
+    let rust_st = dir.join("from_rust.safetensors");
+    state.save(&rust_st).unwrap();
+    let back = read(&rust_st, &ReadOptions::default()).unwrap();
+    assert_eq!(back.len(), state.len());
+    for (key, value) in &state.entries {
+        assert!(back.get(key).is_some_and(|t| t.equal(value)), "{key}");
+    }
+
+    // A Rust model's state, re-saved by PyTorch, read back by Rust.
+    let (vs, _) = resnet("resnet18");
+    let mine = StateDict::from_var_store(&vs);
+    let mine_path = dir.join("rust_model.pth");
+    mine.save(&mine_path).unwrap();
+    let resaved = dir.join("resaved_by_torch.pth");
+    run(&[
+        "resave",
+        mine_path.to_str().unwrap(),
+        resaved.to_str().unwrap(),
+    ]);
+    let back = read(&resaved, &ReadOptions::default()).unwrap();
+    assert_eq!(back.len(), mine.len());
+    for (key, value) in &mine.entries {
+        let other = back.get(key).unwrap();
+        assert_eq!(other.kind(), value.kind(), "{key}");
+        assert!(other.equal(value), "{key}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn saving_is_atomic_and_keeps_the_old_file_on_failure() {
+    let dir = temp_dir("atomic");
+    let path = dir.join("weights.pth");
+    std::fs::write(&path, b"old contents").unwrap();
+    let bad = StateDict {
+        entries: vec![(
+            "x".into(),
+            Tensor::zeros([2], (Kind::ComplexFloat, Device::Cpu)),
+        )],
+    };
+    assert!(bad.save(&path).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), b"old contents");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(leftovers.len(), 1, "no temporary file left behind");
+    let good = StateDict {
+        entries: vec![("x".into(), Tensor::from_slice(&[1.0f32, 2.0]))],
+    };
+    good.save(&path).unwrap();
+    assert!(read(&path, &ReadOptions::default())
+        .unwrap()
+        .get("x")
+        .unwrap()
+        .equal(&Tensor::from_slice(&[1.0f32, 2.0])));
+    assert!(good
+        .save(&dir.join("weights.txt"))
+        .unwrap_err()
+        .to_string()
+        .contains(".safetensors"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Builds a torch.save-style zip by hand.
+fn zip_with(records: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, data) in records {
+        zip.start_file(*name, options).unwrap();
+        zip.write_all(data).unwrap();
+    }
+    zip.finish().unwrap().into_inner()
+}
+
+fn parse_error(bytes: &[u8]) -> String {
+    match checkpoint::parse_bytes(bytes, &ReadOptions::default()) {
+        Ok(entries) => panic!("parsed {} entries from hostile input", entries.len()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn forbidden_globals_are_refused_by_name() {
+    for (module, name) in [
+        ("os", "system"),
+        ("builtins", "eval"),
+        ("subprocess", "Popen"),
+    ] {
+        let mut pkl = vec![0x80, 2, b'c'];
+        pkl.extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+        pkl.extend_from_slice(b"X\x05\x00\x00\x00touch\x85R.");
+        let file = zip_with(&[("a/data.pkl", &pkl), ("a/version", b"3\n")]);
+        let msg = parse_error(&file);
+        assert!(
+            msg.contains(&format!("refusing global `{module}.{name}`")),
+            "{msg}"
+        );
+    }
+    // Legacy format too.
+    let mut legacy = vec![0x80, 2, b'c'];
+    legacy.extend_from_slice(b"posix\nsystem\n)R.");
+    assert!(parse_error(&legacy).contains("refusing global `posix.system`"));
+}
+
+#[test]
+fn damaged_files_fail_with_a_message_and_never_crash() {
+    let fx = fixtures();
+    let good = std::fs::read(fx.join("layouts.pth")).unwrap();
+    let legacy = std::fs::read(fx.join("layouts_legacy.pth")).unwrap();
+    let st = std::fs::read(fx.join("layouts.safetensors")).unwrap();
+    assert!(checkpoint::parse_bytes(&good, &ReadOptions::default()).is_ok());
+
+    // Truncated anywhere.
+    for source in [&good, &legacy, &st] {
+        for cut in (0..source.len()).step_by(source.len() / 97 + 1) {
+            let _ = checkpoint::parse_bytes(&source[..cut], &ReadOptions::default()).map(|_| ());
+            if cut < source.len() / 2 {
+                assert!(
+                    checkpoint::parse_bytes(&source[..cut], &ReadOptions::default()).is_err(),
+                    "cut {cut}"
+                );
+            }
+        }
+    }
+    // Bit flips: every outcome is a value or an error, never a panic.
+    let mut state = 0x9e3779b97f4a7c15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for source in [&good, &legacy, &st] {
+        for _ in 0..400 {
+            let mut bytes = source.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() as usize) % bytes.len();
+                bytes[at] ^= 1 << (next() % 8);
+            }
+            let _ = checkpoint::parse_bytes(&bytes, &ReadOptions::default());
+        }
+    }
+    // Random bytes and empty input.
+    for len in [0usize, 1, 7, 64, 4096] {
+        let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        assert!(checkpoint::parse_bytes(&bytes, &ReadOptions::default()).is_err());
+    }
+    assert!(parse_error(&[]).contains("empty"));
+}
+
+#[test]
+fn missing_storages_and_bad_records_are_named() {
+    let pkl = {
+        let specs = vec![("w".to_string(), checkpoint::DType::F32, vec![2i64, 3])];
+        checkpoint::pickle::pickle_state_dict(&specs)
+    };
+    let missing = zip_with(&[("a/data.pkl", &pkl), ("a/version", b"3\n")]);
+    assert!(parse_error(&missing).contains("no storage record `a/data/0`"));
+    let short = zip_with(&[("a/data.pkl", &pkl), ("a/data/0", &[0u8; 8])]);
+    let msg = parse_error(&short);
+    assert!(
+        msg.contains("storage `0` holds 8 bytes") && msg.contains("`w`"),
+        "{msg}"
+    );
+    let ok = zip_with(&[("a/data.pkl", &pkl), ("a/data/0", &[0u8; 24])]);
+    let parsed = checkpoint::parse_bytes(&ok, &ReadOptions::default()).unwrap();
+    assert_eq!(parsed[0].1.shape, vec![2, 3]);
+    let big_endian = zip_with(&[
+        ("a/data.pkl", &pkl),
+        ("a/byteorder", b"big"),
+        ("a/data/0", &[0u8; 24]),
+    ]);
+    assert!(parse_error(&big_endian).contains("big-endian"));
+    let no_pickle = zip_with(&[("a/version", b"3\n")]);
+    assert!(parse_error(&no_pickle).contains("no data.pkl"));
+}
+
+#[test]
+fn wrong_dtypes_and_shapes_are_named_at_load() {
+    let (vs, _) = resnet("resnet18");
+    let mut state = StateDict::from_var_store(&vs);
+    for (k, t) in state.entries.iter_mut() {
+        if k == "fc.bias" {
+            *t = Tensor::zeros([1000], (Kind::Int64, Device::Cpu));
+        }
+        if k == "layer1.0.conv1.weight" {
+            *t = Tensor::zeros([64, 64, 1, 1], (Kind::Float, Device::Cpu));
+        }
+    }
+    let msg = format!("{:#}", load_state_dict(&vs, &state, true).unwrap_err());
+    assert!(
+        msg.contains("fc.bias: checkpoint dtype Int64, model dtype Float"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("layer1.0.conv1.weight: checkpoint [64, 64, 1, 1], model [64, 64, 3, 3]"),
+        "{msg}"
+    );
+}
