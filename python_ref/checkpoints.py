@@ -82,4 +82,26 @@ def export_checkpoints(out_dir: str) -> dict:
     torch.save(layouts, path("layouts.pth"))
     torch.save(layouts, path("layouts_legacy.pth"), _use_new_zipfile_serialization=False)
     save_file({k: v.contiguous().clone() for k, v in layouts.items()}, path("layouts.safetensors"))
+    export_images(out, model)
     return {"checkpoints": "checkpoints", "resnet50_input": list(x.shape)}
+
+
+def export_images(out: str, model: torch.nn.Module) -> None:
+    """A PNG and a JPEG, and torchvision's ImageNet evaluation preprocessing of the PNG
+    (`ResNet50_Weights.IMAGENET1K_V1.transforms()`: resize 256 antialiased, crop 224, normalise)."""
+    from torchvision.io import decode_image, write_jpeg, write_png
+
+    g = torch.Generator().manual_seed(99)
+    h, w = 300, 420
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    smooth = torch.stack([xx, yy, (xx + yy) / 2]) * 200
+    noise = torch.rand(3, h, w, generator=g) * 55
+    image = (smooth + noise).clamp(0, 255).to(torch.uint8)
+    write_png(image, os.path.join(out, "image.png"))
+    write_jpeg(image, os.path.join(out, "image.jpg"), quality=95)
+    transform = tvm.ResNet50_Weights.IMAGENET1K_V1.transforms()
+    decoded = decode_image(os.path.join(out, "image.png"))
+    pixels = transform(decoded).contiguous()
+    with torch.no_grad():
+        logits = model(pixels[None])[0]
+    save_file({"image": pixels, "logits": logits}, os.path.join(out, "image_preprocessed.safetensors"))

@@ -13,6 +13,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod doctor;
+pub mod infer;
+pub mod inspect;
 pub mod models;
 pub mod parity;
 

@@ -3,11 +3,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use residual::device::device_name;
+use residual::checkpoint::{ReadOptions, StateDict};
+use residual::device::{device_name, parse_device};
 use residual::doctor::Report;
+use residual::infer::{LoadSettings, LoadedModel};
+use residual::inspect;
 use residual::parity::{self, Manifest};
+use residual::{Inputs, ModelConfig};
 use tch::Device;
 
 #[derive(Parser)]
@@ -44,6 +48,99 @@ enum Command {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// Run a model on tensors or images with PyTorch weights.
+    Infer(Box<InferArgs>),
+    /// List a checkpoint's tensors and name the architecture it fits.
+    Inspect {
+        weights: PathBuf,
+        #[command(flatten)]
+        weight_options: WeightOptions,
+        /// List every key (default: the first 20).
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert between checkpoint formats, by extension: .pth/.pt/.bin, .safetensors, .ot.
+    Convert {
+        from: PathBuf,
+        to: PathBuf,
+        #[command(flatten)]
+        weight_options: WeightOptions,
+    },
+}
+
+/// Where the weights are inside a checkpoint.
+#[derive(clap::Args)]
+struct WeightOptions {
+    /// The entry holding the state_dict in a nested checkpoint (`a/b` for deeper ones); by default
+    /// the file itself, then state_dict, model_state_dict, model, module, ema, ...
+    #[arg(long)]
+    key: Option<String>,
+    /// A key prefix to strip, e.g. `model.` for Lightning checkpoints (`module.` and `_orig_mod.`
+    /// are always stripped when every key has them). Repeatable.
+    #[arg(long = "strip-prefix")]
+    strip_prefix: Vec<String>,
+}
+
+impl WeightOptions {
+    fn read_options(&self) -> ReadOptions {
+        ReadOptions {
+            key: self.key.clone(),
+            strip_prefixes: self.strip_prefix.clone(),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct InferArgs {
+    /// Model config (JSON with "arch").
+    #[arg(long)]
+    config: PathBuf,
+    /// Weights: .pth / .pt / .bin (torch.save), .safetensors or .ot.
+    #[arg(long)]
+    weights: PathBuf,
+    #[command(flatten)]
+    weight_options: WeightOptions,
+    /// Input tensors (safetensors), read by the names the model takes.
+    #[arg(long, conflicts_with = "image")]
+    input: Option<PathBuf>,
+    /// The tensor to read for a single-input model (default `input`).
+    #[arg(long, default_value = "input")]
+    input_key: String,
+    /// Where to write the result (safetensors, tensor `output`).
+    #[arg(long, requires = "input")]
+    output: Option<PathBuf>,
+    /// Images to classify (torchvision's evaluation preprocessing).
+    #[arg(long, num_args = 1..)]
+    image: Vec<PathBuf>,
+    /// Class names, one per line (default: the ImageNet-1k classes).
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    #[arg(long, default_value_t = 5)]
+    topk: i64,
+    /// Shorter side after resizing, before the center crop.
+    #[arg(long, default_value_t = 256)]
+    resize: i64,
+    #[arg(long, default_value_t = 224)]
+    crop: i64,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Write the pooled features (the classifier's input) instead of the output.
+    #[arg(long)]
+    features: bool,
+    /// Run in the checkpoint's floating-point dtype (e.g. half) instead of fp32.
+    #[arg(long)]
+    keep_dtype: bool,
+    /// Accept missing or unexpected keys (listed on stderr).
+    #[arg(long)]
+    non_strict: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -72,7 +169,132 @@ fn run(cli: Cli) -> Result<ExitCode> {
             artifacts,
             filter,
         } => parity_report(device, json, artifacts, filter.as_deref()),
+        Command::Infer(args) => infer(&args),
+        Command::Inspect {
+            weights,
+            weight_options,
+            all,
+            json,
+        } => {
+            let summary = inspect::inspect(&weights, &weight_options.read_options())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print!("{}", inspect::format_summary(&summary, all));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Convert {
+            from,
+            to,
+            weight_options,
+        } => {
+            let state = StateDict::read(&from, &weight_options.read_options())?;
+            state.save(&to)?;
+            println!("wrote {} tensors to {}", state.len(), to.display());
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+fn infer(args: &InferArgs) -> Result<ExitCode> {
+    let device = parse_device(&args.device)?;
+    let config = ModelConfig::from_file(&args.config)?;
+    let settings = LoadSettings {
+        read: args.weight_options.read_options(),
+        keep_dtype: args.keep_dtype,
+        non_strict: args.non_strict,
+    };
+    let loaded = LoadedModel::load(config, &args.weights, device, &settings)?;
+    if !loaded.report.is_clean() {
+        eprint!("warning: {}", loaded.report);
+    }
+    if !args.image.is_empty() {
+        return classify(args, &loaded);
+    }
+    let (Some(input), Some(output)) = (&args.input, &args.output) else {
+        bail!("give --input X.safetensors --output Y.safetensors, or --image FILE...");
+    };
+    let tensors = StateDict::read(input, &ReadOptions::default())?;
+    let mut inputs = Inputs::new();
+    let names = loaded.model.input_names();
+    for name in names {
+        let key = if names.len() == 1 {
+            args.input_key.as_str()
+        } else {
+            name
+        };
+        let t = tensors.get(key).with_context(|| {
+            let have: Vec<&str> = tensors.keys().collect();
+            format!(
+                "{} has no tensor `{key}` (it has {have:?})",
+                input.display()
+            )
+        })?;
+        inputs.insert(name.to_string(), t.shallow_clone());
+    }
+    let result = loaded.run(&inputs, args.batch_size, args.features)?;
+    let out = StateDict {
+        entries: vec![("output".to_string(), result.shallow_clone())],
+    };
+    out.save_safetensors(output)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"output": output, "shape": result.size()})
+        );
+    } else {
+        println!("wrote `output` {:?} to {}", result.size(), output.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn classify(args: &InferArgs, loaded: &LoadedModel) -> Result<ExitCode> {
+    let labels = match &args.labels {
+        Some(path) => residual::infer::read_labels(path)?,
+        None => residual::infer::IMAGENET_CLASSES
+            .lines()
+            .map(str::to_string)
+            .collect(),
+    };
+    let images = args
+        .image
+        .iter()
+        .map(|p| residual::infer::preprocess_image(p, args.resize, args.crop))
+        .collect::<Result<Vec<_>>>()?;
+    let mut inputs = Inputs::new();
+    inputs.insert("input".into(), tch::Tensor::stack(&images, 0));
+    let logits = loaded.run(&inputs, args.batch_size, false)?;
+    let mut results = Vec::new();
+    for (i, path) in args.image.iter().enumerate() {
+        let top = residual::infer::top_k(&logits.get(i as i64), args.topk)?;
+        let classes: Vec<serde_json::Value> = top
+            .iter()
+            .map(|(index, p)| {
+                let label = labels
+                    .get(*index as usize)
+                    .cloned()
+                    .unwrap_or_else(|| format!("class {index}"));
+                serde_json::json!({"index": index, "label": label, "probability": p})
+            })
+            .collect();
+        if !args.json {
+            println!("{}", path.display());
+            for c in &classes {
+                let p = c["probability"].as_f64().unwrap_or(0.0) * 100.0;
+                println!(
+                    "  {p:>6.2}%  {} ({})",
+                    c["label"].as_str().unwrap_or(""),
+                    c["index"]
+                );
+            }
+        }
+        results.push(serde_json::json!({"image": path, "top": classes}));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn doctor(json: bool) -> Result<ExitCode> {

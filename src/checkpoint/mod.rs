@@ -314,13 +314,37 @@ impl StateDict {
         formats::write_atomic(path, &formats::torch_zip_bytes(&self.raw()?, &archive)?)
     }
 
-    /// Writes in the format the extension names: `.safetensors`, or `.pth` / `.pt` / `.bin`.
+    /// Writes tch's `.ot` (a libtorch archive), atomically.
+    pub fn save_ot(&self, path: &Path) -> Result<()> {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .context("output path has no file name")?
+            .to_string_lossy();
+        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let named: Vec<(&str, &Tensor)> =
+            self.entries.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        let result = Tensor::save_multi(&named, &tmp)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| Ok(std::fs::rename(&tmp, path)?));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// Writes in the format the extension names: `.safetensors`, `.pth` / `.pt` / `.bin`
+    /// (torch.save), or `.ot` (tch).
     pub fn save(&self, path: &Path) -> Result<()> {
         match path.extension().and_then(|e| e.to_str()) {
             Some("safetensors") => self.save_safetensors(path),
             Some("pth" | "pt" | "bin") => self.save_torch(path),
+            Some("ot") => self.save_ot(path),
             _ => bail!(
-                "cannot tell the format of {}: use .safetensors, .pth, .pt or .bin",
+                "cannot tell the format of {}: use .safetensors, .pth, .pt, .bin or .ot",
                 path.display()
             ),
         }

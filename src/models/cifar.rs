@@ -144,4 +144,8 @@ impl Model for CifarResNet {
     fn forward_named(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
         self.forward_t(input(inputs, "input")?, train)
     }
+
+    fn forward_features(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
+        CifarResNet::forward_features(self, input(inputs, "input")?, train)
+    }
 }

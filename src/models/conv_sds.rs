@@ -185,6 +185,16 @@ impl Model for ConvSdsHead {
     fn forward_named(&self, inputs: &Inputs, _train: bool) -> Result<Tensor> {
         self.try_forward(input(inputs, "input")?)
     }
+
+    /// The hidden states after the conv layers, `[B, L, H]`.
+    fn forward_features(&self, inputs: &Inputs, _train: bool) -> Result<Tensor> {
+        let x = input(inputs, "input")?;
+        expect_sequence(self.config.input_size, self.config.hidden_size, self.device).check(x)?;
+        Ok(self
+            .convs
+            .iter()
+            .fold(x.shallow_clone(), |h, layer| h.apply(layer)))
+    }
 }
 
 /// Splits `[B, L, 2]` logits into `(start [B, L], end [B, L])`.

@@ -27,6 +27,11 @@ pub trait Model: std::fmt::Debug {
 
     /// Runs the model; `train` selects training behaviour (dropout, stochastic depth).
     fn forward_named(&self, inputs: &Inputs, train: bool) -> Result<Tensor>;
+
+    /// The representation the classifier reads (ResNets: the pooled features).
+    fn forward_features(&self, _inputs: &Inputs, _train: bool) -> Result<Tensor> {
+        bail!("this model has no separate classifier, so no features to return")
+    }
 }
 
 /// The tensor of `inputs` named `name`, or an error listing what was given.

@@ -652,4 +652,8 @@ impl Model for ResNet {
     fn forward_named(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
         self.forward_t(input(inputs, "input")?, train)
     }
+
+    fn forward_features(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
+        ResNet::forward_features(self, input(inputs, "input")?, train)
+    }
 }

@@ -588,4 +588,14 @@ impl Model for SidClassifier {
             train,
         )
     }
+
+    /// The normalised hidden state of `SiDModel`, `[B, H]`.
+    fn forward_features(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
+        self.model.forward_t(
+            input(inputs, "categorical")?,
+            input(inputs, "numerical")?,
+            input(inputs, "text")?,
+            train,
+        )
+    }
 }

@@ -1,0 +1,199 @@
+//! Inference from files: a model from its config and a PyTorch checkpoint, batched forward over
+//! named input tensors, and torchvision's image-classification preprocessing.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{load_state_dict, ReadOptions, StateDict};
+use crate::config::ModelConfig;
+use crate::models::{Inputs, Model};
+
+/// How weights meet the model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadSettings {
+    pub read: ReadOptions,
+    /// Keep the checkpoint's floating-point dtype (e.g. half) instead of converting to fp32.
+    pub keep_dtype: bool,
+    /// Allow missing / unexpected keys (they are reported on stderr by the CLI).
+    pub non_strict: bool,
+}
+
+/// A model built from `config` with the weights of `weights`, in eval use.
+pub struct LoadedModel {
+    pub vs: VarStore,
+    pub model: Box<dyn Model>,
+    pub config: ModelConfig,
+    pub report: crate::checkpoint::LoadReport,
+}
+
+impl LoadedModel {
+    pub fn load(
+        config: ModelConfig,
+        weights: &Path,
+        device: Device,
+        settings: &LoadSettings,
+    ) -> Result<Self> {
+        let state = StateDict::read(weights, &settings.read)?;
+        let vs = VarStore::new(device);
+        let model = config.build(vs.root())?;
+        if settings.keep_dtype {
+            let float_kinds: Vec<Kind> = state
+                .entries
+                .iter()
+                .filter(|(_, t)| t.is_floating_point())
+                .map(|(_, t)| t.kind())
+                .collect();
+            if let Some(kind) = float_kinds.first() {
+                if float_kinds.iter().any(|k| k != kind) {
+                    bail!(
+                        "--keep-dtype: the checkpoint mixes floating-point dtypes {float_kinds:?}"
+                    );
+                }
+                // Only floating-point variables: BatchNorm's int64 counters keep their type.
+                tch::no_grad(|| {
+                    for var in vs.variables().values().filter(|t| t.is_floating_point()) {
+                        var.shallow_clone().set_data(&var.to_kind(*kind));
+                    }
+                });
+            }
+        }
+        let report = load_state_dict(&vs, &state, !settings.non_strict)
+            .with_context(|| format!("cannot load {} into {}", weights.display(), config.arch()))?;
+        Ok(Self {
+            vs,
+            model,
+            config,
+            report,
+        })
+    }
+
+    /// The floating-point kind of the model's weights.
+    pub fn kind(&self) -> Kind {
+        self.vs
+            .variables()
+            .values()
+            .find(|t| t.is_floating_point())
+            .map_or(Kind::Float, |t| t.kind())
+    }
+
+    /// Runs the model in eval mode over `inputs` in batches of `batch_size` along dim 0 and
+    /// concatenates the results; `features` asks for the model's features instead of its output.
+    pub fn run(
+        &self,
+        inputs: &Inputs,
+        batch_size: Option<usize>,
+        features: bool,
+    ) -> Result<Tensor> {
+        let device = self.vs.device();
+        let kind = self.kind();
+        let mut moved = Inputs::new();
+        for name in self.model.input_names() {
+            let t = crate::models::input(inputs, name)?;
+            let t = if t.is_floating_point() {
+                t.to_kind(kind)
+            } else {
+                t.shallow_clone()
+            };
+            moved.insert(name.to_string(), t.to_device(device));
+        }
+        let batch = moved
+            .values()
+            .next()
+            .map(|t| t.size().first().copied().unwrap_or(0))
+            .unwrap_or(0);
+        if let Some((name, t)) = moved.iter().find(|(_, t)| t.size().first() != Some(&batch)) {
+            bail!(
+                "input `{name}` has batch {:?}, the others {batch}",
+                t.size().first()
+            );
+        }
+        let step = batch_size.unwrap_or(batch.max(1) as usize).max(1) as i64;
+        let mut outputs = Vec::new();
+        tch::no_grad(|| -> Result<()> {
+            let mut start = 0;
+            while start < batch.max(1) {
+                let len = step.min(batch - start).max(0);
+                let chunk: Inputs = moved
+                    .iter()
+                    .map(|(k, t)| (k.clone(), t.narrow(0, start, len)))
+                    .collect();
+                let out = if features {
+                    self.model.forward_features(&chunk, false)?
+                } else {
+                    self.model.forward_named(&chunk, false)?
+                };
+                outputs.push(out.to_device(Device::Cpu));
+                start += step;
+            }
+            Ok(())
+        })?;
+        Ok(Tensor::cat(&outputs, 0))
+    }
+}
+
+/// torchvision's ImageNet evaluation preprocessing (`ImageClassification`): resize the shorter side
+/// to `resize` (bilinear, antialiased), center-crop `crop`, scale to [0, 1], normalise with the
+/// ImageNet mean and std. Returns `[3, crop, crop]` float.
+pub fn preprocess_image(path: &Path, resize: i64, crop: i64) -> Result<Tensor> {
+    if resize < crop {
+        bail!("--resize {resize} is smaller than the crop {crop}");
+    }
+    let image = tch::vision::image::load(path)
+        .with_context(|| format!("cannot decode image {}", path.display()))?;
+    let image = match image.size()[0] {
+        3 => image,
+        1 => image.repeat([3, 1, 1]),
+        4 => image.narrow(0, 0, 3),
+        c => bail!("image {} has {c} channels", path.display()),
+    };
+    let (h, w) = (image.size()[1], image.size()[2]);
+    // torchvision: the shorter side becomes `resize`, the longer int(resize * long / short).
+    let (nh, nw) = if h <= w {
+        (resize, resize * w / h)
+    } else {
+        (resize * h / w, resize)
+    };
+    let resized = image
+        .to_kind(Kind::Float)
+        .unsqueeze(0)
+        .f_internal_upsample_bilinear2d_aa([nh, nw], false, None, None)?
+        .round()
+        .clamp(0.0, 255.0);
+    let top = ((nh - crop) as f64 / 2.0).round() as i64;
+    let left = ((nw - crop) as f64 / 2.0).round() as i64;
+    let cropped = resized
+        .narrow(2, top, crop)
+        .narrow(3, left, crop)
+        .squeeze_dim(0)
+        / 255.0;
+    let mean = Tensor::from_slice(&[0.485f32, 0.456, 0.406]).view([3, 1, 1]);
+    let std = Tensor::from_slice(&[0.229f32, 0.224, 0.225]).view([3, 1, 1]);
+    Ok((cropped - mean) / std)
+}
+
+/// Class names, one per line.
+pub fn read_labels(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read labels {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
+/// The ImageNet-1k class names (torchvision's order), shipped with the crate.
+pub const IMAGENET_CLASSES: &str = include_str!("../data/imagenet_classes.txt");
+
+/// `(index, probability)` of the `k` most likely classes of `logits` `[num_classes]`.
+pub fn top_k(logits: &Tensor, k: i64) -> Result<Vec<(i64, f64)>> {
+    let probs = logits.to_kind(Kind::Float).softmax(-1, Kind::Float);
+    let k = k.min(probs.size()[0]);
+    let (values, indices) = probs.topk(k, -1, true, true);
+    Ok((0..k)
+        .map(|i| (indices.int64_value(&[i]), values.double_value(&[i])))
+        .collect())
+}

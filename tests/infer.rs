@@ -1,0 +1,317 @@
+//! Inference from files: preprocessing parity with torchvision, and `residual infer` end to end.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use residual::checkpoint::{ReadOptions, StateDict};
+use residual::parity::max_abs_diff;
+
+fn fixtures() -> PathBuf {
+    let dir = residual::parity::default_artifacts_dir().join("checkpoints");
+    assert!(
+        dir.join("image.png").exists(),
+        "{} missing: run `make artifacts`",
+        dir.display()
+    );
+    dir
+}
+
+fn tensor(path: &Path, key: &str) -> tch::Tensor {
+    StateDict::read(path, &ReadOptions::default())
+        .unwrap()
+        .get(key)
+        .unwrap()
+        .shallow_clone()
+}
+
+#[test]
+fn image_preprocessing_matches_torchvision() {
+    let fx = fixtures();
+    let ours = residual::infer::preprocess_image(&fx.join("image.png"), 256, 224).unwrap();
+    let theirs = tensor(&fx.join("image_preprocessed.safetensors"), "image");
+    let diff = max_abs_diff(&ours, &theirs).unwrap();
+    // Same antialiased resize, same rounding back to grey levels, same crop: identical pixels.
+    println!("preprocessing: max |Δ| = {diff:e}");
+    assert!(diff <= 1e-6, "{diff}");
+    let jpeg = residual::infer::preprocess_image(&fx.join("image.jpg"), 256, 224).unwrap();
+    assert_eq!(jpeg.size(), vec![3, 224, 224]);
+    assert!(residual::infer::preprocess_image(&fx.join("resnet50.pth"), 256, 224).is_err());
+    assert!(residual::infer::preprocess_image(&fx.join("image.png"), 200, 224).is_err());
+}
+
+fn residual(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_residual"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("residual-infer-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn infer_runs_pytorch_checkpoints_end_to_end() {
+    let fx = fixtures();
+    let dir = temp_dir("resnet");
+    let config = dir.join("resnet50.json");
+    std::fs::write(&config, r#"{"arch": "resnet50"}"#).unwrap();
+    let io = fx.join("resnet50_io.safetensors");
+    let out = dir.join("out.safetensors");
+    let (ok, stdout, stderr) = residual(&[
+        "infer",
+        "--config",
+        s(&config),
+        "--weights",
+        s(&fx.join("resnet50_wrapped_ddp.pth")),
+        "--input",
+        s(&io),
+        "--output",
+        s(&out),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    let diff = max_abs_diff(&tensor(&out, "output"), &tensor(&io, "logits")).unwrap();
+    assert!(diff <= 1e-5, "logits differ by {diff}");
+
+    // Batches of one take other kernels: equal up to float rounding, relative to |logits| ~ 600.
+    let (ok, _, stderr) = residual(&[
+        "infer",
+        "--config",
+        s(&config),
+        "--weights",
+        s(&fx.join("resnet50.safetensors")),
+        "--input",
+        s(&io),
+        "--output",
+        s(&out),
+        "--batch-size",
+        "1",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(max_abs_diff(&tensor(&out, "output"), &tensor(&io, "logits")).unwrap() < 1e-2);
+
+    let (ok, stdout, _) = residual(&[
+        "infer",
+        "--config",
+        s(&config),
+        "--weights",
+        s(&fx.join("resnet50.pth")),
+        "--input",
+        s(&io),
+        "--output",
+        s(&out),
+        "--features",
+        "--json",
+    ]);
+    assert!(ok && stdout.contains("[2,2048]"), "{stdout}");
+    assert_eq!(tensor(&out, "output").size(), vec![2, 2048]);
+
+    // The wrong architecture: every mismatch named, nothing written.
+    std::fs::remove_file(&out).unwrap();
+    let r18 = dir.join("resnet18.json");
+    std::fs::write(&r18, r#"{"arch": "resnet18"}"#).unwrap();
+    let (ok, _, stderr) = residual(&[
+        "infer",
+        "--config",
+        s(&r18),
+        "--weights",
+        s(&fx.join("resnet50.pth")),
+        "--input",
+        s(&io),
+        "--output",
+        s(&out),
+    ]);
+    assert!(
+        !ok && stderr.contains("unexpected keys") && stderr.contains("layer1.0.conv3.weight"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("fc.weight: checkpoint [1000, 2048], model [1000, 512]"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+
+    let (ok, _, stderr) = residual(&[
+        "infer",
+        "--config",
+        s(&config),
+        "--weights",
+        s(&fx.join("resnet50.pth")),
+        "--input",
+        s(&io),
+        "--input-key",
+        "pixels",
+        "--output",
+        s(&out),
+    ]);
+    assert!(
+        !ok && stderr.contains("no tensor `pixels`") && stderr.contains("\"input\""),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn infer_reads_every_models_named_inputs() {
+    let refs = residual::parity::default_artifacts_dir();
+    let dir = temp_dir("named");
+    let manifest = residual::parity::Manifest::load(&refs).unwrap();
+    for name in [
+        "sid_classifier_small_eval",
+        "conv_sds_head_small_eval",
+        "cifar_resnet20_b",
+    ] {
+        let case = manifest.case(name).unwrap();
+        let config = dir.join(format!("{name}.json"));
+        std::fs::write(&config, case.config.to_string()).unwrap();
+        let case_dir = manifest.case_dir(case);
+        let out = dir.join(format!("{name}.safetensors"));
+        let (ok, stdout, stderr) = residual(&[
+            "infer",
+            "--config",
+            s(&config),
+            "--weights",
+            s(&case_dir.join("state_dict.pth")),
+            "--input",
+            s(&case_dir.join("inputs.safetensors")),
+            "--output",
+            s(&out),
+        ]);
+        assert!(ok, "{name}: {stdout}{stderr}");
+        let diff = max_abs_diff(
+            &tensor(&out, "output"),
+            &tensor(&case_dir.join("outputs.safetensors"), "output"),
+        )
+        .unwrap();
+        assert!(diff <= 1e-6, "{name}: {diff}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn infer_classifies_images_with_imagenet_labels() {
+    let fx = fixtures();
+    let dir = temp_dir("image");
+    let config = dir.join("resnet50.json");
+    std::fs::write(&config, r#"{"arch": "resnet50"}"#).unwrap();
+    let (ok, stdout, stderr) = residual(&[
+        "infer",
+        "--config",
+        s(&config),
+        "--weights",
+        s(&fx.join("resnet50.pth")),
+        "--image",
+        s(&fx.join("image.png")),
+        s(&fx.join("image.jpg")),
+        "--topk",
+        "3",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let results: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(results.as_array().unwrap().len(), 2);
+    let top = &results[0]["top"];
+    assert_eq!(top.as_array().unwrap().len(), 3);
+    let logits = tensor(&fx.join("image_preprocessed.safetensors"), "logits");
+    let probs = logits.softmax(-1, tch::Kind::Float);
+    let best = probs.argmax(0, false).int64_value(&[]);
+    assert_eq!(top[0]["index"].as_i64().unwrap(), best);
+    let p = top[0]["probability"].as_f64().unwrap();
+    assert!((p - probs.double_value(&[best])).abs() < 1e-5, "{p}");
+    let label = residual::infer::IMAGENET_CLASSES
+        .lines()
+        .nth(best as usize)
+        .unwrap();
+    assert_eq!(top[0]["label"], label);
+
+    let labels = dir.join("labels.txt");
+    std::fs::write(&labels, "only\ntwo\n").unwrap();
+    let (ok, stdout, _) = residual(&[
+        "infer",
+        "--config",
+        s(&config),
+        "--weights",
+        s(&fx.join("resnet50.pth")),
+        "--image",
+        s(&fx.join("image.png")),
+        "--labels",
+        s(&labels),
+    ]);
+    assert!(
+        ok && stdout.contains("image.png") && stdout.contains("%"),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn inspect_and_convert() {
+    let fx = fixtures();
+    let (ok, stdout, _) = residual(&["inspect", s(&fx.join("resnet50_wrapped_ddp.pth")), "--json"]);
+    assert!(ok);
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        summary["architecture"],
+        "torchvision resnet50, 1000 classes"
+    );
+    assert_eq!(summary["parameters"], 25_557_032);
+    assert_eq!(summary["tensors"], 320);
+    let (ok, stdout, _) = residual(&[
+        "inspect",
+        s(&fx.join("resnet50_lightning.ckpt")),
+        "--strip-prefix",
+        "model.",
+    ]);
+    assert!(
+        ok && stdout.contains("matches: torchvision resnet50"),
+        "{stdout}"
+    );
+
+    let dir = temp_dir("convert");
+    let st = dir.join("w.safetensors");
+    let pth = dir.join("w.pth");
+    let ot = dir.join("w.ot");
+    for (from, to) in [
+        (fx.join("resnet50_legacy.pth"), &st),
+        (st.clone(), &pth),
+        (pth.clone(), &ot),
+    ] {
+        let (ok, stdout, stderr) = residual(&["convert", s(&from), s(to)]);
+        assert!(
+            ok && stdout.contains("wrote 320 tensors"),
+            "{stdout}{stderr}"
+        );
+    }
+    let reference =
+        StateDict::read(&fx.join("resnet50.safetensors"), &ReadOptions::default()).unwrap();
+    for file in [&st, &pth, &ot] {
+        let back = StateDict::read(file, &ReadOptions::default()).unwrap();
+        assert_eq!(back.len(), reference.len());
+        for (k, v) in &reference.entries {
+            assert!(
+                back.get(k).is_some_and(|t| t.equal(v)),
+                "{}: {k}",
+                file.display()
+            );
+        }
+    }
+    let (ok, _, stderr) = residual(&["convert", s(&st), s(&dir.join("w.npz"))]);
+    assert!(!ok && stderr.contains(".safetensors"), "{stderr}");
+    let (ok, _, stderr) = residual(&["inspect", s(&dir.join("missing.pth"))]);
+    assert!(!ok && stderr.contains("cannot open checkpoint"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
