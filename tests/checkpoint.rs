@@ -378,3 +378,29 @@ fn wrong_dtypes_and_shapes_are_named_at_load() {
         "{msg}"
     );
 }
+
+#[test]
+fn pickle_bombs_are_bounded() {
+    // 100k nested lists built on the stack, then folded into each other by APPEND.
+    let mut deep = vec![0x80, 2];
+    deep.extend(std::iter::repeat_n(b']', 100_000));
+    deep.extend(std::iter::repeat_n(b'a', 99_999));
+    deep.push(b'.');
+    assert!(parse_error(&deep).contains("levels deep"));
+    // TUPLE1 wrapping: one level per byte.
+    let mut wrapped = vec![0x80, 2, b'N'];
+    wrapped.extend(std::iter::repeat_n(0x85u8, 100_000));
+    wrapped.push(b'.');
+    assert!(parse_error(&wrapped).contains("levels deep"));
+    // A list doubled through the memo on every step.
+    let mut doubling = vec![0x80, 2, b']', b'q', 0];
+    for _ in 0..64 {
+        doubling.extend_from_slice(&[b'(', b'h', 0, b'h', 0, b'l', b'q', 0, b'0']);
+    }
+    doubling.extend_from_slice(&[b'h', 0, b'.']);
+    let msg = parse_error(&doubling);
+    assert!(
+        msg.contains("copies more than") || msg.contains("levels deep"),
+        "{msg}"
+    );
+}

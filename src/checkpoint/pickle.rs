@@ -312,6 +312,7 @@ pub fn unpickle(data: &[u8]) -> Result<(Value, usize)> {
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        copied: 0,
     }
     .run()
 }
@@ -322,11 +323,76 @@ struct Unpickler<'a> {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
+    copied: usize,
 }
 
-/// Bounds what a hostile file can make the reader allocate or hold.
+/// Bounds what a hostile file can make the reader allocate or hold: stack and memo sizes, the
+/// nesting depth of values (deeper values could overflow the native stack when dropped), and the
+/// number of nodes copied out of the memo (repeated `BINGET` of a growing list doubles it).
 const MAX_STACK: usize = 1 << 20;
 const MAX_MEMO: usize = 1 << 20;
+const MAX_DEPTH: usize = 256;
+const MAX_COPIED: usize = 1 << 21;
+
+/// Whether `v` nests at most `limit` levels deep (recursion bounded by `limit`).
+fn within_depth(v: &Value, limit: usize) -> bool {
+    if limit == 0 {
+        return false;
+    }
+    match v {
+        Value::Tuple(items) | Value::List(items) | Value::Object(_, items) => {
+            items.iter().all(|i| within_depth(i, limit - 1))
+        }
+        Value::Dict(entries) => entries
+            .iter()
+            .all(|(k, v)| within_depth(k, limit - 1) && within_depth(v, limit - 1)),
+        Value::PersistentId(inner) => within_depth(inner, limit - 1),
+        _ => true,
+    }
+}
+
+/// Nodes in `v`, counting no further than `cap`.
+fn nodes(v: &Value, cap: usize) -> usize {
+    let children = match v {
+        Value::Tuple(items) | Value::List(items) | Value::Object(_, items) => {
+            let mut n = 0;
+            for i in items {
+                n += nodes(i, cap.saturating_sub(n));
+                if n >= cap {
+                    break;
+                }
+            }
+            n
+        }
+        Value::Dict(entries) => {
+            let mut n = 0;
+            for (k, v) in entries {
+                n += nodes(k, cap.saturating_sub(n)) + nodes(v, cap.saturating_sub(n));
+                if n >= cap {
+                    break;
+                }
+            }
+            n
+        }
+        _ => 0,
+    };
+    1 + children
+}
+
+/// For values put inside a container already on the stack (APPEND, SETITEMS, ...).
+fn check_child(v: &Value) -> Result<()> {
+    if !within_depth(v, MAX_DEPTH - 1) {
+        bail!("pickle nests values more than {MAX_DEPTH} levels deep");
+    }
+    Ok(())
+}
+
+fn check_depth(v: &Value) -> Result<()> {
+    if !within_depth(v, MAX_DEPTH) {
+        bail!("pickle nests values more than {MAX_DEPTH} levels deep");
+    }
+    Ok(())
+}
 
 impl<'a> Unpickler<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
@@ -373,6 +439,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn push(&mut self, v: Value) -> Result<()> {
+        check_depth(&v)?;
         if self.stack.len() >= MAX_STACK {
             bail!("pickle stack exceeds {MAX_STACK} entries");
         }
@@ -407,7 +474,13 @@ impl<'a> Unpickler<'a> {
         Ok(self.stack.split_off(mark))
     }
 
-    fn memo_get(&self, i: u32) -> Result<Value> {
+    fn memo_get(&mut self, i: u32) -> Result<Value> {
+        if let Some(v) = self.memo.get(&i) {
+            self.copied += nodes(v, MAX_COPIED);
+            if self.copied > MAX_COPIED {
+                bail!("pickle copies more than {MAX_COPIED} values out of its memo");
+            }
+        }
         self.memo
             .get(&i)
             .cloned()
@@ -435,6 +508,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn set_items(dict: &mut Value, items: Vec<Value>) -> Result<()> {
+        items.iter().try_for_each(check_child)?;
         let Value::Dict(entries) = dict else {
             bail!("SETITEMS on a {}, expected a dict", dict.kind());
         };
@@ -570,6 +644,7 @@ impl<'a> Unpickler<'a> {
                 }
                 b'a' => {
                     let v = self.pop()?;
+                    check_child(&v)?;
                     match self.top()? {
                         Value::List(items) => items.push(v),
                         other => bail!("APPEND to a {} at byte {at}", other.kind()),
@@ -577,6 +652,7 @@ impl<'a> Unpickler<'a> {
                 }
                 b'e' => {
                     let items = self.pop_mark()?;
+                    items.iter().try_for_each(check_child)?;
                     match self.top()? {
                         Value::List(list) => list.extend(items),
                         other => bail!("APPENDS to a {} at byte {at}", other.kind()),
@@ -594,6 +670,7 @@ impl<'a> Unpickler<'a> {
                 0x8f => self.push(Value::List(Vec::new()))?, // EMPTY_SET, kept as a list
                 0x90 => {
                     let items = self.pop_mark()?;
+                    items.iter().try_for_each(check_child)?;
                     match self.top()? {
                         Value::List(list) => list.extend(items),
                         other => bail!("ADDITEMS to a {} at byte {at}", other.kind()),
