@@ -1,6 +1,7 @@
 // Global libtorch switches that tch 0.24 does not expose. Every entry point catches C++ exceptions
 // and reports failure through its return value, so nothing unwinds into Rust.
 #include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
 #include <torch/headeronly/version.h>
 
 #include <dlfcn.h>
@@ -38,6 +39,27 @@ int residual_get_flag(int flag) {
       case 4: return ctx.benchmarkCuDNN() ? 1 : 0;
       default: return -1;
     }
+  } catch (...) {
+    return -1;
+  }
+}
+
+// The dtype CUDA autocast computes in: 0 = float16 (libtorch's default), 1 = bfloat16.
+// Returns 0 on success, -1 on failure.
+int residual_set_autocast_cuda_dtype(int dtype) {
+  try {
+    at::autocast::set_autocast_dtype(at::kCUDA, dtype == 1 ? at::kBFloat16 : at::kHalf);
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// 0 = float16, 1 = bfloat16, 2 = other, -1 on failure.
+int residual_autocast_cuda_dtype() {
+  try {
+    auto t = at::autocast::get_autocast_dtype(at::kCUDA);
+    return t == at::kHalf ? 0 : (t == at::kBFloat16 ? 1 : 2);
   } catch (...) {
     return -1;
   }

@@ -9,6 +9,8 @@ extern "C" {
     fn residual_set_flag(flag: i32, value: i32) -> i32;
     fn residual_get_flag(flag: i32) -> i32;
     fn residual_torch_header_version() -> *const std::os::raw::c_char;
+    fn residual_set_autocast_cuda_dtype(dtype: i32) -> i32;
+    fn residual_autocast_cuda_dtype() -> i32;
     fn residual_cuda_device_name(index: i32, buf: *mut std::os::raw::c_char, len: i32) -> i32;
 }
 
@@ -73,4 +75,37 @@ pub fn cuda_device_name(index: usize) -> Option<String> {
     // SAFETY: NUL-terminated by the C side on success.
     let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
     Some(name.to_string_lossy().into_owned())
+}
+
+/// The reduced precision CUDA autocast uses.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AutocastDtype {
+    Fp16,
+    Bf16,
+}
+
+/// Sets the dtype of CUDA autocast regions (libtorch's default is fp16; tch cannot choose).
+pub fn set_autocast_dtype(dtype: AutocastDtype) -> Result<()> {
+    let code = match dtype {
+        AutocastDtype::Fp16 => 0,
+        AutocastDtype::Bf16 => 1,
+    };
+    // SAFETY: plain C function; it catches every C++ exception.
+    if unsafe { residual_set_autocast_cuda_dtype(code) } != 0 {
+        bail!("libtorch refused to set the autocast dtype to {dtype:?}");
+    }
+    Ok(())
+}
+
+/// The dtype CUDA autocast currently uses.
+pub fn autocast_dtype() -> Result<AutocastDtype> {
+    // SAFETY: plain C function; it catches every C++ exception.
+    match unsafe { residual_autocast_cuda_dtype() } {
+        0 => Ok(AutocastDtype::Fp16),
+        1 => Ok(AutocastDtype::Bf16),
+        other => bail!("unexpected autocast dtype code {other}"),
+    }
 }

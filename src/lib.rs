@@ -11,12 +11,15 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod doctor;
+pub mod experiment;
 pub mod infer;
 pub mod inspect;
 pub mod models;
 pub mod parity;
+pub mod train;
 
 pub use config::ModelConfig;
 pub use models::{Inputs, Model};

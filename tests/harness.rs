@@ -173,6 +173,10 @@ fn libtorch_switches_read_back() {
     assert!(!backend::flag(Flag::AllowTf32Cudnn).unwrap());
     assert!(!backend::flag(Flag::AllowTf32Cublas).unwrap());
     assert_eq!(backend::header_version(), "2.11.0");
+    for dtype in [backend::AutocastDtype::Bf16, backend::AutocastDtype::Fp16] {
+        backend::set_autocast_dtype(dtype).unwrap();
+        assert_eq!(backend::autocast_dtype().unwrap(), dtype);
+    }
 }
 
 #[test]

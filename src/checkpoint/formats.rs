@@ -204,40 +204,75 @@ impl<'a> TorchFile<'a> {
     }
 
     /// Materialises a tensor record as contiguous bytes, checking that it fits its storage.
-    pub fn tensor(&mut self, t: &TensorRef) -> Result<RawTensor> {
+    /// `last_use` releases the storage afterwards (and hands its buffer over without a copy when
+    /// the tensor is the whole storage, contiguous).
+    pub fn tensor(&mut self, t: &TensorRef, last_use: bool) -> Result<RawTensor> {
         let storage = &t.storage;
-        let (key, base) = match &storage.view {
-            Some((_, offset, _)) => (&storage.key, *offset),
-            None => (&storage.key, 0),
-        };
+        let key = &storage.key;
+        let base = storage.view.as_ref().map_or(0, |(_, offset, _)| *offset);
         if !self.cache.contains_key(key) {
             let bytes = self.storages.read(key)?;
             self.cache.insert(key.clone(), bytes);
         }
-        let bytes = &self.cache[key];
         let elem = storage.dtype.size();
         let declared = usize::try_from(storage.numel)
             .unwrap_or(usize::MAX)
             .saturating_mul(elem);
-        if bytes.len() < declared && storage.view.is_none() {
-            bail!(
-                "storage `{key}` holds {} bytes, its header says {declared}",
-                bytes.len()
-            );
+        let held = self.cache[key].len();
+        if held < declared && storage.view.is_none() {
+            bail!("storage `{key}` holds {held} bytes, its header says {declared}");
         }
-        gather(bytes, elem, base + t.offset, &t.size, &t.stride)
-            .map(|data| RawTensor {
-                dtype: storage.dtype,
-                shape: t.size.clone(),
-                data,
-            })
-            .with_context(|| format!("tensor of size {:?} in storage `{key}`", t.size))
+        let numel = t.size.iter().try_fold(1i64, |a, s| a.checked_mul(*s));
+        let whole = base + t.offset == 0
+            && numel.is_some_and(|n| n >= 0 && n as usize * elem == held)
+            && is_contiguous(&t.size, &t.stride);
+        let data = if last_use && whole {
+            self.cache.remove(key).unwrap_or_default()
+        } else {
+            let data = gather(&self.cache[key], elem, base + t.offset, &t.size, &t.stride)
+                .with_context(|| format!("tensor of size {:?} in storage `{key}`", t.size))?;
+            if last_use {
+                self.cache.remove(key);
+            }
+            data
+        };
+        Ok(RawTensor {
+            dtype: storage.dtype,
+            shape: t.size.clone(),
+            data,
+        })
     }
 
-    /// Drops cached storages (call after materialising what was needed).
-    pub fn release(&mut self) {
-        self.cache.clear();
+    /// Materialises `refs` in order, releasing each storage after its last tensor.
+    pub fn tensors(&mut self, refs: Vec<(String, TensorRef)>) -> Result<Vec<(String, RawTensor)>> {
+        let mut uses: HashMap<String, usize> = HashMap::new();
+        for (_, t) in &refs {
+            *uses.entry(t.storage.key.clone()).or_default() += 1;
+        }
+        let mut out = Vec::with_capacity(refs.len());
+        for (name, t) in refs {
+            let left = uses.get_mut(&t.storage.key).map(|n| {
+                *n -= 1;
+                *n
+            });
+            let raw = self
+                .tensor(&t, left == Some(0))
+                .with_context(|| format!("tensor `{name}`"))?;
+            out.push((name, raw));
+        }
+        Ok(out)
     }
+}
+
+fn is_contiguous(size: &[i64], stride: &[i64]) -> bool {
+    let mut expected = 1i64;
+    for (s, st) in size.iter().zip(stride).rev() {
+        if *s != 1 && *st != expected {
+            return false;
+        }
+        expected = expected.saturating_mul(*s);
+    }
+    true
 }
 
 fn collect_storages(v: &Value, sizes: &mut HashMap<String, usize>) {
@@ -284,18 +319,7 @@ fn gather(bytes: &[u8], elem: usize, offset: i64, size: &[i64], stride: &[i64]) 
     let mut out = Vec::new();
     out.try_reserve_exact(numel * elem)
         .context("tensor too large for memory")?;
-    let contiguous = {
-        let mut expected = 1i64;
-        let mut ok = true;
-        for (s, st) in size.iter().zip(stride).rev() {
-            if *s != 1 && *st != expected {
-                ok = false;
-            }
-            expected *= s;
-        }
-        ok
-    };
-    if contiguous {
+    if is_contiguous(size, stride) {
         let start = offset as usize * elem;
         out.extend_from_slice(&bytes[start..start + numel * elem]);
         return Ok(out);

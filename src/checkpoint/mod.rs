@@ -164,14 +164,7 @@ pub fn parse_bytes(bytes: &[u8], options: &ReadOptions) -> Result<Vec<(String, R
         Format::TorchZip | Format::TorchLegacy => {
             let mut file = TorchFile::parse(bytes)?;
             let refs = select(&file.object, options.key.as_deref())?;
-            let mut out = Vec::with_capacity(refs.len());
-            for (name, t) in refs {
-                let raw = file
-                    .tensor(&t)
-                    .with_context(|| format!("tensor `{name}`"))?;
-                out.push((name, raw));
-            }
-            out
+            file.tensors(refs)?
         }
     };
     strip_prefixes(&mut entries, &options.strip_prefixes);

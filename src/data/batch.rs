@@ -1,0 +1,206 @@
+//! Mini-batches cut on the data's device: a seeded shuffle, the paper's augmentation (zero-pad by
+//! 4, random crop back to size, random horizontal flip) applied to the whole batch at once, and
+//! per-channel normalisation.
+//!
+//! All randomness comes from a small counter-based generator seeded by `(seed, epoch)`, so epoch
+//! `e` draws the same order and augmentations whether the run started at epoch 0 or resumed.
+
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+
+use super::Dataset;
+
+/// SplitMix64: a tiny, well-mixed generator; state is just a counter.
+#[derive(Debug, Clone)]
+pub struct SplitMix(u64);
+
+impl SplitMix {
+    pub fn new(seed: u64, stream: u64) -> Self {
+        let mut g = SplitMix(seed ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        g.next_u64();
+        g
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+}
+
+/// The training augmentation of the ResNet paper (§4.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Augment {
+    /// Zero padding before the random crop (4 in the paper; 0 turns cropping off).
+    pub pad: i64,
+    /// Random horizontal flips (off for digits, whose mirror images are other symbols).
+    pub flip: bool,
+}
+
+/// `(x / 255 - mean) / std` per channel.
+#[derive(Debug)]
+pub struct Normalizer {
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+    mean_t: Tensor,
+    std_t: Tensor,
+}
+
+impl Normalizer {
+    pub fn new(mean: Vec<f64>, std: Vec<f64>, device: Device) -> Self {
+        let c = mean.len() as i64;
+        let as_tensor = |v: &[f64]| {
+            Tensor::from_slice(v)
+                .to_kind(Kind::Float)
+                .view([1, c, 1, 1])
+                .to_device(device)
+        };
+        let (mean_t, std_t) = (as_tensor(&mean), as_tensor(&std));
+        Self {
+            mean,
+            std,
+            mean_t,
+            std_t,
+        }
+    }
+
+    /// Statistics of a training set.
+    pub fn fit(data: &Dataset, device: Device) -> Self {
+        let x = data.images.to_kind(Kind::Double) / 255.0;
+        let c = x.size()[1];
+        let per_channel = x.transpose(0, 1).reshape([c, -1]);
+        let mean: Vec<f64> =
+            Vec::try_from(per_channel.mean_dim(1, false, Kind::Double)).unwrap_or_default();
+        let std: Vec<f64> = Vec::try_from(per_channel.std_dim(1, false, false)).unwrap_or_default();
+        let std = std
+            .into_iter()
+            .map(|s| if s > 0.0 { s } else { 1.0 })
+            .collect();
+        Self::new(mean, std, device)
+    }
+
+    pub fn apply(&self, images: &Tensor) -> Tensor {
+        (images.to_kind(Kind::Float) / 255.0 - &self.mean_t) / &self.std_t
+    }
+}
+
+/// Batches of one epoch, in a seeded order.
+pub struct Batches<'a> {
+    data: &'a Dataset,
+    order: Tensor,
+    batch_size: i64,
+    position: i64,
+    augment: Option<Augment>,
+    rng: SplitMix,
+    normalizer: &'a Normalizer,
+}
+
+impl<'a> Batches<'a> {
+    /// `shuffle_seed`: `Some((seed, epoch))` for a training epoch, `None` for evaluation order.
+    pub fn new(
+        data: &'a Dataset,
+        normalizer: &'a Normalizer,
+        batch_size: i64,
+        shuffle_seed: Option<(u64, u64)>,
+        augment: Option<Augment>,
+    ) -> Self {
+        let n = data.len();
+        let (order, rng) = match shuffle_seed {
+            Some((seed, epoch)) => {
+                let mut rng = SplitMix::new(seed, epoch);
+                let mut order: Vec<i64> = (0..n).collect();
+                for i in (1..order.len()).rev() {
+                    let j = rng.below(i as u64 + 1) as usize;
+                    order.swap(i, j);
+                }
+                (order, rng)
+            }
+            None => ((0..n).collect(), SplitMix::new(0, 0)),
+        };
+        let order = Tensor::from_slice(&order).to_device(data.images.device());
+        Self {
+            data,
+            order,
+            batch_size: batch_size.max(1),
+            position: 0,
+            augment,
+            rng,
+            normalizer,
+        }
+    }
+
+    /// Batches in an epoch.
+    pub fn len(&self) -> i64 {
+        (self.data.len() + self.batch_size - 1) / self.batch_size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Skips `n` batches (resuming inside an epoch), drawing the same randomness they would have.
+    pub fn skip_batches(&mut self, n: i64) -> Result<()> {
+        for _ in 0..n {
+            if self.next_batch()?.is_none() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The next `(images [B, C, H, W] float normalised, labels [B])`, or `None` at the end.
+    pub fn next_batch(&mut self) -> Result<Option<(Tensor, Tensor)>> {
+        let n = self.data.len();
+        if self.position >= n {
+            return Ok(None);
+        }
+        let len = self.batch_size.min(n - self.position);
+        let idx = self.order.narrow(0, self.position, len);
+        self.position += len;
+        let mut images = self.data.images.index_select(0, &idx);
+        let labels = self.data.labels.index_select(0, &idx);
+        if let Some(aug) = self.augment {
+            images = self.augment_batch(images, aug);
+        }
+        Ok(Some((self.normalizer.apply(&images), labels)))
+    }
+
+    fn augment_batch(&mut self, images: Tensor, aug: Augment) -> Tensor {
+        let [b, c, h, w]: [i64; 4] = images.size().try_into().expect("images are 4-D");
+        let device = images.device();
+        let mut images = images;
+        if aug.pad > 0 {
+            let p = aug.pad;
+            let span = (2 * p + 1) as u64;
+            let dy: Vec<i64> = (0..b).map(|_| self.rng.below(span) as i64).collect();
+            let dx: Vec<i64> = (0..b).map(|_| self.rng.below(span) as i64).collect();
+            let padded = images.constant_pad_nd([p, p, p, p]);
+            let offsets = |d: &[i64], size: i64| {
+                Tensor::from_slice(d).view([b, 1]).to_device(device)
+                    + Tensor::arange(size, (Kind::Int64, device)).view([1, size])
+            };
+            let rows = offsets(&dy, h)
+                .view([b, 1, h, 1])
+                .expand([b, c, h, w + 2 * p], false);
+            let cols = offsets(&dx, w)
+                .view([b, 1, 1, w])
+                .expand([b, c, h, w], false);
+            images = padded.gather(2, &rows, false).gather(3, &cols, false);
+        }
+        if aug.flip {
+            let flips: Vec<bool> = (0..b).map(|_| self.rng.next_u64() & 1 == 1).collect();
+            let mask = Tensor::from_slice(&flips)
+                .to_device(device)
+                .view([b, 1, 1, 1]);
+            images = images.flip([3]).where_self(&mask, &images);
+        }
+        images
+    }
+}

@@ -1,0 +1,126 @@
+//! SGD with momentum and weight decay, `torch.optim.SGD`'s update, with state that can be saved:
+//! `d = g + wd * p` (decay optional per tensor), `buf = momentum * buf + d` (`buf = d` on the
+//! first step), `p -= lr * buf`.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use tch::nn::VarStore;
+use tch::Tensor;
+
+use crate::checkpoint::StateDict;
+
+#[derive(Debug)]
+pub struct Sgd {
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// `(name, parameter, decays)`.
+    params: Vec<(String, Tensor, bool)>,
+    buffers: BTreeMap<String, Tensor>,
+}
+
+/// BatchNorm / GroupNorm affine parameters and biases: the tensors with one dimension.
+pub fn is_norm_or_bias(name: &str, t: &Tensor) -> bool {
+    t.dim() <= 1 || name.ends_with(".bias")
+}
+
+impl Sgd {
+    /// Every trainable variable of `vs`; `decay_norm_and_bias: false` exempts 1-D tensors
+    /// (norm weights, biases) from weight decay.
+    pub fn new(vs: &VarStore, momentum: f64, weight_decay: f64, decay_norm_and_bias: bool) -> Self {
+        let mut params: Vec<(String, Tensor, bool)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .map(|(name, t)| {
+                let decays = decay_norm_and_bias || !is_norm_or_bias(&name, &t);
+                (name, t, decays)
+            })
+            .collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        Self {
+            momentum,
+            weight_decay,
+            params,
+            buffers: BTreeMap::new(),
+        }
+    }
+
+    pub fn zero_grad(&mut self) {
+        for (_, p, _) in &mut self.params {
+            p.zero_grad();
+        }
+    }
+
+    /// Gradients of every parameter, for inspection (fp16 loss scaling unscales them in place).
+    pub fn grads(&self) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .map(|(_, p, _)| p.grad())
+            .filter(|g| g.defined())
+            .collect()
+    }
+
+    pub fn step(&mut self, lr: f64) {
+        tch::no_grad(|| {
+            for (name, p, decays) in &self.params {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let d = if *decays && self.weight_decay != 0.0 {
+                    &g + p * self.weight_decay
+                } else {
+                    g
+                };
+                let update = if self.momentum != 0.0 {
+                    match self.buffers.get_mut(name) {
+                        Some(buf) => {
+                            let _ = buf.g_mul_scalar_(self.momentum).g_add_(&d);
+                            buf.shallow_clone()
+                        }
+                        None => {
+                            let buf = d.copy();
+                            self.buffers.insert(name.clone(), buf.shallow_clone());
+                            buf
+                        }
+                    }
+                } else {
+                    d
+                };
+                let _ = p.shallow_clone().g_sub_(&(update * lr));
+            }
+        });
+    }
+
+    /// The momentum buffers, by parameter name.
+    pub fn state(&self) -> StateDict {
+        StateDict {
+            entries: self
+                .buffers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.shallow_clone()))
+                .collect(),
+        }
+    }
+
+    /// Restores momentum buffers saved by [`Sgd::state`].
+    pub fn load_state(&mut self, state: &StateDict) -> Result<()> {
+        self.buffers.clear();
+        for (name, buf) in &state.entries {
+            let Some((_, p, _)) = self.params.iter().find(|(n, _, _)| n == name) else {
+                bail!("optimizer state has a buffer for `{name}`, which the model lacks");
+            };
+            if p.size() != buf.size() {
+                bail!(
+                    "optimizer buffer `{name}`: {:?}, parameter {:?}",
+                    buf.size(),
+                    p.size()
+                );
+            }
+            self.buffers
+                .insert(name.clone(), buf.to_device(p.device()).to_kind(p.kind()));
+        }
+        Ok(())
+    }
+}
