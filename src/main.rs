@@ -5,12 +5,15 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use residual::backend::AutocastDtype;
 use residual::checkpoint::{ReadOptions, StateDict};
+use residual::data::{Augment, DataFormat};
 use residual::device::{device_name, parse_device};
 use residual::doctor::Report;
 use residual::infer::{LoadSettings, LoadedModel};
 use residual::inspect;
 use residual::parity::{self, Manifest};
+use residual::train::{RunData, Schedule, TrainOptions, Trainer};
 use residual::{Inputs, ModelConfig};
 use tch::Device;
 
@@ -61,6 +64,43 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train a model on image data into a run folder (or continue one with --resume).
+    Train {
+        /// Model config (JSON with "arch"); not needed with --resume.
+        #[arg(long, required_unless_present = "resume")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        train: TrainArgs,
+        /// Run folder: model.json, run.json, metrics.jsonl, checkpoints/.
+        #[arg(long, required_unless_present = "resume")]
+        out: Option<PathBuf>,
+        /// Continue the run in this folder from its last checkpoint (--epochs may extend it).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+    },
+    /// Test error and confusion matrix of trained weights.
+    Eval {
+        /// Model config; or take config and weights from a run folder with --run.
+        #[arg(long, required_unless_present = "run")]
+        config: Option<PathBuf>,
+        #[arg(long, required_unless_present = "run")]
+        weights: Option<PathBuf>,
+        #[arg(long)]
+        run: Option<PathBuf>,
+        #[arg(long, default_value = residual::data::FASHION_MNIST_DIR)]
+        data: PathBuf,
+        #[arg(long, value_enum)]
+        format: Option<DataFormat>,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value_t = 512)]
+        batch_size: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reproduce an experiment of the ResNet paper.
+    #[command(subcommand)]
+    Experiment(ExperimentKind),
     /// Convert between checkpoint formats, by extension: .pth/.pt/.bin, .safetensors, .ot.
     Convert {
         from: PathBuf,
@@ -143,6 +183,115 @@ struct InferArgs {
     json: bool,
 }
 
+/// The data and optimisation settings shared by `train` and `experiment`.
+#[derive(clap::Args, Clone)]
+struct TrainArgs {
+    /// Data folder (IDX: MNIST / Fashion-MNIST files; or CIFAR-10/100 binaries).
+    #[arg(long, default_value = residual::data::FASHION_MNIST_DIR)]
+    data: PathBuf,
+    /// Data format (default: detected from the files).
+    #[arg(long, value_enum)]
+    format: Option<DataFormat>,
+    /// Epochs (default 10; with --resume, extends the run to this many).
+    #[arg(long)]
+    epochs: Option<u64>,
+    #[arg(long, default_value_t = 128)]
+    batch_size: i64,
+    #[arg(long, default_value_t = 0.1)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    weight_decay: f64,
+    /// No weight decay on norm weights and biases.
+    #[arg(long)]
+    no_decay_norm_bias: bool,
+    #[arg(long, value_enum, default_value = "step")]
+    schedule: Schedule,
+    /// Epochs where the step schedule divides the rate by 10 (default: 50% and 75% of the run).
+    #[arg(long, value_delimiter = ',')]
+    milestones: Vec<u64>,
+    /// Linear warmup, in epochs.
+    #[arg(long, default_value_t = 0.0)]
+    warmup: f64,
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// CUDA mixed precision.
+    #[arg(long, value_enum)]
+    amp: Option<AutocastDtype>,
+    #[arg(long)]
+    channels_last: bool,
+    #[arg(long)]
+    cudnn_benchmark: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    subset: Option<i64>,
+    /// Hold out the last N training images for validation.
+    #[arg(long)]
+    validation: Option<i64>,
+    /// No padding/cropping/flipping.
+    #[arg(long)]
+    no_augment: bool,
+    /// Crop augmentation without horizontal flips (digits).
+    #[arg(long)]
+    no_flip: bool,
+    /// Log lines only, no progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl TrainArgs {
+    fn options(&self) -> TrainOptions {
+        TrainOptions {
+            epochs: self.epochs.unwrap_or(10),
+            batch_size: self.batch_size,
+            lr: self.lr,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            decay_norm_and_bias: !self.no_decay_norm_bias,
+            schedule: self.schedule,
+            milestones: self.milestones.clone(),
+            warmup: self.warmup,
+            label_smoothing: self.label_smoothing,
+            seed: self.seed,
+            subset: self.subset,
+            validation: self.validation,
+            augment: (!self.no_augment).then_some(Augment {
+                pad: 4,
+                flip: !self.no_flip,
+            }),
+            amp: self.amp,
+            channels_last: self.channels_last,
+            cudnn_benchmark: self.cudnn_benchmark,
+            eval_test: true,
+        }
+    }
+
+    fn data(&self, options: &TrainOptions, device: tch::Device) -> Result<RunData> {
+        let (train, test) = residual::data::load(&self.data, self.format)?;
+        RunData::prepare(train, test, options, device)
+    }
+}
+
+#[derive(Subcommand)]
+enum ExperimentKind {
+    /// Plain vs residual CIFAR-style nets at several depths (ResNet paper, figure 6).
+    Degradation {
+        #[arg(long, value_delimiter = ',', default_value = "20,56")]
+        depths: Vec<i64>,
+        #[command(flatten)]
+        train: TrainArgs,
+        /// Report folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum DeviceChoice {
     Cpu,
@@ -170,6 +319,47 @@ fn run(cli: Cli) -> Result<ExitCode> {
             filter,
         } => parity_report(device, json, artifacts, filter.as_deref()),
         Command::Infer(args) => infer(&args),
+        Command::Train {
+            config,
+            train,
+            out,
+            resume,
+        } => train_command(config, &train, out, resume),
+        Command::Eval {
+            config,
+            weights,
+            run,
+            data,
+            format,
+            device,
+            batch_size,
+            json,
+        } => eval_command(
+            config, weights, run, &data, format, &device, batch_size, json,
+        ),
+        Command::Experiment(ExperimentKind::Degradation { depths, train, out }) => {
+            install_ctrl_c();
+            let device = parse_device(&train.device)?;
+            let options = train.options();
+            let data = train.data(&options, device)?;
+            match residual::experiment::degradation(
+                &data,
+                &depths,
+                &options,
+                &out,
+                device,
+                train.quiet,
+            )? {
+                Some(findings) => {
+                    println!("{}", findings.summary);
+                    for path in residual::experiment::outputs(&out) {
+                        println!("wrote {}", path.display());
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => Ok(ExitCode::from(130)),
+            }
+        }
         Command::Inspect {
             weights,
             weight_options,
@@ -195,6 +385,88 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn install_ctrl_c() {
+    // First Ctrl-C: checkpoint at the next batch and stop. The handler cannot fail the run.
+    let _ = ctrlc::set_handler(|| {
+        residual::train::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst)
+    });
+}
+
+fn train_command(
+    config: Option<PathBuf>,
+    args: &TrainArgs,
+    out: Option<PathBuf>,
+    resume: Option<PathBuf>,
+) -> Result<ExitCode> {
+    install_ctrl_c();
+    let device = parse_device(&args.device)?;
+    let mut trainer = match (&resume, &config, &out) {
+        (Some(dir), _, _) => Trainer::resume(dir, device, args.epochs)?,
+        (None, Some(config), Some(out)) => {
+            Trainer::create(out, ModelConfig::from_file(config)?, args.options(), device)?
+        }
+        _ => bail!("give --config and --out for a new run, or --resume RUN_DIR"),
+    };
+    trainer.quiet = args.quiet;
+    let data = args.data(&trainer.options, device)?;
+    let outcome = trainer.run(&data)?;
+    if outcome == residual::train::Outcome::Interrupted {
+        return Ok(ExitCode::from(130));
+    }
+    println!(
+        "finished {} epochs; metrics in {}, weights in {}",
+        trainer.options.epochs,
+        trainer.run.metrics().display(),
+        residual::train::latest_weights(&trainer.run.path)?.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn eval_command(
+    config: Option<PathBuf>,
+    weights: Option<PathBuf>,
+    run: Option<PathBuf>,
+    data: &std::path::Path,
+    format: Option<DataFormat>,
+    device: &str,
+    batch_size: i64,
+    json: bool,
+) -> Result<ExitCode> {
+    let device = parse_device(device)?;
+    let (config, weights) = match run {
+        Some(run) => (
+            config.unwrap_or_else(|| run.join("model.json")),
+            weights.map_or_else(|| residual::train::latest_weights(&run), Ok)?,
+        ),
+        None => (
+            config.context("--config is required")?,
+            weights.context("--weights is required")?,
+        ),
+    };
+    let config = ModelConfig::from_file(&config)?;
+    let (train, test) = residual::data::load(data, format)?;
+    let normalizer = residual::data::Normalizer::fit(&train, device);
+    let test = test.to_device(device);
+    let (_vs, model) = residual::train::load_model(&config, &weights, device)?;
+    let (error, matrix) =
+        residual::train::confusion(model.as_ref(), &test, &normalizer, batch_size)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"test_error": error, "confusion": matrix, "images": test.len()})
+        );
+    } else {
+        println!("test error {:.2}% on {} images", 100.0 * error, test.len());
+        println!("confusion matrix (rows: true class, columns: predicted):");
+        for (i, row) in matrix.iter().enumerate() {
+            let cells: Vec<String> = row.iter().map(|c| format!("{c:5}")).collect();
+            println!("{i:>3} {}", cells.join(""));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn infer(args: &InferArgs) -> Result<ExitCode> {
