@@ -477,7 +477,7 @@ fn ctrl_c_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one() {
     );
 
     let interrupted = dir.join("interrupted");
-    let mut child = residual_bin(
+    let child = residual_bin(
         &common(&interrupted)
             .iter()
             .map(String::as_str)
