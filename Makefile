@@ -10,7 +10,13 @@ PYTHON := $(RESIDUAL_VENV)/bin/python
 ARTIFACTS := target/python_ref
 MANIFEST := $(ARTIFACTS)/manifest.json
 
-.PHONY: all setup artifacts build test lint demo doctor parity clean-artifacts
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+DEMO_OUT := target/demo/degradation
+# CPU-sized degradation experiment (about 9 minutes on 2 cores); the full-size settings for a GPU
+# are in the README.
+DEMO_EXPERIMENT := --depths 20,56 --subset 10000 --epochs 6 --batch-size 128 --device auto --quiet
+
+.PHONY: all setup data artifacts build test lint demo doctor parity bench gpu-check gpu-check-dry clean-artifacts
 
 all: test
 
@@ -23,6 +29,10 @@ $(MANIFEST): python_ref/*.py python_ref/requirements.txt | setup
 
 artifacts: setup $(MANIFEST)
 
+# Real training data (Debian's dataset-fashion-mnist) and a font for the plots.
+data:
+	@scripts/setup-data.sh
+
 build: setup
 	cargo build
 
@@ -30,8 +40,18 @@ lint: setup
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 
-test: artifacts lint
+test: artifacts lint data
 	cargo test
+	$(MAKE) gpu-check-dry
+
+# The GPU bundle (gpu-bundle/, <= 64 MiB) for a GPU host; see scripts/gpu-runner.sh.
+gpu-check: artifacts data
+	scripts/gpu-check.sh gpu-bundle
+
+# The bundle's whole sequence on this CPU-only machine, so it cannot rot (CI runs it).
+gpu-check-dry: gpu-check
+	REUSE_REFS=1 RESIDUAL_PYTHON_REF=$(CURDIR)/$(ARTIFACTS) PYTHON=$(PYTHON) \
+	  bash gpu-bundle/run.sh target/gpu-check-dry --dry-run
 
 doctor: build
 	cargo run --quiet -- doctor
@@ -39,12 +59,22 @@ doctor: build
 parity: artifacts build
 	cargo run --quiet -- parity --device all
 
-demo: artifacts build
+demo: artifacts build data
 	@echo "== residual doctor"
 	@cargo run --quiet -- doctor
 	@echo
 	@echo "== residual parity --device all (Rust vs PyTorch $(shell $(PYTHON) -c 'import torch; print(torch.__version__)' 2>/dev/null))"
 	@cargo run --quiet -- parity --device all
+	@echo
+	@echo "== residual experiment degradation $(DEMO_EXPERIMENT) --data $(FASHION_MNIST)"
+	@cargo run --quiet -- experiment degradation $(DEMO_EXPERIMENT) --data $(FASHION_MNIST) --out $(DEMO_OUT)
+	@echo
+	@echo "report: $(DEMO_OUT)/report.md"
+	@echo "plots:  $(DEMO_OUT)/train_error.png $(DEMO_OUT)/test_error.png"
+
+# Training throughput, PyTorch eager vs residual, same model, batch and threads.
+bench: build
+	cd python_ref && ../.venv/bin/python bench_train.py --residual ../target/debug/residual
 
 clean-artifacts:
 	rm -rf $(ARTIFACTS)

@@ -98,6 +98,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time the training step (images/s): the Rust half of python_ref/bench_train.py and
+    /// bench_gpu.py.
+    BenchTrain(BenchArgs),
+    /// Time eval-mode inference (ms per batch).
+    BenchInfer(BenchArgs),
     /// Reproduce an experiment of the ResNet paper.
     #[command(subcommand)]
     Experiment(ExperimentKind),
@@ -278,6 +283,74 @@ impl TrainArgs {
     }
 }
 
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// `cifar_resnetN` (1x28x28 inputs) or a torchvision constructor (`resnet50`).
+    #[arg(long, default_value = "cifar_resnet20")]
+    arch: String,
+    #[arg(long, default_value_t = 128)]
+    batch_size: i64,
+    /// Input image side (28 for the CIFAR-style nets on Fashion-MNIST, 224 for ImageNet nets).
+    #[arg(long, default_value_t = 28)]
+    image_size: i64,
+    #[arg(long, default_value_t = 30)]
+    steps: u64,
+    #[arg(long, default_value_t = 5)]
+    warmup: u64,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, value_enum)]
+    amp: Option<AutocastDtype>,
+    #[arg(long)]
+    channels_last: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+impl BenchArgs {
+    fn run(&self, train: bool) -> Result<ExitCode> {
+        let device = parse_device(&self.device)?;
+        if device.is_cuda() {
+            residual::backend::strict_fp32()?;
+            residual::backend::set_flag(residual::backend::Flag::BenchmarkCudnn, true)?;
+        }
+        let config = residual::train::bench_config(&self.arch)?;
+        let channels = if self.arch.starts_with("cifar_resnet") {
+            1
+        } else {
+            3
+        };
+        let settings = residual::train::BenchSettings {
+            shape: [self.batch_size, channels, self.image_size, self.image_size],
+            steps: self.steps,
+            warmup: self.warmup,
+            device,
+            amp: self.amp,
+            channels_last: self.channels_last,
+        };
+        let (key, value) = if train {
+            (
+                "images_per_second",
+                residual::train::benchmark(&config, &settings)?,
+            )
+        } else {
+            (
+                "ms_per_batch",
+                residual::train::bench_inference(&config, &settings)?,
+            )
+        };
+        if self.json {
+            println!(
+                "{}",
+                serde_json::json!({key: value, "threads": tch::get_num_threads()})
+            );
+        } else {
+            println!("{} batch {}: {value:.3} {key}", self.arch, self.batch_size);
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
 #[derive(Subcommand)]
 enum ExperimentKind {
     /// Plain vs residual CIFAR-style nets at several depths (ResNet paper, figure 6).
@@ -337,6 +410,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => eval_command(
             config, weights, run, &data, format, &device, batch_size, json,
         ),
+        Command::BenchTrain(args) => args.run(true),
+        Command::BenchInfer(args) => args.run(false),
         Command::Experiment(ExperimentKind::Degradation { depths, train, out }) => {
             install_ctrl_c();
             let device = parse_device(&train.device)?;

@@ -152,7 +152,7 @@ fn every_dtype_and_layout_reads_bit_exact() {
 fn round_trips_through_pytorch_are_bit_exact() {
     let python =
         std::env::var("RESIDUAL_PYTHON").expect("RESIDUAL_PYTHON comes from .cargo/config.toml");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python_ref/roundtrip.py");
+    let script = common::source_dir().join("python_ref/roundtrip.py");
     let run = |args: &[&str]| {
         let out = Command::new(&python)
             .arg(&script)

@@ -1,9 +1,11 @@
 //! The `residual` binary: doctor, parity report, exit codes.
 
+mod common;
+
 use std::process::Command;
 
 fn residual(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_residual"))
+    Command::new(common::residual_bin())
         .args(args)
         .env_remove("LD_LIBRARY_PATH")
         .output()

@@ -1,5 +1,7 @@
 //! Inference from files: preprocessing parity with torchvision, and `residual infer` end to end.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -40,7 +42,7 @@ fn image_preprocessing_matches_torchvision() {
 }
 
 fn residual(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_residual"))
+    let out = Command::new(common::residual_bin())
         .args(args)
         .output()
         .unwrap();

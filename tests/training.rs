@@ -1,6 +1,8 @@
 //! Data readers, batching, and training: learning, metrics, checkpoints PyTorch reads, bit-exact
 //! resume, Ctrl-C, NaN, the experiment report, and the CUDA path when there is a GPU.
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -421,7 +423,7 @@ fn resumed_runs_end_bit_identical_and_checkpoints_load_in_pytorch() {
 }
 
 fn residual_bin(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_residual"));
+    let mut c = Command::new(common::residual_bin());
     c.args(args);
     c
 }
@@ -709,5 +711,36 @@ fn training_runs_on_cuda_when_present() {
             "{amp:?}: {m:?}"
         );
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn channels_last_keeps_nhwc_weights_and_trains() {
+    let dir = temp_dir("nhwc");
+    write_idx(&dir, 128, 16);
+    let options = TrainOptions {
+        channels_last: true,
+        ..small_options(1)
+    };
+    let data = run_data(&dir, &options);
+    let mut trainer = Trainer::create(&dir.join("run"), cifar20(), options, Device::Cpu).unwrap();
+    trainer.quiet = true;
+    trainer.run(&data).unwrap();
+    let w = &trainer.vs.variables()["layer1.0.conv1.weight"];
+    assert_eq!(
+        w.stride()[1],
+        1,
+        "channels-last weights have unit channel stride: {:?}",
+        w.stride()
+    );
+    assert!(trainer.run.read_metrics().unwrap()[0]
+        .train_loss
+        .is_finite());
+    // The checkpoint is a plain (contiguous) state_dict all the same.
+    let saved = final_weights(&dir.join("run"));
+    assert!(saved
+        .get("layer1.0.conv1.weight")
+        .unwrap()
+        .equal(&w.contiguous()));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -490,6 +490,13 @@ impl Trainer {
         if self.options.cudnn_benchmark {
             crate::backend::set_flag(crate::backend::Flag::BenchmarkCudnn, true)?;
         }
+        if self.options.channels_last {
+            tch::no_grad(|| {
+                for var in self.vs.variables().values().filter(|t| t.dim() == 4) {
+                    var.shallow_clone().set_data(&channels_last(var));
+                }
+            });
+        }
         Ok(())
     }
 
@@ -683,6 +690,15 @@ impl Trainer {
     }
 }
 
+/// The same values in channels-last (NHWC) memory order, still indexed `[N, C, H, W]`; libtorch
+/// picks its channels-last kernels from these strides (tch has no memory-format API).
+pub fn channels_last(t: &Tensor) -> Tensor {
+    if t.dim() != 4 {
+        return t.shallow_clone();
+    }
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
 /// Test error and the confusion matrix (`[true class][predicted class]` counts) of a model.
 pub fn confusion(
     model: &dyn Model,
@@ -731,4 +747,108 @@ pub fn load_model(
     let state = StateDict::read(weights, &checkpoint::ReadOptions::default())?;
     load_state_dict(&vs, &state, true)?;
     Ok((vs, model))
+}
+
+/// A model config from a short name: `cifar_resnet20` (1-channel input) or any torchvision
+/// constructor name (`resnet50`).
+pub fn bench_config(arch: &str) -> Result<ModelConfig> {
+    let json = match arch.strip_prefix("cifar_resnet") {
+        Some(depth) => format!(r#"{{"arch": "cifar_resnet", "depth": {depth}, "in_channels": 1}}"#),
+        None => format!(r#"{{"arch": "{arch}"}}"#),
+    };
+    ModelConfig::from_json(&json)
+}
+
+/// Settings shared by the training and inference benchmarks.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchSettings {
+    pub shape: [i64; 4],
+    pub steps: u64,
+    pub warmup: u64,
+    pub device: Device,
+    pub amp: Option<AutocastDtype>,
+    pub channels_last: bool,
+}
+
+fn timed(settings: &BenchSettings, mut step: impl FnMut() -> Result<Tensor>) -> Result<f64> {
+    if let Some(dtype) = settings.amp {
+        if !settings.device.is_cuda() {
+            bail!("--amp needs a CUDA device");
+        }
+        crate::backend::set_autocast_dtype(dtype)?;
+    }
+    let mut run = || match settings.amp {
+        Some(_) => tch::autocast(true, &mut step),
+        None => step(),
+    };
+    for _ in 0..settings.warmup {
+        let _ = run()?;
+    }
+    let sync = || {
+        if let Device::Cuda(i) = settings.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    sync();
+    let start = Instant::now();
+    let mut last = None;
+    for _ in 0..settings.steps {
+        last = Some(run()?);
+    }
+    if let Some(t) = last {
+        t.sum(Kind::Float).double_value(&[]);
+    }
+    sync();
+    Ok(start.elapsed().as_secs_f64() / settings.steps.max(1) as f64)
+}
+
+/// Images per second of the training step (forward, cross-entropy, backward, SGD with momentum
+/// 0.9 and weight decay 1e-4) on a fixed random batch; the twin of the python_ref benchmarks.
+pub fn benchmark(config: &ModelConfig, settings: &BenchSettings) -> Result<f64> {
+    tch::manual_seed(0);
+    let device = settings.device;
+    let vs = VarStore::new(device);
+    let model = config.build(vs.root())?;
+    if settings.channels_last {
+        tch::no_grad(|| {
+            for var in vs.variables().values().filter(|t| t.dim() == 4) {
+                var.shallow_clone().set_data(&channels_last(var));
+            }
+        });
+    }
+    let mut sgd = Sgd::new(&vs, 0.9, 1e-4, true);
+    let x = Tensor::randn(settings.shape, (Kind::Float, device));
+    let x = if settings.channels_last {
+        channels_last(&x)
+    } else {
+        x
+    };
+    let y = Tensor::randint(10, [settings.shape[0]], (Kind::Int64, device));
+    let mut inputs = Inputs::new();
+    inputs.insert("input".into(), x);
+    let seconds = timed(settings, || {
+        let loss = logits_loss(&model.forward_named(&inputs, true)?, &y, 0.0);
+        sgd.zero_grad();
+        loss.backward();
+        sgd.step(0.1);
+        Ok(loss)
+    })?;
+    Ok(settings.shape[0] as f64 / seconds)
+}
+
+/// Milliseconds per eval-mode forward of a random batch.
+pub fn bench_inference(config: &ModelConfig, settings: &BenchSettings) -> Result<f64> {
+    tch::manual_seed(0);
+    let vs = VarStore::new(settings.device);
+    let model = config.build(vs.root())?;
+    let x = Tensor::randn(settings.shape, (Kind::Float, settings.device));
+    let x = if settings.channels_last {
+        channels_last(&x)
+    } else {
+        x
+    };
+    let mut inputs = Inputs::new();
+    inputs.insert("input".into(), x);
+    let seconds = tch::no_grad(|| timed(settings, || model.forward_named(&inputs, false)))?;
+    Ok(seconds * 1e3)
 }

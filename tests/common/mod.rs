@@ -116,3 +116,15 @@ pub fn check_module(module: &str, device: Device) -> Vec<CaseOutcome> {
     }
     outcomes
 }
+
+/// The `residual` binary: `$RESIDUAL_BIN` (the GPU bundle sets it), else the one cargo built.
+pub fn residual_bin() -> std::path::PathBuf {
+    std::env::var_os("RESIDUAL_BIN")
+        .map_or_else(|| env!("CARGO_BIN_EXE_residual").into(), Into::into)
+}
+
+/// The source tree (for python_ref scripts): `$RESIDUAL_SOURCE`, else where cargo built from.
+pub fn source_dir() -> std::path::PathBuf {
+    std::env::var_os("RESIDUAL_SOURCE")
+        .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
+}

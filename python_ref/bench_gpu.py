@@ -1,0 +1,110 @@
+"""ResNet-50 speed on a GPU, PyTorch eager vs residual, in the same run on the same device.
+
+Usage: python python_ref/bench_gpu.py --residual PATH [--device cuda] [--quick]
+
+Inference latency (eval, random weights and input) at batch 1 and 64 in fp32 and bf16 (autocast),
+and training images/s at batch 256 in bf16 autocast with channels-last, SGD momentum 0.9. TF32 is
+off on both sides and cuDNN benchmark on. Prints one JSON object: each figure for both and the
+ratio residual / PyTorch (for latency, PyTorch / residual, so > 1 means residual is faster).
+`--quick` shrinks the batches and steps (for the CPU dry run).
+"""
+
+import argparse
+import json
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+
+def timed(fn, steps, warmup, device):
+    for _ in range(warmup):
+        fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = fn()
+    out.float().sum().item()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def amp_context(dtype, device):
+    if dtype == "bf16":
+        return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    return torch.autocast(device_type="cpu", enabled=False)
+
+
+def torch_infer_ms(batch, dtype, size, steps, warmup, device):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().to(device).eval()
+    x = torch.randn(batch, 3, size, size, device=device)
+    with torch.no_grad(), amp_context(dtype, device):
+        return 1e3 * timed(lambda: model(x), steps, warmup, device)
+
+
+def torch_train_ips(batch, size, steps, warmup, device, amp, channels_last):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().to(device).train()
+    x = torch.randn(batch, 3, size, size, device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=False)
+
+    def step():
+        with amp_context("bf16" if amp else "fp32", device):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return batch / timed(step, steps, warmup, device)
+
+
+def rust(residual, command, args):
+    out = subprocess.run([residual, command, "--arch", "resnet50", "--json", *args], check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--residual", required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    gpu = a.device.startswith("cuda")
+    size, steps, warmup = (64, 2, 1) if a.quick else (224, 30, 10)
+    results = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "image_size": size, "inference": [], "training": None}
+    dtypes = ["fp32", "bf16"] if gpu else ["fp32"]
+    for batch in ([1, 4] if a.quick else [1, 64]):
+        for dtype in dtypes:
+            t = torch_infer_ms(batch, dtype, size, steps, warmup, a.device)
+            extra = ["--amp", "bf16"] if dtype == "bf16" else []
+            r = rust(a.residual, "bench-infer", ["--batch-size", str(batch), "--image-size", str(size), "--steps", str(steps),
+                                                 "--warmup", str(warmup), "--device", a.device, *extra])["ms_per_batch"]
+            results["inference"].append({"batch": batch, "dtype": dtype, "pytorch_ms": t, "residual_ms": r,
+                                         "speed_ratio_residual_over_pytorch": t / r})
+    batch = 8 if a.quick else 256
+    t = torch_train_ips(batch, size, steps, warmup, a.device, amp=gpu, channels_last=True)
+    extra = ["--amp", "bf16"] if gpu else []
+    r = rust(a.residual, "bench-train", ["--batch-size", str(batch), "--image-size", str(size), "--steps", str(steps),
+                                         "--warmup", str(warmup), "--device", a.device, "--channels-last", *extra])["images_per_second"]
+    results["training"] = {"batch": batch, "amp": "bf16" if gpu else None, "channels_last": True,
+                           "pytorch_images_per_second": t, "residual_images_per_second": r,
+                           "ratio_residual_over_pytorch": r / t}
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Training throughput, PyTorch eager vs residual, side by side in one run.
+
+Usage: python python_ref/bench_train.py [--depth 20] [--batch-size 128] [--steps 30] [--warmup 5]
+                                        [--device cpu] [--residual target/debug/residual]
+
+Both time the same loop on the same model (the paper's CIFAR ResNet, 1x28x28 inputs, 10 classes):
+forward in training mode, cross-entropy, backward, SGD step (momentum 0.9, weight decay 1e-4), on a
+fixed random batch, with the same number of threads. Prints images/s for each and the ratio.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import resnet_ref as RR
+
+
+def pytorch_images_per_second(depth, batch, steps, warmup, device):
+    torch.manual_seed(0)
+    model = RR.CifarResNet(depth, 10, "A", False, 1).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(warmup):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    loss.item()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=3, help="alternate the two this many times")
+    p.add_argument("--residual", default="target/debug/residual")
+    a = p.parse_args()
+    threads = torch.get_num_threads()
+    rust_cmd = [a.residual, "bench-train", "--arch", f"cifar_resnet{a.depth}", "--batch-size", str(a.batch_size),
+                "--steps", str(a.steps), "--warmup", str(a.warmup), "--device", a.device, "--json"]
+    torch_runs, rust_runs = [], []
+    for _ in range(a.rounds):
+        torch_runs.append(pytorch_images_per_second(a.depth, a.batch_size, a.steps, a.warmup, a.device))
+        out = subprocess.run(rust_cmd, check=True, capture_output=True, text=True)
+        rust_runs.append(json.loads(out.stdout)["images_per_second"])
+    t, r = max(torch_runs), max(rust_runs)
+    result = {"model": f"cifar_resnet{a.depth}", "batch": a.batch_size, "device": a.device, "threads": threads,
+              "pytorch_images_per_second": t, "residual_images_per_second": r, "ratio_residual_over_pytorch": r / t,
+              "pytorch_runs": torch_runs, "residual_runs": rust_runs}
+    print(json.dumps(result, indent=1))
+    print(f"residual / PyTorch = {r / t:.3f} ({r:.0f} vs {t:.0f} images/s, best of {a.rounds})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
