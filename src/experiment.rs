@@ -166,7 +166,7 @@ fn write_report(f: &Findings, options: &TrainOptions, data: &RunData, out: &Path
          6n+2 layers with identical settings: the deeper plain net has *higher* training error than \
          the shallower one (degradation), while the deeper residual net does better. This run: \
          {} training images of shape {:?}, {} test images, {} epochs, batch {}, SGD lr {} (schedule \
-         {:?}), momentum {}, weight decay {}, augmentation {:?}, shortcut option A.\n\n",
+         {:?}), momentum {}, weight decay {}, augmentation: {}, shortcut option A.\n\n",
         data.train.len(),
         data.train.image_shape(),
         data.test.len(),
@@ -176,7 +176,12 @@ fn write_report(f: &Findings, options: &TrainOptions, data: &RunData, out: &Path
         options.schedule,
         options.momentum,
         options.weight_decay,
-        options.augment
+        match options.augment {
+            Some(a) if a.pad > 0 && a.flip => format!("pad {} + random crop, horizontal flips", a.pad),
+            Some(a) if a.pad > 0 => format!("pad {} + random crop", a.pad),
+            Some(a) if a.flip => "horizontal flips".to_string(),
+            _ => "none".to_string(),
+        }
     );
     md += &format!("**Result:** {}\n\n", f.summary);
     md +=
@@ -300,7 +305,11 @@ fn plot(curves: &[Curve], path: &Path, title: &str, test: bool) -> Result<()> {
             let i = depths.iter().position(|d| *d == c.depth).unwrap_or(0);
             let color = palette[i % palette.len()];
             let style = ShapeStyle::from(&color).stroke_width(2);
-            let label = format!("{} {}", if c.plain { "plain" } else { "ResNet" }, c.depth);
+            let label = if c.plain {
+                format!("plain {} (dashed)", c.depth)
+            } else {
+                format!("ResNet {}", c.depth)
+            };
             if c.plain {
                 chart
                     .draw_series(DashedLineSeries::new(points.clone(), 8, 6, style))?

@@ -61,34 +61,43 @@ impl Sgd {
             .collect()
     }
 
+    /// One update, in place: no tensor is allocated after the first step (the gradient itself
+    /// receives the weight-decay term; it is zeroed before the next backward anyway).
     pub fn step(&mut self, lr: f64) {
+        let Some((_, first, _)) = self.params.first() else {
+            return;
+        };
+        let scalar = |v: f64| {
+            Tensor::from(v)
+                .to_kind(first.kind())
+                .to_device(first.device())
+        };
+        let (decay, step) = (scalar(self.weight_decay), scalar(-lr));
         tch::no_grad(|| {
             for (name, p, decays) in &self.params {
-                let g = p.grad();
+                let mut g = p.grad();
                 if !g.defined() {
                     continue;
                 }
-                let d = if *decays && self.weight_decay != 0.0 {
-                    &g + p * self.weight_decay
-                } else {
-                    g
-                };
+                if *decays && self.weight_decay != 0.0 {
+                    let _ = g.addcmul_(p, &decay);
+                }
                 let update = if self.momentum != 0.0 {
                     match self.buffers.get_mut(name) {
                         Some(buf) => {
-                            let _ = buf.g_mul_scalar_(self.momentum).g_add_(&d);
+                            let _ = buf.g_mul_scalar_(self.momentum).g_add_(&g);
                             buf.shallow_clone()
                         }
                         None => {
-                            let buf = d.copy();
+                            let buf = g.copy();
                             self.buffers.insert(name.clone(), buf.shallow_clone());
                             buf
                         }
                     }
                 } else {
-                    d
+                    g
                 };
-                let _ = p.shallow_clone().g_sub_(&(update * lr));
+                let _ = p.shallow_clone().addcmul_(&update, &step);
             }
         });
     }
