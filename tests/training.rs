@@ -744,3 +744,69 @@ fn channels_last_keeps_nhwc_weights_and_trains() {
         .equal(&w.contiguous()));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn sgd_decays_what_it_should_and_validation_is_held_out() {
+    use residual::train::Sgd;
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let root = vs.root();
+    let w = (&root / "layer").var("weight", &[2, 2], tch::nn::Init::Const(1.0));
+    let b = (&root / "layer").var("bias", &[2], tch::nn::Init::Const(1.0));
+    for decay_norm_and_bias in [true, false] {
+        tch::no_grad(|| {
+            let _ = w.shallow_clone().fill_(1.0);
+            let _ = b.shallow_clone().fill_(1.0);
+        });
+        let mut sgd = Sgd::new(&vs, 0.0, 0.5, decay_norm_and_bias);
+        sgd.zero_grad();
+        ((&w).sum(Kind::Float) * 0.0 + (&b).sum(Kind::Float) * 0.0).backward();
+        sgd.step(0.1);
+        assert!(
+            (w.double_value(&[0, 0]) - 0.95).abs() < 1e-6,
+            "weights decay by lr * wd"
+        );
+        let expected_bias = if decay_norm_and_bias { 0.95 } else { 1.0 };
+        assert!(
+            (b.double_value(&[0]) - expected_bias).abs() < 1e-6,
+            "bias with decay={decay_norm_and_bias}"
+        );
+    }
+    // Momentum: the second step moves by lr * (1 + momentum) * g.
+    let mut sgd = Sgd::new(&vs, 0.9, 0.0, true);
+    tch::no_grad(|| {
+        let _ = w.shallow_clone().fill_(0.0);
+    });
+    for _ in 0..2 {
+        sgd.zero_grad();
+        (&w).sum(Kind::Float).backward();
+        sgd.step(0.1);
+    }
+    assert!((w.double_value(&[1, 1]) - -(0.1 + 0.1 * 1.9)).abs() < 1e-6);
+
+    let dir = temp_dir("validation");
+    write_idx(&dir, 200, 20);
+    let options = TrainOptions {
+        validation: Some(40),
+        subset: None,
+        label_smoothing: 0.1,
+        ..small_options(1)
+    };
+    let data = run_data(&dir, &options);
+    assert_eq!(
+        (data.train.len(), data.validation.as_ref().unwrap().len()),
+        (160, 40)
+    );
+    let mut trainer = Trainer::create(&dir.join("run"), cifar20(), options, Device::Cpu).unwrap();
+    trainer.quiet = true;
+    trainer.run(&data).unwrap();
+    let m = &trainer.run.read_metrics().unwrap()[0];
+    assert!(m.val_error.is_some() && m.val_loss.is_some());
+    assert!(format!(
+        "{:#}",
+        Trainer::create(&dir.join("run"), cifar20(), small_options(1), Device::Cpu)
+            .err()
+            .unwrap()
+    )
+    .contains("already holds a run"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
