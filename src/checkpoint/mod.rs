@@ -309,24 +309,10 @@ impl StateDict {
 
     /// Writes tch's `.ot` (a libtorch archive), atomically.
     pub fn save_ot(&self, path: &Path) -> Result<()> {
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = path
-            .file_name()
-            .context("output path has no file name")?
-            .to_string_lossy();
-        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
         let named: Vec<(&str, &Tensor)> =
             self.entries.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        let result = Tensor::save_multi(&named, &tmp)
-            .map_err(anyhow::Error::from)
-            .and_then(|_| Ok(std::fs::rename(&tmp, path)?));
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result.with_context(|| format!("cannot write {}", path.display()))
+        formats::replace_atomically(path, |tmp| Ok(Tensor::save_multi(&named, tmp)?))
+            .with_context(|| format!("cannot write {}", path.display()))
     }
 
     /// Writes in the format the extension names: `.safetensors`, `.pth` / `.pt` / `.bin`
