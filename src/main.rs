@@ -231,6 +231,9 @@ struct TrainArgs {
     channels_last: bool,
     #[arg(long)]
     cudnn_benchmark: bool,
+    /// Deterministic algorithms (libtorch and cuDNN), for reproducible GPU runs.
+    #[arg(long)]
+    deterministic: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Train on the first N training images only.
@@ -273,6 +276,7 @@ impl TrainArgs {
             amp: self.amp,
             channels_last: self.channels_last,
             cudnn_benchmark: self.cudnn_benchmark,
+            deterministic: self.deterministic,
             eval_test: true,
         }
     }

@@ -759,7 +759,7 @@ fn sgd_decays_what_it_should_and_validation_is_held_out() {
         });
         let mut sgd = Sgd::new(&vs, 0.0, 0.5, decay_norm_and_bias);
         sgd.zero_grad();
-        ((&w).sum(Kind::Float) * 0.0 + (&b).sum(Kind::Float) * 0.0).backward();
+        (w.sum(Kind::Float) * 0.0 + b.sum(Kind::Float) * 0.0).backward();
         sgd.step(0.1);
         assert!(
             (w.double_value(&[0, 0]) - 0.95).abs() < 1e-6,
@@ -778,7 +778,7 @@ fn sgd_decays_what_it_should_and_validation_is_held_out() {
     });
     for _ in 0..2 {
         sgd.zero_grad();
-        (&w).sum(Kind::Float).backward();
+        w.sum(Kind::Float).backward();
         sgd.step(0.1);
     }
     assert!((w.double_value(&[1, 1]) - -(0.1 + 0.1 * 1.9)).abs() < 1e-6);
@@ -808,5 +808,32 @@ fn sgd_decays_what_it_should_and_validation_is_held_out() {
             .unwrap()
     )
     .contains("already holds a run"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_training_loop_reads_from_the_device_only_every_few_batches() {
+    let dir = temp_dir("reads");
+    write_idx(&dir, 720, 16);
+    let options = TrainOptions {
+        batch_size: 16,
+        subset: Some(720),
+        deterministic: true,
+        ..small_options(1)
+    };
+    let data = run_data(&dir, &options);
+    let mut trainer = Trainer::create(&dir.join("run"), cifar20(), options, Device::Cpu).unwrap();
+    trainer.quiet = true;
+    trainer.run(&data).unwrap();
+    let batches: u64 = 720 / 16;
+    let windows = batches.div_ceil(residual::train::READ_EVERY as u64);
+    assert_eq!(
+        trainer.host_reads,
+        2 * windows,
+        "two scalar reads per window of {} batches",
+        residual::train::READ_EVERY
+    );
+    assert!(residual::backend::flag(residual::backend::Flag::DeterministicAlgorithms).unwrap());
+    residual::backend::set_flag(residual::backend::Flag::DeterministicAlgorithms, false).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }

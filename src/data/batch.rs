@@ -2,8 +2,11 @@
 //! 4, random crop back to size, random horizontal flip) applied to the whole batch at once, and
 //! per-channel normalisation.
 //!
-//! All randomness comes from a small counter-based generator seeded by `(seed, epoch)`, so epoch
-//! `e` draws the same order and augmentations whether the run started at epoch 0 or resumed.
+//! All randomness comes from a small counter-based generator seeded by `(seed, epoch)`: it draws
+//! the epoch's order and one seed per batch, from which the crops and flips are hashed with
+//! integer tensor ops on the data's device (no per-batch host-to-device copy, and no shared
+//! global generator). Epoch `e` thus draws the same order and augmentations whether the run
+//! started at epoch 0 or resumed mid-epoch.
 
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
@@ -148,9 +151,11 @@ impl<'a> Batches<'a> {
     /// Skips `n` batches (resuming inside an epoch), drawing the same randomness they would have.
     pub fn skip_batches(&mut self, n: i64) -> Result<()> {
         for _ in 0..n {
-            if self.next_batch()?.is_none() {
+            if self.position >= self.data.len() {
                 break;
             }
+            self.position += self.batch_size;
+            self.rng.next_u64();
         }
         Ok(())
     }
@@ -164,43 +169,54 @@ impl<'a> Batches<'a> {
         let len = self.batch_size.min(n - self.position);
         let idx = self.order.narrow(0, self.position, len);
         self.position += len;
+        let batch_seed = self.rng.next_u64();
         let mut images = self.data.images.index_select(0, &idx);
         let labels = self.data.labels.index_select(0, &idx);
         if let Some(aug) = self.augment {
-            images = self.augment_batch(images, aug);
+            images = augment_batch(images, aug, batch_seed);
         }
         Ok(Some((self.normalizer.apply(&images), labels)))
     }
+}
 
-    fn augment_batch(&mut self, images: Tensor, aug: Augment) -> Tensor {
-        let [b, c, h, w]: [i64; 4] = images.size().try_into().expect("images are 4-D");
-        let device = images.device();
-        let mut images = images;
-        if aug.pad > 0 {
-            let p = aug.pad;
-            let span = (2 * p + 1) as u64;
-            let dy: Vec<i64> = (0..b).map(|_| self.rng.below(span) as i64).collect();
-            let dx: Vec<i64> = (0..b).map(|_| self.rng.below(span) as i64).collect();
-            let padded = images.constant_pad_nd([p, p, p, p]);
-            let offsets = |d: &[i64], size: i64| {
-                Tensor::from_slice(d).view([b, 1]).to_device(device)
-                    + Tensor::arange(size, (Kind::Int64, device)).view([1, size])
-            };
-            let rows = offsets(&dy, h)
-                .view([b, 1, h, 1])
-                .expand([b, c, h, w + 2 * p], false);
-            let cols = offsets(&dx, w)
-                .view([b, 1, 1, w])
-                .expand([b, c, h, w], false);
-            images = padded.gather(2, &rows, false).gather(3, &cols, false);
-        }
-        if aug.flip {
-            let flips: Vec<bool> = (0..b).map(|_| self.rng.next_u64() & 1 == 1).collect();
-            let mask = Tensor::from_slice(&flips)
-                .to_device(device)
-                .view([b, 1, 1, 1]);
-            images = images.flip([3]).where_self(&mask, &images);
-        }
-        images
+/// `n` pseudo-random integers in `0..modulo` on `device`, a pure function of `(seed, stream)`:
+/// a few rounds of a 31-bit multiplicative hash over `0..n` (products stay below 2^62).
+fn hashed(seed: u64, stream: u64, n: i64, modulo: i64, device: tch::Device) -> Tensor {
+    const MASK: i64 = 0x7fff_ffff;
+    let mut g = SplitMix::new(seed, stream);
+    let mut x = Tensor::arange(n, (Kind::Int64, device));
+    for _ in 0..3 {
+        let (a, c) = ((g.next_u64() as i64 & MASK) | 1, g.next_u64() as i64 & MASK);
+        x = (x * a + c).bitwise_and(MASK);
+        x = x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(13));
     }
+    x.remainder(modulo)
+}
+
+/// Pads, crops at random offsets and flips a `[B, C, H, W]` batch; the draws are hashed from
+/// `seed` on the batch's device.
+fn augment_batch(images: Tensor, aug: Augment, seed: u64) -> Tensor {
+    let [b, c, h, w]: [i64; 4] = images.size().try_into().expect("images are 4-D");
+    let device = images.device();
+    let mut images = images;
+    if aug.pad > 0 {
+        let p = aug.pad;
+        let offsets = |stream: u64, size: i64| {
+            hashed(seed, stream, b, 2 * p + 1, device).view([b, 1])
+                + Tensor::arange(size, (Kind::Int64, device)).view([1, size])
+        };
+        let rows = offsets(1, h)
+            .view([b, 1, h, 1])
+            .expand([b, c, h, w + 2 * p], false);
+        let cols = offsets(2, w).view([b, 1, 1, w]).expand([b, c, h, w], false);
+        images = images
+            .constant_pad_nd([p, p, p, p])
+            .gather(2, &rows, false)
+            .gather(3, &cols, false);
+    }
+    if aug.flip {
+        let mask = hashed(seed, 3, b, 2, device).view([b, 1, 1, 1]).eq(1);
+        images = images.flip([3]).where_self(&mask, &images);
+    }
+    images
 }

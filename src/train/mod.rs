@@ -67,6 +67,9 @@ pub struct TrainOptions {
     pub amp: Option<AutocastDtype>,
     pub channels_last: bool,
     pub cudnn_benchmark: bool,
+    /// Deterministic algorithms (libtorch's and cuDNN's), for reproducible GPU runs.
+    #[serde(default)]
+    pub deterministic: bool,
     /// Evaluate the test set every epoch (the experiment's curves need it).
     pub eval_test: bool,
 }
@@ -91,6 +94,7 @@ impl Default for TrainOptions {
             amp: None,
             channels_last: false,
             cudnn_benchmark: false,
+            deterministic: false,
             eval_test: true,
         }
     }
@@ -303,7 +307,15 @@ pub struct Trainer {
     sgd: Sgd,
     pub quiet: bool,
     loss_scale: f64,
+    /// Device-to-host reads made by the training loop (loss and error sums, every
+    /// [`READ_EVERY`] batches; plus one per step with fp16 loss scaling).
+    pub host_reads: u64,
 }
+
+/// The training loop reads its loss and error sums back from the device every this many batches
+/// (and at the end of each epoch): a NaN is caught within that window, and the GPU never waits
+/// on the host in between.
+pub const READ_EVERY: i64 = 20;
 
 fn logits_loss(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Tensor {
     logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
@@ -360,6 +372,7 @@ impl Trainer {
             sgd,
             quiet: false,
             loss_scale: 65536.0,
+            host_reads: 0,
         })
     }
 
@@ -406,6 +419,7 @@ impl Trainer {
             sgd,
             quiet: false,
             loss_scale: 65536.0,
+            host_reads: 0,
         })
     }
 
@@ -490,6 +504,11 @@ impl Trainer {
         if self.options.cudnn_benchmark {
             crate::backend::set_flag(crate::backend::Flag::BenchmarkCudnn, true)?;
         }
+        if self.options.deterministic {
+            crate::backend::set_flag(crate::backend::Flag::DeterministicAlgorithms, true)?;
+            crate::backend::set_flag(crate::backend::Flag::DeterministicCudnn, true)?;
+            crate::backend::set_flag(crate::backend::Flag::BenchmarkCudnn, false)?;
+        }
         if self.options.channels_last {
             tch::no_grad(|| {
                 for var in self.vs.variables().values().filter(|t| t.dim() == 4) {
@@ -501,40 +520,31 @@ impl Trainer {
     }
 
     /// One optimizer step on a batch; returns (summed loss, wrong predictions).
-    fn train_step(&mut self, x: &Tensor, y: &Tensor, lr: f64) -> Result<(f64, i64)> {
+    /// A device-to-host read, counted (the hot loop keeps them rare).
+    fn read_f64(&mut self, t: &Tensor) -> f64 {
+        self.host_reads += 1;
+        t.double_value(&[])
+    }
+
+    /// One optimizer step on a batch; returns the summed loss and the wrong predictions as
+    /// tensors on the device, without waiting for them.
+    fn train_step(&mut self, x: &Tensor, y: &Tensor, lr: f64) -> Result<(Tensor, Tensor)> {
         let logits = self.forward(x, true)?;
         let loss = logits_loss(&logits, y, self.options.label_smoothing);
-        let loss_value = loss.double_value(&[]);
-        if !loss_value.is_finite() {
-            bail!(
-                "the loss became {loss_value} at epoch {} batch {} (global step {}); training stopped, \
-                 the last good checkpoint is kept{}",
-                self.state.epoch + 1,
-                self.state.batch + 1,
-                self.state.global_step,
-                match self.run.latest() {
-                    Ok(Some(dir)) => format!(" ({})", dir.display()),
-                    _ => " (none was written yet)".to_string(),
-                }
-            );
-        }
         self.sgd.zero_grad();
-        let fp16 = self.options.amp == Some(AutocastDtype::Fp16);
-        if fp16 {
+        if self.options.amp == Some(AutocastDtype::Fp16) {
             (&loss * self.loss_scale).backward();
+            let grads = self.sgd.grads();
             let finite = tch::no_grad(|| {
-                let grads = self.sgd.grads();
-                let ok = grads
-                    .iter()
-                    .all(|g| g.isfinite().all().int64_value(&[]) == 1);
-                if ok {
+                let all: Vec<Tensor> = grads.iter().map(|g| g.isfinite().all()).collect();
+                Tensor::stack(&all, 0).all().to_kind(Kind::Double)
+            });
+            if self.read_f64(&finite) == 1.0 {
+                tch::no_grad(|| {
                     for g in &grads {
                         let _ = g.shallow_clone().g_div_scalar_(self.loss_scale);
                     }
-                }
-                ok
-            });
-            if finite {
+                });
                 self.sgd.step(lr);
             } else {
                 self.loss_scale /= 2.0;
@@ -543,14 +553,41 @@ impl Trainer {
             loss.backward();
             self.sgd.step(lr);
         }
-        let wrong = tch::no_grad(|| {
-            logits
-                .argmax(1, false)
-                .ne_tensor(y)
-                .sum(Kind::Int64)
-                .int64_value(&[])
-        });
-        Ok((loss_value * y.size()[0] as f64, wrong))
+        let n = y.size()[0] as f64;
+        Ok(tch::no_grad(|| {
+            let wrong = logits.argmax(1, false).ne_tensor(y).sum(Kind::Int64);
+            (loss.detach().to_kind(Kind::Double) * n, wrong)
+        }))
+    }
+
+    /// Folds the device-side sums into `tally` (one read each) and stops on a non-finite loss.
+    fn drain(
+        &mut self,
+        tally: &mut Tally,
+        pending: &mut Option<(Tensor, Tensor, i64)>,
+        first_batch: i64,
+    ) -> Result<()> {
+        let Some((loss, wrong, n)) = pending.take() else {
+            return Ok(());
+        };
+        let loss = self.read_f64(&loss);
+        let wrong = self.read_f64(&wrong.to_kind(Kind::Double)) as i64;
+        if !loss.is_finite() {
+            bail!(
+                "the loss became {loss} in epoch {} between batches {} and {} (global step {}); \
+                 training stopped, the last good checkpoint is kept{}",
+                self.state.epoch + 1,
+                first_batch + 1,
+                self.state.batch,
+                self.state.global_step,
+                match self.run.latest() {
+                    Ok(Some(dir)) => format!(" ({})", dir.display()),
+                    _ => " (none was written yet)".to_string(),
+                }
+            );
+        }
+        tally.add(loss, wrong, n);
+        Ok(())
     }
 
     /// Trains until `options.epochs`, evaluating and checkpointing after each epoch.
@@ -577,6 +614,8 @@ impl Trainer {
             let bar = self.progress_bar(steps as u64, epoch);
             bar.set_position(self.state.batch as u64);
             let mut tally = Tally::default();
+            let mut pending: Option<(Tensor, Tensor, i64)> = None;
+            let mut window_start = self.state.batch;
             let start = Instant::now();
             let mut lr = self.options.lr_at(epoch as f64);
             while let Some((x, y)) = batches.next_batch()? {
@@ -594,18 +633,26 @@ impl Trainer {
                     .options
                     .lr_at(epoch as f64 + self.state.batch as f64 / steps.max(1) as f64);
                 let (loss_sum, wrong) = self.train_step(&x, &y, lr)?;
-                tally.add(loss_sum, wrong, y.size()[0]);
+                pending = Some(match pending.take() {
+                    Some((l, w, n)) => (l + loss_sum, w + wrong, n + y.size()[0]),
+                    None => (loss_sum, wrong, y.size()[0]),
+                });
                 self.state.batch += 1;
                 self.state.global_step += 1;
-                let elapsed = start.elapsed().as_secs_f64().max(1e-9);
-                bar.set_message(format!(
-                    "loss {:.4}  err {:5.2}%  {:.0} img/s",
-                    tally.mean_loss(),
-                    100.0 * tally.error(),
-                    tally.seen as f64 / elapsed
-                ));
                 bar.inc(1);
+                if self.state.batch % READ_EVERY == 0 {
+                    self.drain(&mut tally, &mut pending, window_start)?;
+                    window_start = self.state.batch;
+                    let elapsed = start.elapsed().as_secs_f64().max(1e-9);
+                    bar.set_message(format!(
+                        "loss {:.4}  err {:5.2}%  {:.0} img/s",
+                        tally.mean_loss(),
+                        100.0 * tally.error(),
+                        tally.seen as f64 / elapsed
+                    ));
+                }
             }
+            self.drain(&mut tally, &mut pending, window_start)?;
             bar.finish_and_clear();
             let seconds = start.elapsed().as_secs_f64();
             let (val_loss, val_error) = match &data.validation {
