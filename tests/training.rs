@@ -355,6 +355,14 @@ fn training_steps_reduce_the_loss() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A quiet depth-8 CIFAR net trained on `data` into `run` on the CPU.
+fn train(run: &Path, options: TrainOptions, data: &RunData) -> Trainer {
+    let mut trainer = Trainer::create(run, cifar20(), options, Device::Cpu).unwrap();
+    trainer.quiet = true;
+    trainer.run(data).unwrap();
+    trainer
+}
+
 fn final_weights(run: &Path) -> residual::checkpoint::StateDict {
     let path = residual::train::latest_weights(run).unwrap();
     residual::checkpoint::StateDict::read(&path, &Default::default()).unwrap()
@@ -542,9 +550,7 @@ fn a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint() {
     };
     let data = run_data(&dir, &options);
     let run = dir.join("run");
-    let mut trainer = Trainer::create(&run, cifar20(), options, Device::Cpu).unwrap();
-    trainer.quiet = true;
-    trainer.run(&data).unwrap();
+    train(&run, options, &data);
     let good = residual::train::latest_weights(&run).unwrap();
     let before = std::fs::read(&good).unwrap();
     // Continue with an absurd learning rate.
@@ -572,9 +578,7 @@ fn eval_prints_error_and_confusion_matrix() {
     write_idx(&dir, 128, 40);
     let options = small_options(1);
     let data = run_data(&dir, &options);
-    let mut trainer = Trainer::create(&dir.join("run"), cifar20(), options, Device::Cpu).unwrap();
-    trainer.quiet = true;
-    trainer.run(&data).unwrap();
+    let trainer = train(&dir.join("run"), options, &data);
     let out = residual_bin(&[
         "eval",
         "--run",
@@ -723,9 +727,7 @@ fn channels_last_keeps_nhwc_weights_and_trains() {
         ..small_options(1)
     };
     let data = run_data(&dir, &options);
-    let mut trainer = Trainer::create(&dir.join("run"), cifar20(), options, Device::Cpu).unwrap();
-    trainer.quiet = true;
-    trainer.run(&data).unwrap();
+    let trainer = train(&dir.join("run"), options, &data);
     let w = &trainer.vs.variables()["layer1.0.conv1.weight"];
     assert_eq!(
         w.stride()[1],
@@ -796,9 +798,7 @@ fn sgd_decays_what_it_should_and_validation_is_held_out() {
         (data.train.len(), data.validation.as_ref().unwrap().len()),
         (160, 40)
     );
-    let mut trainer = Trainer::create(&dir.join("run"), cifar20(), options, Device::Cpu).unwrap();
-    trainer.quiet = true;
-    trainer.run(&data).unwrap();
+    let trainer = train(&dir.join("run"), options, &data);
     let m = &trainer.run.read_metrics().unwrap()[0];
     assert!(m.val_error.is_some() && m.val_loss.is_some());
     assert!(format!(
@@ -822,9 +822,7 @@ fn the_training_loop_reads_from_the_device_only_every_few_batches() {
         ..small_options(1)
     };
     let data = run_data(&dir, &options);
-    let mut trainer = Trainer::create(&dir.join("run"), cifar20(), options, Device::Cpu).unwrap();
-    trainer.quiet = true;
-    trainer.run(&data).unwrap();
+    let trainer = train(&dir.join("run"), options, &data);
     let batches: u64 = 720 / 16;
     let windows = batches.div_ceil(residual::train::READ_EVERY as u64);
     assert_eq!(
