@@ -53,6 +53,13 @@ fn residual(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `residual infer --config CONFIG --weights WEIGHTS` followed by `rest`.
+fn infer(config: &Path, weights: &Path, rest: &[&str]) -> (bool, String, String) {
+    let mut args = vec!["infer", "--config", s(config), "--weights", s(weights)];
+    args.extend_from_slice(rest);
+    residual(&args)
+}
+
 fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("residual-infer-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -72,53 +79,36 @@ fn infer_runs_pytorch_checkpoints_end_to_end() {
     std::fs::write(&config, r#"{"arch": "resnet50"}"#).unwrap();
     let io = fx.join("resnet50_io.safetensors");
     let out = dir.join("out.safetensors");
-    let (ok, stdout, stderr) = residual(&[
-        "infer",
-        "--config",
-        s(&config),
-        "--weights",
-        s(&fx.join("resnet50_wrapped_ddp.pth")),
-        "--input",
-        s(&io),
-        "--output",
-        s(&out),
-        "--device",
-        "cpu",
-    ]);
+    let (ok, stdout, stderr) = infer(
+        &config,
+        &fx.join("resnet50_wrapped_ddp.pth"),
+        &["--input", s(&io), "--output", s(&out), "--device", "cpu"],
+    );
     assert!(ok, "{stdout}{stderr}");
     let diff = max_abs_diff(&tensor(&out, "output"), &tensor(&io, "logits")).unwrap();
     assert!(diff <= 1e-5, "logits differ by {diff}");
 
     // Batches of one take other kernels: equal up to float rounding, relative to |logits| ~ 600.
-    let (ok, _, stderr) = residual(&[
-        "infer",
-        "--config",
-        s(&config),
-        "--weights",
-        s(&fx.join("resnet50.safetensors")),
-        "--input",
-        s(&io),
-        "--output",
-        s(&out),
-        "--batch-size",
-        "1",
-    ]);
+    let (ok, _, stderr) = infer(
+        &config,
+        &fx.join("resnet50.safetensors"),
+        &["--input", s(&io), "--output", s(&out), "--batch-size", "1"],
+    );
     assert!(ok, "{stderr}");
     assert!(max_abs_diff(&tensor(&out, "output"), &tensor(&io, "logits")).unwrap() < 1e-2);
 
-    let (ok, stdout, _) = residual(&[
-        "infer",
-        "--config",
-        s(&config),
-        "--weights",
-        s(&fx.join("resnet50.pth")),
-        "--input",
-        s(&io),
-        "--output",
-        s(&out),
-        "--features",
-        "--json",
-    ]);
+    let (ok, stdout, _) = infer(
+        &config,
+        &fx.join("resnet50.pth"),
+        &[
+            "--input",
+            s(&io),
+            "--output",
+            s(&out),
+            "--features",
+            "--json",
+        ],
+    );
     assert!(ok && stdout.contains("[2,2048]"), "{stdout}");
     assert_eq!(tensor(&out, "output").size(), vec![2, 2048]);
 
@@ -126,17 +116,11 @@ fn infer_runs_pytorch_checkpoints_end_to_end() {
     std::fs::remove_file(&out).unwrap();
     let r18 = dir.join("resnet18.json");
     std::fs::write(&r18, r#"{"arch": "resnet18"}"#).unwrap();
-    let (ok, _, stderr) = residual(&[
-        "infer",
-        "--config",
-        s(&r18),
-        "--weights",
-        s(&fx.join("resnet50.pth")),
-        "--input",
-        s(&io),
-        "--output",
-        s(&out),
-    ]);
+    let (ok, _, stderr) = infer(
+        &r18,
+        &fx.join("resnet50.pth"),
+        &["--input", s(&io), "--output", s(&out)],
+    );
     assert!(
         !ok && stderr.contains("unexpected keys") && stderr.contains("layer1.0.conv3.weight"),
         "{stderr}"
@@ -147,19 +131,18 @@ fn infer_runs_pytorch_checkpoints_end_to_end() {
     );
     assert!(!out.exists());
 
-    let (ok, _, stderr) = residual(&[
-        "infer",
-        "--config",
-        s(&config),
-        "--weights",
-        s(&fx.join("resnet50.pth")),
-        "--input",
-        s(&io),
-        "--input-key",
-        "pixels",
-        "--output",
-        s(&out),
-    ]);
+    let (ok, _, stderr) = infer(
+        &config,
+        &fx.join("resnet50.pth"),
+        &[
+            "--input",
+            s(&io),
+            "--input-key",
+            "pixels",
+            "--output",
+            s(&out),
+        ],
+    );
     assert!(
         !ok && stderr.contains("no tensor `pixels`") && stderr.contains("\"input\""),
         "{stderr}"
@@ -182,17 +165,16 @@ fn infer_reads_every_models_named_inputs() {
         std::fs::write(&config, case.config.to_string()).unwrap();
         let case_dir = manifest.case_dir(case);
         let out = dir.join(format!("{name}.safetensors"));
-        let (ok, stdout, stderr) = residual(&[
-            "infer",
-            "--config",
-            s(&config),
-            "--weights",
-            s(&case_dir.join("state_dict.pth")),
-            "--input",
-            s(&case_dir.join("inputs.safetensors")),
-            "--output",
-            s(&out),
-        ]);
+        let (ok, stdout, stderr) = infer(
+            &config,
+            &case_dir.join("state_dict.pth"),
+            &[
+                "--input",
+                s(&case_dir.join("inputs.safetensors")),
+                "--output",
+                s(&out),
+            ],
+        );
         assert!(ok, "{name}: {stdout}{stderr}");
         let diff = max_abs_diff(
             &tensor(&out, "output"),
@@ -210,19 +192,18 @@ fn infer_classifies_images_with_imagenet_labels() {
     let dir = temp_dir("image");
     let config = dir.join("resnet50.json");
     std::fs::write(&config, r#"{"arch": "resnet50"}"#).unwrap();
-    let (ok, stdout, stderr) = residual(&[
-        "infer",
-        "--config",
-        s(&config),
-        "--weights",
-        s(&fx.join("resnet50.pth")),
-        "--image",
-        s(&fx.join("image.png")),
-        s(&fx.join("image.jpg")),
-        "--topk",
-        "3",
-        "--json",
-    ]);
+    let (ok, stdout, stderr) = infer(
+        &config,
+        &fx.join("resnet50.pth"),
+        &[
+            "--image",
+            s(&fx.join("image.png")),
+            s(&fx.join("image.jpg")),
+            "--topk",
+            "3",
+            "--json",
+        ],
+    );
     assert!(ok, "{stderr}");
     let results: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(results.as_array().unwrap().len(), 2);
@@ -242,17 +223,11 @@ fn infer_classifies_images_with_imagenet_labels() {
 
     let labels = dir.join("labels.txt");
     std::fs::write(&labels, "only\ntwo\n").unwrap();
-    let (ok, stdout, _) = residual(&[
-        "infer",
-        "--config",
-        s(&config),
-        "--weights",
-        s(&fx.join("resnet50.pth")),
-        "--image",
-        s(&fx.join("image.png")),
-        "--labels",
-        s(&labels),
-    ]);
+    let (ok, stdout, _) = infer(
+        &config,
+        &fx.join("resnet50.pth"),
+        &["--image", s(&fx.join("image.png")), "--labels", s(&labels)],
+    );
     assert!(
         ok && stdout.contains("image.png") && stdout.contains("%"),
         "{stdout}"
