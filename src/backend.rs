@@ -56,6 +56,69 @@ pub fn strict_fp32() -> Result<()> {
     set_flag(Flag::BenchmarkCudnn, false)
 }
 
+/// Every global libtorch switch at once: read with [`Switches::current`], set with
+/// [`Switches::apply`]. libtorch keeps these per process, so code that changes them for a while
+/// holds a [`SwitchGuard`], which puts the previous values back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Switches {
+    pub tf32_cudnn: bool,
+    pub tf32_cublas: bool,
+    pub deterministic_algorithms: bool,
+    pub deterministic_cudnn: bool,
+    pub benchmark_cudnn: bool,
+    pub autocast_dtype: AutocastDtype,
+}
+
+impl Switches {
+    pub fn current() -> Result<Self> {
+        Ok(Self {
+            tf32_cudnn: flag(Flag::AllowTf32Cudnn)?,
+            tf32_cublas: flag(Flag::AllowTf32Cublas)?,
+            deterministic_algorithms: flag(Flag::DeterministicAlgorithms)?,
+            deterministic_cudnn: flag(Flag::DeterministicCudnn)?,
+            benchmark_cudnn: flag(Flag::BenchmarkCudnn)?,
+            autocast_dtype: autocast_dtype()?,
+        })
+    }
+
+    pub fn apply(&self) -> Result<()> {
+        set_flag(Flag::AllowTf32Cudnn, self.tf32_cudnn)?;
+        set_flag(Flag::AllowTf32Cublas, self.tf32_cublas)?;
+        set_flag(Flag::DeterministicAlgorithms, self.deterministic_algorithms)?;
+        set_flag(Flag::DeterministicCudnn, self.deterministic_cudnn)?;
+        set_flag(Flag::BenchmarkCudnn, self.benchmark_cudnn)?;
+        set_autocast_dtype(self.autocast_dtype)
+    }
+}
+
+/// Restores the switches that were in force when it was created, when dropped.
+#[derive(Debug)]
+#[must_use = "the switches are restored when the guard is dropped"]
+pub struct SwitchGuard {
+    saved: Switches,
+}
+
+impl SwitchGuard {
+    pub fn new() -> Result<Self> {
+        Ok(Self {
+            saved: Switches::current()?,
+        })
+    }
+
+    /// The switches that will be restored.
+    pub fn saved(&self) -> Switches {
+        self.saved
+    }
+}
+
+impl Drop for SwitchGuard {
+    fn drop(&mut self) {
+        if let Err(err) = self.saved.apply() {
+            eprintln!("warning: could not restore libtorch switches: {err:#}");
+        }
+    }
+}
+
 /// The libtorch version of the headers this crate was compiled against.
 pub fn header_version() -> String {
     // SAFETY: returns a pointer to a static NUL-terminated string literal.

@@ -93,7 +93,7 @@ pub fn degradation(
         }
     }
     let findings = judge(curves);
-    write_report(&findings, options, data, out)?;
+    write_report(&findings, options, data, out, device)?;
     Ok(Some(findings))
 }
 
@@ -148,7 +148,30 @@ fn judge(curves: Vec<Curve>) -> Findings {
     }
 }
 
-fn write_report(f: &Findings, options: &TrainOptions, data: &RunData, out: &Path) -> Result<()> {
+/// The arithmetic the runs used, in words: TF32 is libtorch's default for cuDNN convolutions, so
+/// "fp32" on a GPU says whether it was on.
+pub fn precision(options: &TrainOptions, device: Device) -> String {
+    let fp32 = match (device.is_cuda(), options.tf32) {
+        (false, _) => "fp32",
+        (true, false) => "fp32 (TF32 off: IEEE fp32 convolutions and matmuls)",
+        (true, true) => "fp32 with TF32 convolutions and matmuls",
+    };
+    match options.amp {
+        Some(dtype) => format!(
+            "{} autocast, the rest {fp32}",
+            format!("{dtype:?}").to_lowercase()
+        ),
+        None => fp32.to_string(),
+    }
+}
+
+fn write_report(
+    f: &Findings,
+    options: &TrainOptions,
+    data: &RunData,
+    out: &Path,
+    device: Device,
+) -> Result<()> {
     let plots = [
         ("train_error.png", "Training error (%)", false),
         ("test_error.png", "Test error (%)", true),
@@ -166,7 +189,7 @@ fn write_report(f: &Findings, options: &TrainOptions, data: &RunData, out: &Path
          6n+2 layers with identical settings: the deeper plain net has *higher* training error than \
          the shallower one (degradation), while the deeper residual net does better. This run: \
          {} training images of shape {:?}, {} test images, {} epochs, batch {}, SGD lr {} (schedule \
-         {:?}), momentum {}, weight decay {}, augmentation: {}, shortcut option A.\n\n",
+         {:?}), momentum {}, weight decay {}, augmentation: {}, shortcut option A, precision: {}.\n\n",
         data.train.len(),
         data.train.image_shape(),
         data.test.len(),
@@ -181,7 +204,8 @@ fn write_report(f: &Findings, options: &TrainOptions, data: &RunData, out: &Path
             Some(a) if a.pad > 0 => format!("pad {} + random crop", a.pad),
             Some(a) if a.flip => "horizontal flips".to_string(),
             _ => "none".to_string(),
-        }
+        },
+        precision(options, device)
     );
     md += &format!("**Result:** {}\n\n", f.summary);
     md +=

@@ -227,6 +227,10 @@ struct TrainArgs {
     /// CUDA mixed precision.
     #[arg(long, value_enum)]
     amp: Option<AutocastDtype>,
+    /// Let CUDA convolutions and matmuls use TF32 (faster on Ampere and later; without it fp32
+    /// is IEEE fp32, while PyTorch's default lets convolutions use TF32).
+    #[arg(long)]
+    tf32: bool,
     #[arg(long)]
     channels_last: bool,
     #[arg(long)]
@@ -274,6 +278,7 @@ impl TrainArgs {
                 flip: !self.no_flip,
             }),
             amp: self.amp,
+            tf32: self.tf32,
             channels_last: self.channels_last,
             cudnn_benchmark: self.cudnn_benchmark,
             deterministic: self.deterministic,

@@ -5,7 +5,6 @@ mod common;
 
 use std::path::Path;
 
-use residual::backend::{self, Flag};
 use residual::checkpoint::{load_state_dict, StateDict};
 use residual::parity::{self, Manifest};
 use residual::ModelConfig;
@@ -153,30 +152,6 @@ fn strict_load_lists_missing_unexpected_and_mismatched_keys_at_once() {
     assert_eq!(report.missing, vec!["convs.2.layer_norm.bias".to_string()]);
     assert_eq!(report.unexpected, vec!["convs.3.conv1.weight".to_string()]);
     assert_eq!(report.shape_mismatches.len(), 1);
-}
-
-#[test]
-fn libtorch_switches_read_back() {
-    for flag in [
-        Flag::AllowTf32Cudnn,
-        Flag::AllowTf32Cublas,
-        Flag::DeterministicCudnn,
-        Flag::BenchmarkCudnn,
-    ] {
-        let original = backend::flag(flag).unwrap();
-        backend::set_flag(flag, !original).unwrap();
-        assert_eq!(backend::flag(flag).unwrap(), !original, "{flag:?}");
-        backend::set_flag(flag, original).unwrap();
-        assert_eq!(backend::flag(flag).unwrap(), original, "{flag:?}");
-    }
-    backend::strict_fp32().unwrap();
-    assert!(!backend::flag(Flag::AllowTf32Cudnn).unwrap());
-    assert!(!backend::flag(Flag::AllowTf32Cublas).unwrap());
-    assert_eq!(backend::header_version(), "2.11.0");
-    for dtype in [backend::AutocastDtype::Bf16, backend::AutocastDtype::Fp16] {
-        backend::set_autocast_dtype(dtype).unwrap();
-        assert_eq!(backend::autocast_dtype().unwrap(), dtype);
-    }
 }
 
 #[test]

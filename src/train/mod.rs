@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction, Tensor};
 
-use crate::backend::AutocastDtype;
+use crate::backend::{AutocastDtype, SwitchGuard, Switches};
 use crate::checkpoint::{self, formats::write_atomic, load_state_dict, ReadOptions, StateDict};
 use crate::config::ModelConfig;
 use crate::data::{Augment, Batches, Dataset, Normalizer};
@@ -65,6 +65,10 @@ pub struct TrainOptions {
     pub augment: Option<Augment>,
     /// CUDA mixed precision.
     pub amp: Option<AutocastDtype>,
+    /// Let cuDNN convolutions and cuBLAS matmuls use TF32 on CUDA. Off: fp32 means IEEE fp32
+    /// (PyTorch's own default lets convolutions use TF32).
+    #[serde(default)]
+    pub tf32: bool,
     pub channels_last: bool,
     pub cudnn_benchmark: bool,
     /// Deterministic algorithms (libtorch's and cuDNN's), for reproducible GPU runs.
@@ -92,6 +96,7 @@ impl Default for TrainOptions {
             validation: None,
             augment: Some(Augment { pad: 4, flip: true }),
             amp: None,
+            tf32: false,
             channels_last: false,
             cudnn_benchmark: false,
             deterministic: false,
@@ -175,6 +180,47 @@ pub struct RunState {
     pub epoch: u64,
     pub batch: i64,
     pub global_step: u64,
+    /// fp16 loss scaling (absent in checkpoints of runs without it).
+    #[serde(default)]
+    pub loss_scaler: LossScaler,
+}
+
+/// Dynamic loss scaling for fp16 training, as `torch.amp.GradScaler` with its defaults: the loss
+/// is multiplied by `scale` before the backward; a step whose gradients hold inf or NaN is
+/// skipped and halves the scale, and every `GROWTH_INTERVAL` clean steps in a row double it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct LossScaler {
+    pub scale: f64,
+    /// Clean steps since the scale last changed.
+    pub clean_steps: u64,
+}
+
+impl LossScaler {
+    pub const INIT_SCALE: f64 = 65536.0;
+    pub const GROWTH_INTERVAL: u64 = 2000;
+
+    /// Records whether the step's gradients were finite (the step is taken only if so).
+    pub fn update(&mut self, finite: bool) {
+        if finite {
+            self.clean_steps += 1;
+            if self.clean_steps == Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.clean_steps = 0;
+            }
+        } else {
+            self.scale *= 0.5;
+            self.clean_steps = 0;
+        }
+    }
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        Self {
+            scale: Self::INIT_SCALE,
+            clean_steps: 0,
+        }
+    }
 }
 
 /// How a call to [`Trainer::run`] ended.
@@ -306,7 +352,6 @@ pub struct Trainer {
     pub state: RunState,
     sgd: Sgd,
     pub quiet: bool,
-    loss_scale: f64,
     /// Device-to-host reads made by the training loop (loss and error sums, every
     /// [`READ_EVERY`] batches; plus one per step with fp16 loss scaling).
     pub host_reads: u64,
@@ -317,7 +362,10 @@ pub struct Trainer {
 /// on the host in between.
 pub const READ_EVERY: i64 = 20;
 
-fn logits_loss(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Tensor {
+/// The training loss: mean cross-entropy of `logits` `[B, K]` (computed in fp32 whatever the
+/// autocast dtype) against class indices `labels` `[B]`, with label smoothing as
+/// `F.cross_entropy(..., label_smoothing=smoothing)`.
+pub fn logits_loss(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Tensor {
     logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
         labels,
         None,
@@ -371,7 +419,6 @@ impl Trainer {
             state: RunState::default(),
             sgd,
             quiet: false,
-            loss_scale: 65536.0,
             host_reads: 0,
         })
     }
@@ -418,7 +465,6 @@ impl Trainer {
             state,
             sgd,
             quiet: false,
-            loss_scale: 65536.0,
             host_reads: 0,
         })
     }
@@ -448,14 +494,19 @@ impl Trainer {
         Ok(dir)
     }
 
-    fn forward(&self, images: &Tensor, train: bool) -> Result<Tensor> {
-        let images = if self.options.channels_last {
-            images.contiguous()
+    /// A batch `[B, C, H, W]` in the memory layout the model trains in: channels-last (NHWC
+    /// strides) with `channels_last`, else as it is.
+    pub fn input_layout(&self, images: &Tensor) -> Tensor {
+        if self.options.channels_last {
+            channels_last(images)
         } else {
             images.shallow_clone()
-        };
+        }
+    }
+
+    fn forward(&self, images: &Tensor, train: bool) -> Result<Tensor> {
         let mut inputs = Inputs::new();
-        inputs.insert("input".into(), images);
+        inputs.insert("input".into(), self.input_layout(images));
         match self.options.amp {
             Some(_) => tch::autocast(true, || self.model.forward_named(&inputs, train)),
             None => self.model.forward_named(&inputs, train),
@@ -494,21 +545,28 @@ impl Trainer {
         Ok((tally.mean_loss(), tally.error()))
     }
 
-    fn check_device(&self) -> Result<()> {
+    /// The libtorch switches this run's options ask for (TF32, cuDNN benchmark, determinism,
+    /// autocast dtype), starting from `current`.
+    pub fn switches(&self, current: Switches) -> Switches {
+        let o = &self.options;
+        Switches {
+            tf32_cudnn: o.tf32,
+            tf32_cublas: o.tf32,
+            deterministic_algorithms: o.deterministic,
+            deterministic_cudnn: o.deterministic,
+            benchmark_cudnn: o.cudnn_benchmark && !o.deterministic,
+            autocast_dtype: o.amp.unwrap_or(current.autocast_dtype),
+        }
+    }
+
+    /// Sets the switches of [`Trainer::switches`] for as long as the returned guard lives, and
+    /// puts 4-D weights in channels-last order when asked.
+    fn apply_settings(&self) -> Result<SwitchGuard> {
         if self.options.amp.is_some() && !self.vs.device().is_cuda() {
             bail!("--amp needs a CUDA device (libtorch's autocast here is CUDA-only)");
         }
-        if let Some(dtype) = self.options.amp {
-            crate::backend::set_autocast_dtype(dtype)?;
-        }
-        if self.options.cudnn_benchmark {
-            crate::backend::set_flag(crate::backend::Flag::BenchmarkCudnn, true)?;
-        }
-        if self.options.deterministic {
-            crate::backend::set_flag(crate::backend::Flag::DeterministicAlgorithms, true)?;
-            crate::backend::set_flag(crate::backend::Flag::DeterministicCudnn, true)?;
-            crate::backend::set_flag(crate::backend::Flag::BenchmarkCudnn, false)?;
-        }
+        let guard = SwitchGuard::new()?;
+        self.switches(guard.saved()).apply()?;
         if self.options.channels_last {
             tch::no_grad(|| {
                 for var in self.vs.variables().values().filter(|t| t.dim() == 4) {
@@ -516,7 +574,7 @@ impl Trainer {
                 }
             });
         }
-        Ok(())
+        Ok(guard)
     }
 
     /// One optimizer step on a batch; returns (summed loss, wrong predictions).
@@ -533,22 +591,24 @@ impl Trainer {
         let loss = logits_loss(&logits, y, self.options.label_smoothing);
         self.sgd.zero_grad();
         if self.options.amp == Some(AutocastDtype::Fp16) {
-            (&loss * self.loss_scale).backward();
+            let scale = self.state.loss_scaler.scale;
+            (&loss * scale).backward();
             let grads = self.sgd.grads();
             let finite = tch::no_grad(|| {
                 let all: Vec<Tensor> = grads.iter().map(|g| g.isfinite().all()).collect();
                 Tensor::stack(&all, 0).all().to_kind(Kind::Double)
             });
-            if self.read_f64(&finite) == 1.0 {
+            // One read per step, as GradScaler.step's `found_inf.item()`.
+            let finite = self.read_f64(&finite) == 1.0;
+            if finite {
                 tch::no_grad(|| {
                     for g in &grads {
-                        let _ = g.shallow_clone().g_div_scalar_(self.loss_scale);
+                        let _ = g.shallow_clone().g_div_scalar_(scale);
                     }
                 });
                 self.sgd.step(lr);
-            } else {
-                self.loss_scale /= 2.0;
             }
+            self.state.loss_scaler.update(finite);
         } else {
             loss.backward();
             self.sgd.step(lr);
@@ -592,7 +652,7 @@ impl Trainer {
 
     /// Trains until `options.epochs`, evaluating and checkpointing after each epoch.
     pub fn run(&mut self, data: &RunData) -> Result<Outcome> {
-        self.check_device()?;
+        let _switches = self.apply_settings()?;
         let steps = Batches::new(
             &data.train,
             &data.normalizer,
@@ -684,7 +744,7 @@ impl Trainer {
             self.state = RunState {
                 epoch: epoch + 1,
                 batch: 0,
-                global_step: self.state.global_step,
+                ..self.state
             };
             self.save_checkpoint()?;
             self.log_epoch(&metrics);
@@ -739,11 +799,21 @@ impl Trainer {
 
 /// The same values in channels-last (NHWC) memory order, still indexed `[N, C, H, W]`; libtorch
 /// picks its channels-last kernels from these strides (tch has no memory-format API).
+///
+/// The strides are exactly those of PyTorch's `t.to(memory_format=torch.channels_last)`, also
+/// for one channel, where a permuted copy would keep NCHW strides.
 pub fn channels_last(t: &Tensor) -> Tensor {
-    if t.dim() != 4 {
+    let size = t.size();
+    let [_, c, h, w] = size[..] else {
+        return t.shallow_clone();
+    };
+    let strides = [h * w * c, 1, w * c, c];
+    if t.stride() == strides {
         return t.shallow_clone();
     }
-    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+    let mut out = Tensor::empty_strided(&size, strides, (t.kind(), t.device()));
+    out.copy_(t);
+    out
 }
 
 /// Test error and the confusion matrix (`[true class][predicted class]` counts) of a model.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
 use tch::nn::VarStore;
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::StateDict;
 
@@ -17,6 +17,21 @@ pub struct Sgd {
     /// `(name, parameter, decays)`.
     params: Vec<(String, Tensor, bool)>,
     buffers: BTreeMap<String, Tensor>,
+    /// `weight_decay` and `-lr` as 0-d tensors on the parameters' device (for `addcmul_`), made
+    /// once and refilled in place when the rate changes, so that a step never copies from the
+    /// host (on CUDA such a copy synchronises the stream).
+    scalars: Option<StepScalars>,
+}
+
+#[derive(Debug)]
+struct StepScalars {
+    kind: Kind,
+    device: Device,
+    decay: Tensor,
+    neg_lr: Tensor,
+    lr: f64,
+    /// How many times the scalars were created from host values.
+    uploads: u64,
 }
 
 /// BatchNorm / GroupNorm affine parameters and biases: the tensors with one dimension.
@@ -43,6 +58,7 @@ impl Sgd {
             weight_decay,
             params,
             buffers: BTreeMap::new(),
+            scalars: None,
         }
     }
 
@@ -67,12 +83,29 @@ impl Sgd {
         let Some((_, first, _)) = self.params.first() else {
             return;
         };
-        let scalar = |v: f64| {
-            Tensor::from(v)
-                .to_kind(first.kind())
-                .to_device(first.device())
+        let (kind, device) = (first.kind(), first.device());
+        let uploads = self.scalar_uploads();
+        let scalars = match self.scalars.take() {
+            Some(mut s) if s.kind == kind && s.device == device => {
+                if s.lr != lr {
+                    let _ = s.neg_lr.fill_(-lr);
+                    s.lr = lr;
+                }
+                s
+            }
+            _ => {
+                let scalar = |v: f64| Tensor::from(v).to_kind(kind).to_device(device);
+                StepScalars {
+                    kind,
+                    device,
+                    decay: scalar(self.weight_decay),
+                    neg_lr: scalar(-lr),
+                    lr,
+                    uploads: uploads + 1,
+                }
+            }
         };
-        let (decay, step) = (scalar(self.weight_decay), scalar(-lr));
+        let (decay, step) = (&scalars.decay, &scalars.neg_lr);
         tch::no_grad(|| {
             for (name, p, decays) in &self.params {
                 let mut g = p.grad();
@@ -80,7 +113,7 @@ impl Sgd {
                     continue;
                 }
                 if *decays && self.weight_decay != 0.0 {
-                    let _ = g.addcmul_(p, &decay);
+                    let _ = g.addcmul_(p, decay);
                 }
                 let update = if self.momentum != 0.0 {
                     match self.buffers.get_mut(name) {
@@ -97,9 +130,16 @@ impl Sgd {
                 } else {
                     g
                 };
-                let _ = p.shallow_clone().addcmul_(&update, &step);
+                let _ = p.shallow_clone().addcmul_(&update, step);
             }
         });
+        self.scalars = Some(scalars);
+    }
+
+    /// How many times a step built its scalars from host values (once per run on one device;
+    /// a changing learning rate is refilled on the device).
+    pub fn scalar_uploads(&self) -> u64 {
+        self.scalars.as_ref().map_or(0, |s| s.uploads)
     }
 
     /// The momentum buffers, by parameter name.
