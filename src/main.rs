@@ -216,9 +216,9 @@ struct TrainArgs {
     /// Epochs where the step schedule divides the rate by 10 (default: 50% and 75% of the run).
     #[arg(long, value_delimiter = ',')]
     milestones: Vec<u64>,
-    /// Linear warmup, in epochs.
-    #[arg(long, default_value_t = 0.0)]
-    warmup: f64,
+    /// Linear warmup from 0, in epochs (default 0; 1 for experiments).
+    #[arg(long)]
+    warmup: Option<f64>,
     #[arg(long, default_value_t = 0.0)]
     label_smoothing: f64,
     /// cpu, cuda, cuda:N or auto.
@@ -268,7 +268,7 @@ impl TrainArgs {
             decay_norm_and_bias: !self.no_decay_norm_bias,
             schedule: self.schedule,
             milestones: self.milestones.clone(),
-            warmup: self.warmup,
+            warmup: self.warmup.unwrap_or(0.0),
             label_smoothing: self.label_smoothing,
             seed: self.seed,
             subset: self.subset,
@@ -366,6 +366,9 @@ enum ExperimentKind {
     Degradation {
         #[arg(long, value_delimiter = ',', default_value = "20,56")]
         depths: Vec<i64>,
+        /// Train every network with this many seeds (--seed, --seed + 1, ...).
+        #[arg(long, default_value_t = 3)]
+        seeds: u64,
         #[command(flatten)]
         train: TrainArgs,
         /// Report folder.
@@ -421,14 +424,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
         ),
         Command::BenchTrain(args) => args.run(true),
         Command::BenchInfer(args) => args.run(false),
-        Command::Experiment(ExperimentKind::Degradation { depths, train, out }) => {
+        Command::Experiment(ExperimentKind::Degradation {
+            depths,
+            seeds,
+            train,
+            out,
+        }) => {
             install_ctrl_c();
             let device = parse_device(&train.device)?;
-            let options = train.options();
+            // He et al. warm up their deepest net at a tenth of the rate; a linear warmup over
+            // the first epoch keeps every depth from diverging at lr 0.1.
+            let options = TrainOptions {
+                warmup: train.warmup.unwrap_or(1.0),
+                ..train.options()
+            };
             let data = train.data(&options, device)?;
+            let plan = residual::experiment::Plan { depths, seeds };
             match residual::experiment::degradation(
                 &data,
-                &depths,
+                &plan,
                 &options,
                 &out,
                 device,

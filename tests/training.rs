@@ -638,6 +638,8 @@ fn degradation_experiment_writes_report_and_plots() {
         "degradation",
         "--depths",
         "8,14",
+        "--seeds",
+        "2",
         "--data",
         data_dir.to_str().unwrap(),
         "--epochs",
@@ -660,29 +662,52 @@ fn degradation_experiment_writes_report_and_plots() {
     );
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(
-        report.contains("| plain | 14 |") && report.contains("| residual | 8 |"),
+        report.contains("| plain | 14 | 2 |") && report.contains("| residual | 8 | 2 |"),
         "{report}"
     );
-    assert!(
-        report.contains("degradation appeared") || report.contains("degradation did not appear")
-    );
+    // Every comparison is stated with its numbers, whichever way it went.
+    for claim in [
+        "degradation: plain-14 trains worse than plain-8: ",
+        "with shortcuts depth helps: resnet-14 trains better than resnet-8: ",
+        "shortcuts fix the deep net: resnet-14 trains better than plain-14: ",
+    ] {
+        assert!(report.contains(claim), "{claim} missing:\n{report}");
+    }
+    assert!(report.contains("of 2 seeds"), "{report}");
+    assert!(report.contains("| seed 0 | seed 1 |"), "{report}");
+    assert!(report.contains("linear warmup over 1 epochs"), "{report}");
     for png in ["train_error.png", "test_error.png"] {
         let bytes = std::fs::read(out.join(png)).unwrap();
         assert!(bytes.starts_with(b"\x89PNG"), "{png}");
     }
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
-    assert_eq!(results["curves"].as_array().unwrap().len(), 4);
+    assert_eq!(results["curves"].as_array().unwrap().len(), 8);
+    assert_eq!(results["networks"].as_array().unwrap().len(), 4);
+    let comparisons = results["comparisons"].as_array().unwrap();
+    assert_eq!(comparisons.len(), 3);
+    for c in comparisons {
+        let (b, w) = (
+            c["better_error"].as_f64().unwrap(),
+            c["worse_error"].as_f64().unwrap(),
+        );
+        assert_eq!(c["holds_for_mean"], b < w, "{c}");
+        assert_eq!(c["seeds"], 2);
+    }
     // Finished runs are reused: a second call trains nothing and reports the same.
     let again = residual_bin(&[
         "experiment",
         "degradation",
         "--depths",
         "8,14",
+        "--seeds",
+        "2",
         "--data",
         data_dir.to_str().unwrap(),
         "--epochs",
         "2",
+        "--batch-size",
+        "32",
         "--device",
         "cpu",
         "--quiet",
@@ -692,7 +717,7 @@ fn degradation_experiment_writes_report_and_plots() {
     .output()
     .unwrap();
     assert!(again.status.success());
-    assert!(!String::from_utf8_lossy(&again.stderr).contains("== plain-8: training"));
+    assert!(!String::from_utf8_lossy(&again.stderr).contains("training 2 epochs"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
