@@ -1,6 +1,6 @@
 """ResNet-50 speed on a GPU, PyTorch eager vs residual, in the same run on the same device.
 
-Usage: python python_ref/bench_gpu.py --residual PATH [--device cuda] [--quick]
+Usage: python python_ref/bench_gpu.py --residual PATH [--device cuda] [--quick] [--steps N] [--warmup N]
 
 Inference latency (eval, random weights and input) at batch 1 and 64 in fp32 and bf16 (autocast),
 and training images/s at batch 256 in bf16 autocast with channels-last, SGD momentum 0.9. Both sides
@@ -102,13 +102,17 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--residual", required=True)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for the CPU dry run")
+    p.add_argument("--steps", type=int, help="timed steps (default 30)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 10)")
     a = p.parse_args()
     set_switches()
     checked = {}
     gpu = a.device.startswith("cuda")
     size, steps, warmup = (64, 2, 1) if a.quick else (224, 30, 10)
-    results = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "image_size": size, "inference": [], "training": None}
+    steps, warmup = a.steps or steps, a.warmup or warmup
+    results = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "image_size": size, "steps": steps,
+               "warmup": warmup, "inference": [], "training": None}
     dtypes = ["fp32", "bf16"] if gpu else ["fp32"]
     for batch in ([1, 4] if a.quick else [1, 64]):
         for dtype in dtypes:
