@@ -167,10 +167,15 @@ status_of() {
 # 20 s later.
 run() { timeout -s INT -k 20 "$step_limit" "$@"; }
 
-torch_dir=$($python -c 'import os, torch; print(os.path.dirname(torch.__file__))') \
-  || { echo "error: no PyTorch in $python"; failures+=("python: no PyTorch"); write_results; exit 1; }
 echo "residual GPU check: $(date -u +%FT%TZ), dry run: $dry, QUICK: $quick, work folder: $work, budget: ${budget}s"
-echo "PyTorch $($python -c 'import torch; print(torch.__version__)') at $torch_dir"
+read -r torch_version torch_dir < <($python -c 'import os, torch; print(torch.__version__, os.path.dirname(torch.__file__))')
+if [[ -z ${torch_dir:-} ]]; then
+  echo "error: no PyTorch in $python"
+  failures+=("python: no PyTorch")
+  write_results
+  exit 1
+fi
+echo "PyTorch $torch_version at $torch_dir"
 # The bundled binaries have no run path: this is how they find the host's libtorch.
 export LD_LIBRARY_PATH="$torch_dir/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export RESIDUAL_BIN="$work/bin/residual" RESIDUAL_SOURCE="$here" RESIDUAL_PYTHON="$(command -v "$python")"
@@ -247,7 +252,7 @@ filters=(cuda libtorch)
 all_tests=0
 [[ ${TESTS:-cuda} == all ]] && filters=() all_tests=1
 # Test binaries that must run at least one test under the filter (a renamed test cannot drop out).
-expect_tests=" cli harness infer training "
+expect_tests=" cli infer training "
 if begin tests 45 10 600; then
   echo "filter: ${filters[*]:-none (TESTS=all)}"
   test_failures=0
