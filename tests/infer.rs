@@ -333,55 +333,57 @@ fn inspect_and_convert() {
 /// (resnet50's logits are ~600); with `--tf32`, only a sanity bound.
 #[test]
 fn infer_on_cuda_matches_the_cpu_references() {
-    if common::cuda_or_skip().is_none() {
-        return;
+    if common::cuda_or_skip().is_some() {
+        infer_matches_the_references_on("cuda", "cuda:0");
     }
+}
+
+/// The same comparison on the CPU, so that everything but the numbers is exercised where there is
+/// no GPU.
+#[test]
+fn infer_device_comparison_runs_on_the_cpu() {
+    infer_matches_the_references_on("cpu", "cpu");
+}
+
+fn infer_matches_the_references_on(device: &str, name: &str) {
+    let cuda = device != "cpu";
     let fx = fixtures();
-    let dir = temp_dir("cuda");
+    let dir = temp_dir(device);
     let config = dir.join("resnet50.json");
     std::fs::write(&config, r#"{"arch": "resnet50"}"#).unwrap();
     let io = fx.join("resnet50_io.safetensors");
     let logits = tensor(&io, "logits");
     let out = dir.join("out.safetensors");
-    for (extra, tolerance) in [(&[][..], 1e-5), (&["--batch-size", "1"][..], 1e-5)] {
+    for extra in [&[][..], &["--batch-size", "1"][..], &["--tf32"][..]] {
+        let tf32 = extra.contains(&"--tf32");
         let mut rest = vec!["--input", s(&io), "--output", s(&out), "--json"];
         rest.extend_from_slice(extra);
-        let (ok, stdout, stderr) = infer_on("cuda", &config, &fx.join("resnet50.pth"), &rest);
+        let (ok, stdout, stderr) = infer_on(device, &config, &fx.join("resnet50.pth"), &rest);
         assert!(ok, "{extra:?}: {stdout}{stderr}");
         let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-        assert_eq!(report["device"], "cuda:0", "{report}");
-        assert_eq!(report["tf32"], false, "{report}");
+        assert_eq!(report["device"], name, "{report}");
+        // TF32 exists only on CUDA; `--tf32` changes nothing elsewhere.
+        assert_eq!(report["tf32"], cuda && tf32, "{report}");
         let rel = max_rel_diff(&tensor(&out, "output"), &logits);
-        println!("resnet50 on CUDA {extra:?}: max|Δ|/max|ref| = {rel:e}");
+        println!("resnet50 on {device} {extra:?}: max|Δ|/max|ref| = {rel:e}");
+        let tolerance = if cuda && tf32 { 1e-2 } else { 1e-5 };
         assert!(rel <= tolerance, "{extra:?}: {rel:e} > {tolerance:e}");
     }
-    let (ok, stdout, stderr) = infer_on(
-        "cuda",
-        &config,
-        &fx.join("resnet50.pth"),
-        &["--input", s(&io), "--output", s(&out), "--json", "--tf32"],
-    );
-    assert!(ok, "--tf32: {stdout}{stderr}");
-    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(report["tf32"], true, "{report}");
-    let rel = max_rel_diff(&tensor(&out, "output"), &logits);
-    println!("resnet50 on CUDA with TF32: max|Δ|/max|ref| = {rel:e}");
-    assert!(rel <= 1e-2, "--tf32: {rel:e}");
 
     let refs = residual::parity::default_artifacts_dir();
     let manifest = residual::parity::Manifest::load(&refs).unwrap();
-    for name in [
+    for case_name in [
         "sid_classifier_small_eval",
         "conv_sds_head_small_eval",
         "cifar_resnet20_b",
     ] {
-        let case = manifest.case(name).unwrap();
-        let config = dir.join(format!("{name}.json"));
+        let case = manifest.case(case_name).unwrap();
+        let config = dir.join(format!("{case_name}.json"));
         std::fs::write(&config, case.config.to_string()).unwrap();
         let case_dir = manifest.case_dir(case);
-        let out = dir.join(format!("{name}.safetensors"));
+        let out = dir.join(format!("{case_name}.safetensors"));
         let (ok, stdout, stderr) = infer_on(
-            "cuda",
+            device,
             &config,
             &case_dir.join("state_dict.pth"),
             &[
@@ -391,13 +393,13 @@ fn infer_on_cuda_matches_the_cpu_references() {
                 s(&out),
             ],
         );
-        assert!(ok, "{name}: {stdout}{stderr}");
+        assert!(ok, "{case_name}: {stdout}{stderr}");
         let rel = max_rel_diff(
             &tensor(&out, "output"),
             &tensor(&case_dir.join("outputs.safetensors"), "output"),
         );
-        println!("{name} on CUDA: max|Δ|/max|ref| = {rel:e}");
-        assert!(rel <= 1e-5, "{name}: {rel:e}");
+        println!("{case_name} on {device}: max|Δ|/max|ref| = {rel:e}");
+        assert!(rel <= 1e-5, "{case_name}: {rel:e}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
