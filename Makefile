@@ -52,7 +52,8 @@ gpu-check: artifacts data
 # The bundle's whole sequence on this CPU-only machine, so it cannot rot (CI runs it). Its PyTorch is
 # a hard-linked copy of the venv at another path (no extra disk space): the bundled binaries have no
 # run path, and the run fails unless they reach libtorch only through the LD_LIBRARY_PATH run.sh
-# sets, at that other path, as on a GPU host.
+# sets, at that other path, as on a GPU host. Like a bare PyTorch install, it lacks safetensors (the
+# bundle's copy is used).
 DRY_VENV := $(CURDIR)/target/gpu-check-dry-venv
 DRY_WORK := $(CURDIR)/target/gpu-check-dry-work
 gpu-check-dry: gpu-check
@@ -61,6 +62,7 @@ gpu-check-dry: gpu-check
 	  rm -rf $(DRY_VENV) && cp -al "$$(readlink -f $(RESIDUAL_VENV))" $(DRY_VENV) || { \
 	    echo "gpu-check-dry: cannot hard-link the venv (another file system?)" >&2; exit 1; }; \
 	fi
+	rm -rf $(DRY_VENV)/lib/python3*/site-packages/safetensors $(DRY_VENV)/lib/python3*/site-packages/packaging
 	rm -rf $(DRY_WORK)
 	REUSE_REFS=1 RESIDUAL_PYTHON_REF=$(CURDIR)/$(ARTIFACTS) RESIDUAL_WORK=$(DRY_WORK) PYTHON=$(DRY_VENV)/bin/python \
 	  REQUIRE_MOVED_LIBTORCH=1 BUDGET_S=1500 bash gpu-bundle/run.sh target/gpu-check-dry --dry-run

@@ -52,6 +52,14 @@ while read -r name exe; do
 done < "$bundle/tests.txt"
 rm "$bundle/tests.txt"
 cp python_ref/*.py python_ref/requirements.txt "$bundle/python_ref/"
+# export.py needs safetensors (and its packaging), which PyTorch does not bring: run.sh falls back to
+# these copies when the host's Python lacks them (safetensors is an abi3 wheel: any CPython >= 3.8).
+mkdir -p "$bundle/python_ref/vendor"
+for package in safetensors packaging; do
+  src=$("${PYTHON:-.venv/bin/python}" -c "import os, $package; print(os.path.dirname($package.__file__))")
+  cp -r "$src" "$bundle/python_ref/vendor/"
+done
+find "$bundle/python_ref/vendor" -name __pycache__ -prune -exec rm -rf {} +
 cp /usr/share/datasets/fashion-mnist/*.gz "$bundle/data/fashion-mnist/"
 cp scripts/gpu-runner.sh "$bundle/run.sh"
 chmod +x "$bundle/run.sh"
