@@ -363,7 +363,8 @@ impl BenchArgs {
                 "cudnn_benchmark": flag(Flag::BenchmarkCudnn)?,
                 "cudnn_deterministic": flag(Flag::DeterministicCudnn)?,
                 "deterministic_algorithms": flag(Flag::DeterministicAlgorithms)?,
-                "autocast": if train { "forward and loss" } else { "forward" },
+                // What runs under autocast with --amp (null without).
+                "autocast": self.amp.map(|_| if train { "forward and loss" } else { "forward" }),
             });
             println!(
                 "{}",
