@@ -46,14 +46,27 @@ test: artifacts lint data
 	cargo test
 	$(MAKE) gpu-check-dry
 
-# The GPU bundle (gpu-bundle/, <= 64 MiB) for a GPU host; see scripts/gpu-runner.sh.
+# The GPU bundle (gpu-bundle/, <= 64 MiB, release build) for a GPU host; see scripts/gpu-runner.sh.
 gpu-check: artifacts data
 	scripts/gpu-check.sh gpu-bundle
 
-# The bundle's whole sequence on this CPU-only machine, so it cannot rot (CI runs it).
+# The bundle's whole sequence on this CPU-only machine, so it cannot rot (CI runs it). Its PyTorch is
+# a hard-linked copy of the venv at another path (no extra disk space): the bundled binaries have no
+# run path, and the run fails unless they reach libtorch only through the LD_LIBRARY_PATH run.sh
+# sets, at that other path, as on a GPU host. Like a bare PyTorch install, it lacks safetensors (the
+# bundle's copy is used).
+DRY_VENV := $(CURDIR)/target/gpu-check-dry-venv
+DRY_WORK := $(CURDIR)/target/gpu-check-dry-work
 gpu-check-dry: gpu-check
-	REUSE_REFS=1 RESIDUAL_PYTHON_REF=$(CURDIR)/$(ARTIFACTS) PYTHON=$(PYTHON) \
-	  bash gpu-bundle/run.sh target/gpu-check-dry --dry-run
+	@if ! cmp -s $(RESIDUAL_VENV)/.residual-requirements.txt $(DRY_VENV)/.residual-requirements.txt; then \
+	  echo "gpu-check-dry: hard-linking $(RESIDUAL_VENV) to $(DRY_VENV)"; \
+	  rm -rf $(DRY_VENV) && cp -al "$$(readlink -f $(RESIDUAL_VENV))" $(DRY_VENV) || { \
+	    echo "gpu-check-dry: cannot hard-link the venv (another file system?)" >&2; exit 1; }; \
+	fi
+	rm -rf $(DRY_VENV)/lib/python3*/site-packages/safetensors $(DRY_VENV)/lib/python3*/site-packages/packaging
+	rm -rf $(DRY_WORK)
+	REUSE_REFS=1 RESIDUAL_PYTHON_REF=$(CURDIR)/$(ARTIFACTS) RESIDUAL_WORK=$(DRY_WORK) PYTHON=$(DRY_VENV)/bin/python \
+	  REQUIRE_MOVED_LIBTORCH=1 BUDGET_S=1500 bash gpu-bundle/run.sh target/gpu-check-dry --dry-run
 
 doctor: build
 	cargo run --quiet -- doctor

@@ -5,7 +5,9 @@ Usage: python python_ref/bench_train.py [--depth 20] [--batch-size 128] [--steps
 
 Both time the same loop on the same model (the paper's CIFAR ResNet, 1x28x28 inputs, 10 classes):
 forward in training mode, cross-entropy, backward, SGD step (momentum 0.9, weight decay 1e-4), on a
-fixed random batch, with the same number of threads. Prints images/s for each and the ratio.
+fixed random batch, with the same number of threads and the same libtorch switches (on CUDA: TF32
+off, cuDNN benchmark on, nothing deterministic; `residual bench-train` reports its own, checked
+here). Prints images/s for each and the ratio.
 """
 
 import argparse
@@ -57,6 +59,12 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="alternate the two this many times")
     p.add_argument("--residual", default="target/debug/residual")
     a = p.parse_args()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.deterministic = False
+    ours = {"tf32_cudnn": False, "tf32_cublas": False, "cudnn_benchmark": True, "cudnn_deterministic": False,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
     threads = torch.get_num_threads()
     rust_cmd = [a.residual, "bench-train", "--arch", f"cifar_resnet{a.depth}", "--batch-size", str(a.batch_size),
                 "--steps", str(a.steps), "--warmup", str(a.warmup), "--device", a.device, "--json"]
@@ -64,7 +72,11 @@ def main():
     for _ in range(a.rounds):
         torch_runs.append(pytorch_images_per_second(a.depth, a.batch_size, a.steps, a.warmup, a.device))
         out = subprocess.run(rust_cmd, check=True, capture_output=True, text=True)
-        rust_runs.append(json.loads(out.stdout)["images_per_second"])
+        report = json.loads(out.stdout)
+        theirs = {k: v for k, v in report["switches"].items() if k != "autocast"}
+        if theirs != ours:
+            sys.exit(f"residual bench-train ran with {theirs}, PyTorch with {ours}")
+        rust_runs.append(report["images_per_second"])
     t, r = max(torch_runs), max(rust_runs)
     result = {"model": f"cifar_resnet{a.depth}", "batch": a.batch_size, "device": a.device, "threads": threads,
               "pytorch_images_per_second": t, "residual_images_per_second": r, "ratio_residual_over_pytorch": r / t,

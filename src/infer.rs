@@ -134,6 +134,16 @@ impl LoadedModel {
     }
 }
 
+/// Whether fp32 work on CUDA may use TF32 (cuDNN convolutions and cuBLAS matmuls), for the whole
+/// process. libtorch lets cuDNN convolutions use TF32 by default, which moves a resnet50's logits
+/// by ~1e-3 relative on Ampere and later GPUs; `residual infer` calls this with `false` unless
+/// `--tf32` is given, so CUDA results match the CPU's to fp32 rounding (~1e-6 relative).
+pub fn set_cuda_tf32(allow: bool) -> Result<()> {
+    use crate::backend::{set_flag, Flag};
+    set_flag(Flag::AllowTf32Cudnn, allow)?;
+    set_flag(Flag::AllowTf32Cublas, allow)
+}
+
 /// torchvision's ImageNet evaluation preprocessing (`ImageClassification`): resize the shorter side
 /// to `resize` (bilinear, antialiased), center-crop `crop`, scale to [0, 1], normalise with the
 /// ImageNet mean and std. Returns `[3, crop, crop]` float.

@@ -172,6 +172,10 @@ struct InferArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// On CUDA, let cuDNN convolutions and cuBLAS matmuls use TF32 (faster on Ampere and later,
+    /// ~1e-3 relative error); by default fp32 stays fp32, as on the CPU.
+    #[arg(long)]
+    tf32: bool,
     #[arg(long)]
     batch_size: Option<usize>,
     /// Write the pooled features (the classifier's input) instead of the output.
@@ -312,6 +316,9 @@ struct BenchArgs {
     amp: Option<AutocastDtype>,
     #[arg(long)]
     channels_last: bool,
+    /// Allow TF32 in cuDNN and cuBLAS (off by default, as in python_ref/bench_gpu.py).
+    #[arg(long)]
+    tf32: bool,
     #[arg(long)]
     json: bool,
 }
@@ -319,10 +326,16 @@ struct BenchArgs {
 impl BenchArgs {
     fn run(&self, train: bool) -> Result<ExitCode> {
         let device = parse_device(&self.device)?;
-        if device.is_cuda() {
-            residual::backend::strict_fp32()?;
-            residual::backend::set_flag(residual::backend::Flag::BenchmarkCudnn, true)?;
-        }
+        // The switches python_ref/bench_gpu.py and bench_train.py set on the PyTorch side: TF32 as
+        // asked (off by default), cuDNN benchmark on, cuDNN free to choose nondeterministic
+        // algorithms. Set on every device (harmless on the CPU) and reported with the result, so
+        // the scripts can check that both sides ran with the same ones.
+        use residual::backend::{flag, set_flag, Flag};
+        set_flag(Flag::AllowTf32Cudnn, self.tf32)?;
+        set_flag(Flag::AllowTf32Cublas, self.tf32)?;
+        set_flag(Flag::DeterministicAlgorithms, false)?;
+        set_flag(Flag::DeterministicCudnn, false)?;
+        set_flag(Flag::BenchmarkCudnn, true)?;
         let config = residual::train::bench_config(&self.arch)?;
         let channels = if self.arch.starts_with("cifar_resnet") {
             1
@@ -349,9 +362,23 @@ impl BenchArgs {
             )
         };
         if self.json {
+            let switches = serde_json::json!({
+                "tf32_cudnn": flag(Flag::AllowTf32Cudnn)?,
+                "tf32_cublas": flag(Flag::AllowTf32Cublas)?,
+                "cudnn_benchmark": flag(Flag::BenchmarkCudnn)?,
+                "cudnn_deterministic": flag(Flag::DeterministicCudnn)?,
+                "deterministic_algorithms": flag(Flag::DeterministicAlgorithms)?,
+                // What runs under autocast with --amp (null without).
+                "autocast": self.amp.map(|_| if train { "forward and loss" } else { "forward" }),
+            });
             println!(
                 "{}",
-                serde_json::json!({key: value, "threads": tch::get_num_threads()})
+                serde_json::json!({
+                    key: value,
+                    "threads": tch::get_num_threads(),
+                    "device": device_name(device),
+                    "switches": switches,
+                })
             );
         } else {
             println!("{} batch {}: {value:.3} {key}", self.arch, self.batch_size);
@@ -569,6 +596,9 @@ fn eval_command(
 
 fn infer(args: &InferArgs) -> Result<ExitCode> {
     let device = parse_device(&args.device)?;
+    if device.is_cuda() {
+        residual::infer::set_cuda_tf32(args.tf32)?;
+    }
     let config = ModelConfig::from_file(&args.config)?;
     let settings = LoadSettings {
         read: args.weight_options.read_options(),
@@ -611,7 +641,12 @@ fn infer(args: &InferArgs) -> Result<ExitCode> {
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"output": output, "shape": result.size()})
+            serde_json::json!({
+                "output": output,
+                "shape": result.size(),
+                "device": device_name(device),
+                "tf32": device.is_cuda() && args.tf32,
+            })
         );
     } else {
         println!("wrote `output` {:?} to {}", result.size(), output.display());

@@ -1,15 +1,63 @@
-//! The `residual` binary: doctor, parity report, exit codes.
+//! The `residual` binary: doctor, parity report, exit codes, and how it finds libtorch.
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Whether the binary under test is the GPU bundle's (`run.sh` sets `RESIDUAL_BIN`). Those have no
+/// run path: they reach the host's libtorch only through the `LD_LIBRARY_PATH` run.sh sets.
+fn bundled() -> bool {
+    std::env::var_os("RESIDUAL_BIN").is_some()
+}
+
 fn residual(args: &[&str]) -> std::process::Output {
-    Command::new(common::residual_bin())
-        .args(args)
-        .env_remove("LD_LIBRARY_PATH")
-        .output()
-        .expect("cannot run the residual binary")
+    let mut command = Command::new(common::residual_bin());
+    command.args(args);
+    if !bundled() {
+        // cargo's binary must find libtorch through its run path alone.
+        command.env_remove("LD_LIBRARY_PATH");
+    }
+    let out = command.output().expect("cannot run the residual binary");
+    // A binary that cannot load libtorch exits 127 before main: that is never the failure a test
+    // expects.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() != Some(127) && !stderr.contains("error while loading shared libraries"),
+        "the residual binary did not start: {stderr}"
+    );
+    out
+}
+
+fn canonical(path: &Path) -> PathBuf {
+    path.canonicalize()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// cargo's binary runs without `LD_LIBRARY_PATH` on the libtorch it was built against (its run
+/// path); the bundled binary runs on the libtorch of the first `LD_LIBRARY_PATH` entry that has one.
+#[test]
+fn the_binary_finds_libtorch() {
+    let out = residual(&["doctor", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let loaded = canonical(Path::new(report["libtorch_path"].as_str().unwrap()));
+    if bundled() {
+        let path = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+        let expected = path
+            .split(':')
+            .map(Path::new)
+            .find(|dir| dir.join("libtorch_cpu.so").exists())
+            .expect("the bundle runs with libtorch on LD_LIBRARY_PATH");
+        assert_eq!(loaded, canonical(expected), "LD_LIBRARY_PATH={path}");
+    } else {
+        let built = Path::new(env!("RESIDUAL_LIBTORCH_LIB"));
+        assert_eq!(loaded, canonical(built), "run without LD_LIBRARY_PATH");
+    }
 }
 
 #[test]
@@ -83,7 +131,11 @@ fn parity_json_has_one_passing_row_per_case() {
 fn parity_table_and_failures() {
     let out = residual(&["parity", "--filter", "sid_residual_block"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success());
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         stdout.contains("sid_residual_block") && stdout.contains("PASS"),
         "{stdout}"
@@ -91,9 +143,22 @@ fn parity_table_and_failures() {
     assert!(stdout.contains("1 of 1 rows pass"), "{stdout}");
 
     let missing = residual(&["parity", "--artifacts", "/nonexistent"]);
-    assert!(!missing.status.success());
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("make artifacts"));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(missing.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot run the parity report")
+            && stderr.contains("/nonexistent")
+            && stderr.contains("make artifacts"),
+        "{stderr}"
+    );
 
     let bad_device = residual(&["parity", "--device", "tpu"]);
-    assert!(!bad_device.status.success());
+    let stderr = String::from_utf8_lossy(&bad_device.stderr);
+    // clap's usage error (exit 2) names the value and the choices.
+    assert_eq!(bad_device.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("invalid value 'tpu'")
+            && stderr.contains("[possible values: cpu, cuda, all]"),
+        "{stderr}"
+    );
 }

@@ -1,4 +1,6 @@
 //! Inference from files: preprocessing parity with torchvision, and `residual infer` end to end.
+//! The CPU tests pin `--device cpu` (the default, `auto`, would pick a GPU where there is one);
+//! `infer_on_cuda_matches_the_cpu_references` covers CUDA, with TF32 off.
 
 mod common;
 
@@ -37,8 +39,21 @@ fn image_preprocessing_matches_torchvision() {
     assert!(diff <= 1e-6, "{diff}");
     let jpeg = residual::infer::preprocess_image(&fx.join("image.jpg"), 256, 224).unwrap();
     assert_eq!(jpeg.size(), vec![3, 224, 224]);
-    assert!(residual::infer::preprocess_image(&fx.join("resnet50.pth"), 256, 224).is_err());
-    assert!(residual::infer::preprocess_image(&fx.join("image.png"), 200, 224).is_err());
+    let not_an_image = residual::infer::preprocess_image(&fx.join("resnet50.pth"), 256, 224)
+        .map(|_| ())
+        .unwrap_err();
+    let message = format!("{not_an_image:#}");
+    assert!(
+        message.starts_with("cannot decode image") && message.contains("resnet50.pth"),
+        "{message}"
+    );
+    let small = residual::infer::preprocess_image(&fx.join("image.png"), 200, 224)
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(
+        format!("{small:#}"),
+        "--resize 200 is smaller than the crop 224"
+    );
 }
 
 fn residual(args: &[&str]) -> (bool, String, String) {
@@ -53,11 +68,31 @@ fn residual(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// `residual infer --config CONFIG --weights WEIGHTS` followed by `rest`.
+/// `residual infer --config CONFIG --weights WEIGHTS --device cpu` followed by `rest`.
 fn infer(config: &Path, weights: &Path, rest: &[&str]) -> (bool, String, String) {
-    let mut args = vec!["infer", "--config", s(config), "--weights", s(weights)];
+    infer_on("cpu", config, weights, rest)
+}
+
+/// `residual infer` on `device`.
+fn infer_on(device: &str, config: &Path, weights: &Path, rest: &[&str]) -> (bool, String, String) {
+    let mut args = vec![
+        "infer",
+        "--config",
+        s(config),
+        "--weights",
+        s(weights),
+        "--device",
+        device,
+    ];
     args.extend_from_slice(rest);
     residual(&args)
+}
+
+/// max |a - b| / max |b|: the CUDA comparisons, whose errors scale with the outputs' magnitude.
+fn max_rel_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    let scale = b.abs().max().double_value(&[]);
+    assert!(scale > 0.0, "all-zero reference");
+    max_abs_diff(a, b).unwrap() / scale
 }
 
 fn temp_dir(tag: &str) -> PathBuf {
@@ -82,7 +117,7 @@ fn infer_runs_pytorch_checkpoints_end_to_end() {
     let (ok, stdout, stderr) = infer(
         &config,
         &fx.join("resnet50_wrapped_ddp.pth"),
-        &["--input", s(&io), "--output", s(&out), "--device", "cpu"],
+        &["--input", s(&io), "--output", s(&out)],
     );
     assert!(ok, "{stdout}{stderr}");
     let diff = max_abs_diff(&tensor(&out, "output"), &tensor(&io, "logits")).unwrap();
@@ -291,4 +326,99 @@ fn inspect_and_convert() {
     let (ok, _, stderr) = residual(&["inspect", s(&dir.join("missing.pth"))]);
     assert!(!ok && stderr.contains("cannot open checkpoint"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `residual infer --device cuda` against the CPU references: TF32 off (the default), so the only
+/// differences are fp32 rounding in other kernels, judged relative to the outputs' scale
+/// (resnet50's logits are ~600); with `--tf32`, only a sanity bound.
+#[test]
+fn infer_on_cuda_matches_the_cpu_references() {
+    if common::cuda_or_skip().is_some() {
+        infer_matches_the_references_on("cuda", "cuda:0");
+    }
+}
+
+/// The same comparison on the CPU, so that everything but the numbers is exercised where there is
+/// no GPU.
+#[test]
+fn infer_device_comparison_runs_on_the_cpu() {
+    infer_matches_the_references_on("cpu", "cpu");
+}
+
+fn infer_matches_the_references_on(device: &str, name: &str) {
+    let cuda = device != "cpu";
+    let fx = fixtures();
+    let dir = temp_dir(device);
+    let config = dir.join("resnet50.json");
+    std::fs::write(&config, r#"{"arch": "resnet50"}"#).unwrap();
+    let io = fx.join("resnet50_io.safetensors");
+    let logits = tensor(&io, "logits");
+    let out = dir.join("out.safetensors");
+    for extra in [&[][..], &["--batch-size", "1"][..], &["--tf32"][..]] {
+        let tf32 = extra.contains(&"--tf32");
+        let mut rest = vec!["--input", s(&io), "--output", s(&out), "--json"];
+        rest.extend_from_slice(extra);
+        let (ok, stdout, stderr) = infer_on(device, &config, &fx.join("resnet50.pth"), &rest);
+        assert!(ok, "{extra:?}: {stdout}{stderr}");
+        let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(report["device"], name, "{report}");
+        // TF32 exists only on CUDA; `--tf32` changes nothing elsewhere.
+        assert_eq!(report["tf32"], cuda && tf32, "{report}");
+        let rel = max_rel_diff(&tensor(&out, "output"), &logits);
+        println!("resnet50 on {device} {extra:?}: max|Δ|/max|ref| = {rel:e}");
+        let tolerance = if cuda && tf32 { 1e-2 } else { 1e-5 };
+        assert!(rel <= tolerance, "{extra:?}: {rel:e} > {tolerance:e}");
+    }
+
+    let refs = residual::parity::default_artifacts_dir();
+    let manifest = residual::parity::Manifest::load(&refs).unwrap();
+    for case_name in [
+        "sid_classifier_small_eval",
+        "conv_sds_head_small_eval",
+        "cifar_resnet20_b",
+    ] {
+        let case = manifest.case(case_name).unwrap();
+        let config = dir.join(format!("{case_name}.json"));
+        std::fs::write(&config, case.config.to_string()).unwrap();
+        let case_dir = manifest.case_dir(case);
+        let out = dir.join(format!("{case_name}.safetensors"));
+        let (ok, stdout, stderr) = infer_on(
+            device,
+            &config,
+            &case_dir.join("state_dict.pth"),
+            &[
+                "--input",
+                s(&case_dir.join("inputs.safetensors")),
+                "--output",
+                s(&out),
+            ],
+        );
+        assert!(ok, "{case_name}: {stdout}{stderr}");
+        let rel = max_rel_diff(
+            &tensor(&out, "output"),
+            &tensor(&case_dir.join("outputs.safetensors"), "output"),
+        );
+        println!("{case_name} on {device}: max|Δ|/max|ref| = {rel:e}");
+        assert!(rel <= 1e-5, "{case_name}: {rel:e}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Without CUDA, `--device cuda` fails before loading anything, and says why.
+#[test]
+fn infer_refuses_a_missing_gpu() {
+    if tch::Cuda::is_available() {
+        return;
+    }
+    let fx = fixtures();
+    let (ok, _, stderr) = infer_on(
+        "cuda",
+        &fx.join("missing.json"),
+        &fx.join("resnet50.pth"),
+        &["--image", s(&fx.join("image.png"))],
+    );
+    assert!(
+        !ok && stderr.contains("device cuda:0 requested but no CUDA device is available"),
+        "{stderr}"
+    );
 }

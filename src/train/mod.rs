@@ -887,6 +887,16 @@ pub struct BenchSettings {
     pub channels_last: bool,
 }
 
+/// Runs `f` under CUDA autocast when `amp` is set (the dtype is set by [`timed`]).
+fn autocast<T>(amp: Option<AutocastDtype>, f: impl FnOnce() -> T) -> T {
+    match amp {
+        Some(_) => tch::autocast(true, f),
+        None => f(),
+    }
+}
+
+/// Seconds per call of `step` after `settings.warmup` untimed calls. Autocast is the caller's:
+/// the training step casts only forward and loss, as PyTorch's `torch.autocast` recipe does.
 fn timed(settings: &BenchSettings, mut step: impl FnMut() -> Result<Tensor>) -> Result<f64> {
     if let Some(dtype) = settings.amp {
         if !settings.device.is_cuda() {
@@ -894,12 +904,8 @@ fn timed(settings: &BenchSettings, mut step: impl FnMut() -> Result<Tensor>) -> 
         }
         crate::backend::set_autocast_dtype(dtype)?;
     }
-    let mut run = || match settings.amp {
-        Some(_) => tch::autocast(true, &mut step),
-        None => step(),
-    };
     for _ in 0..settings.warmup {
-        let _ = run()?;
+        let _ = step()?;
     }
     let sync = || {
         if let Device::Cuda(i) = settings.device {
@@ -910,7 +916,7 @@ fn timed(settings: &BenchSettings, mut step: impl FnMut() -> Result<Tensor>) -> 
     let start = Instant::now();
     let mut last = None;
     for _ in 0..settings.steps {
-        last = Some(run()?);
+        last = Some(step()?);
     }
     if let Some(t) = last {
         t.sum(Kind::Float).double_value(&[]);
@@ -921,6 +927,8 @@ fn timed(settings: &BenchSettings, mut step: impl FnMut() -> Result<Tensor>) -> 
 
 /// Images per second of the training step (forward, cross-entropy, backward, SGD with momentum
 /// 0.9 and weight decay 1e-4) on a fixed random batch; the twin of the python_ref benchmarks.
+/// With `amp`, forward and loss run under autocast, backward and the SGD step outside it (as
+/// `python_ref/bench_gpu.py` does).
 pub fn benchmark(config: &ModelConfig, settings: &BenchSettings) -> Result<f64> {
     tch::manual_seed(0);
     let device = settings.device;
@@ -944,7 +952,9 @@ pub fn benchmark(config: &ModelConfig, settings: &BenchSettings) -> Result<f64> 
     let mut inputs = Inputs::new();
     inputs.insert("input".into(), x);
     let seconds = timed(settings, || {
-        let loss = logits_loss(&model.forward_named(&inputs, true)?, &y, 0.0);
+        let loss = autocast(settings.amp, || -> Result<Tensor> {
+            Ok(logits_loss(&model.forward_named(&inputs, true)?, &y, 0.0))
+        })?;
         sgd.zero_grad();
         loss.backward();
         sgd.step(0.1);
@@ -953,7 +963,7 @@ pub fn benchmark(config: &ModelConfig, settings: &BenchSettings) -> Result<f64> 
     Ok(settings.shape[0] as f64 / seconds)
 }
 
-/// Milliseconds per eval-mode forward of a random batch.
+/// Milliseconds per eval-mode forward of a random batch (under autocast with `amp`).
 pub fn bench_inference(config: &ModelConfig, settings: &BenchSettings) -> Result<f64> {
     tch::manual_seed(0);
     let vs = VarStore::new(settings.device);
@@ -966,6 +976,10 @@ pub fn bench_inference(config: &ModelConfig, settings: &BenchSettings) -> Result
     };
     let mut inputs = Inputs::new();
     inputs.insert("input".into(), x);
-    let seconds = tch::no_grad(|| timed(settings, || model.forward_named(&inputs, false)))?;
+    let seconds = tch::no_grad(|| {
+        timed(settings, || {
+            autocast(settings.amp, || model.forward_named(&inputs, false))
+        })
+    })?;
     Ok(seconds * 1e3)
 }
