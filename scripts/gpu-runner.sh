@@ -343,7 +343,7 @@ if begin speed "$speed_expected" 60 300; then
 fi
 
 if ((dry)); then
-  settings=(--depths 8,14 --subset 256 --epochs 1 --batch-size 64 --device cpu --quiet)
+  settings=(--depths 8,14 --seeds 1 --subset 256 --epochs 1 --batch-size 64 --device cpu --quiet)
   precisions=(fp32)
   expected=60 limit=300 tag=dry
   echo
@@ -351,7 +351,7 @@ if ((dry)); then
 else
   epochs=${EPOCHS:-6}
   ((quick)) && epochs=1
-  settings=(--depths 20,56 --epochs "$epochs" --batch-size 128 --device cuda --cudnn-benchmark --quiet)
+  settings=(--depths 20,56 --seeds 1 --epochs "$epochs" --batch-size 128 --device cuda --cudnn-benchmark --quiet)
   precisions=(bf16 fp32)
   expected=$((10 + 25 * epochs)) limit=$((60 + 60 * epochs)) tag=${epochs}ep
 fi

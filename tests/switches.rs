@@ -17,7 +17,7 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 #[test]
-fn every_switch_reads_back_and_the_guard_restores_them() {
+fn libtorch_switches_read_back_and_the_guard_restores_them() {
     let _lock = lock();
     let before = Switches::current().unwrap();
     {

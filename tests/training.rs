@@ -923,7 +923,7 @@ fn the_fp16_loss_scale_halves_on_overflow_grows_back_and_is_saved() {
 }
 
 #[test]
-fn sgd_makes_its_step_scalars_once_and_follows_the_rate() {
+fn sgd_makes_its_step_scalars_once_on_cpu_and_cuda() {
     use residual::train::Sgd;
     let devices = if tch::Cuda::is_available() {
         vec![Device::Cpu, Device::Cuda(0)]
