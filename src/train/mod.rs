@@ -317,7 +317,7 @@ pub struct Trainer {
 /// on the host in between.
 pub const READ_EVERY: i64 = 20;
 
-fn logits_loss(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Tensor {
+pub fn logits_loss(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Tensor {
     logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
         labels,
         None,
