@@ -81,7 +81,8 @@ pub struct CaseSpec {
     pub mode: String,
     /// `"weighted_sum"` (`sum(output * cotangent)`) or `"qa_span"` (the span loss).
     pub loss: String,
-    /// How the TorchScript module was made: `"script"` or `"trace"`.
+    /// How the TorchScript module was made: `"script"` or `"trace"`; `"none"` for compact cases,
+    /// which have no module.pt.
     pub torchscript: String,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
@@ -93,6 +94,45 @@ pub struct CaseSpec {
     /// SGD steps after the backward; `after_step.safetensors` holds the state they lead to.
     #[serde(default)]
     pub sgd: Option<SgdSpec>,
+    /// Compact cases: the state_dict entries not stored but regenerated with [`hashed_weight`].
+    #[serde(default)]
+    pub seeded_weights: BTreeMap<String, SeededWeight>,
+}
+
+/// How export.py made a weight it did not store: `hashed_uniform(numel, seed) * std`, reshaped;
+/// `sum` is the float64 sum of the values, to detect any disagreement between the two sides.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct SeededWeight {
+    pub seed: i64,
+    pub std: f64,
+    pub sum: f64,
+}
+
+/// `n` float32 values in [-√3, √3) from a hash of (index, seed), op for op as export.py's
+/// `hashed_uniform` computes them (float64 libtorch element-wise kernels, so both sides agree).
+pub fn hashed_uniform(n: i64, seed: i64) -> Tensor {
+    let idx = Tensor::arange(n, (Kind::Double, Device::Cpu));
+    let x = ((idx * 12.9898) + seed as f64 * 78.233).sin() * 43758.5453;
+    let u = &x - x.floor();
+    ((u - 0.5) * 12f64.sqrt()).to_kind(Kind::Float)
+}
+
+/// The weight `spec` describes, of `shape`, checked against its checksum.
+pub fn hashed_weight(key: &str, shape: &[i64], spec: &SeededWeight) -> Result<Tensor> {
+    let n = shape.iter().product::<i64>();
+    let value = hashed_uniform(n, spec.seed).reshape(shape) * spec.std;
+    let sum = value
+        .to_kind(Kind::Double)
+        .sum(Kind::Double)
+        .double_value(&[]);
+    if (sum - spec.sum).abs() > 1e-9 * spec.sum.abs().max(1.0) {
+        bail!(
+            "regenerated weight `{key}` sums to {sum}, the reference's to {}: the two sides \
+             disagree on hashed_uniform",
+            spec.sum
+        );
+    }
+    Ok(value)
 }
 
 /// Optimizer settings of a training-step case: `torch.optim.SGD` on PyTorch's side (with a
@@ -284,8 +324,9 @@ pub struct CaseOutcome {
     pub torchscript_params: Diff,
     /// Every output (and the loss) against the eager PyTorch outputs, by output name.
     pub forward_eager: BTreeMap<String, Diff>,
-    /// The output against the TorchScript module run from Rust.
-    pub forward_torchscript: Diff,
+    /// The output against the TorchScript module run from Rust (None for compact cases, which
+    /// have no module.pt).
+    pub forward_torchscript: Option<Diff>,
     /// The input gradients, and the parameter gradients.
     pub grad_inputs: Diff,
     pub grad_params: Diff,
@@ -302,9 +343,7 @@ pub struct CaseOutcome {
 impl CaseOutcome {
     /// Every output against eager PyTorch and TorchScript.
     pub fn forward(&self) -> Diff {
-        let mut d = Diff::merged(self.forward_eager.values());
-        d.merge(&self.forward_torchscript);
-        d
+        Diff::merged(self.forward_eager.values().chain(&self.forward_torchscript))
     }
 
     /// Input and parameter gradients.
@@ -521,37 +560,56 @@ pub fn run_case(manifest: &Manifest, case: &CaseSpec, device: Device) -> Result<
         .with_context(|| format!("case {}: config", case.name))?;
     let vs = VarStore::new(device);
     let model = config.build(vs.root())?;
-    let state = StateDict::read_safetensors(&dir.join("state_dict.safetensors"))?;
-    let load = load_state_dict(&vs, &state, false)?;
+    let mut state = StateDict::read_safetensors(&dir.join("state_dict.safetensors"))?;
     let vars = vs.variables();
+    for (key, spec) in &case.seeded_weights {
+        let var = vars.get(key).with_context(|| {
+            format!(
+                "case {}: seeded weight `{key}` is not in the model",
+                case.name
+            )
+        })?;
+        state
+            .entries
+            .push((key.clone(), hashed_weight(key, &var.size(), spec)?));
+    }
+    let load = load_state_dict(&vs, &state, false)?;
     let mut cmp = Comparer::default();
 
     // TorchScript: same parameter names and values as the Rust model.
-    let mut scripted = CModule::load_on_device(dir.join("module.pt"), device)
-        .with_context(|| format!("cannot load TorchScript module of case {}", case.name))?;
-    if case.train() {
-        scripted.f_set_train()?;
+    let scripted = if case.torchscript == "none" {
+        None
     } else {
-        scripted.f_set_eval()?;
-    }
-    let ts_params = scripted.named_parameters()?;
+        let mut m = CModule::load_on_device(dir.join("module.pt"), device)
+            .with_context(|| format!("cannot load TorchScript module of case {}", case.name))?;
+        if case.train() {
+            m.f_set_train()?;
+        } else {
+            m.f_set_eval()?;
+        }
+        Some(m)
+    };
     let mut torchscript_only = Vec::new();
     let mut torchscript_params = Diff::default();
-    for (name, value) in &ts_params {
-        match vars.get(name) {
-            Some(var) => {
-                let d = cmp.diff(&format!("parameter {name}"), var, value)?;
-                torchscript_params.merge(&d);
+    let mut rust_only = Vec::new();
+    if let Some(scripted) = &scripted {
+        let ts_params = scripted.named_parameters()?;
+        for (name, value) in &ts_params {
+            match vars.get(name) {
+                Some(var) => {
+                    let d = cmp.diff(&format!("parameter {name}"), var, value)?;
+                    torchscript_params.merge(&d);
+                }
+                None => torchscript_only.push(name.clone()),
             }
-            None => torchscript_only.push(name.clone()),
         }
+        rust_only = vars
+            .iter()
+            .filter(|(name, t)| t.requires_grad() && !ts_params.iter().any(|(n, _)| n == *name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        rust_only.sort();
     }
-    let mut rust_only: Vec<String> = vars
-        .iter()
-        .filter(|(name, t)| t.requires_grad() && !ts_params.iter().any(|(n, _)| n == *name))
-        .map(|(name, _)| name.clone())
-        .collect();
-    rust_only.sort();
 
     // Forward, against eager PyTorch and against TorchScript.
     let inputs_cpu = read_named(&dir.join("inputs.safetensors"))?;
@@ -579,13 +637,18 @@ pub fn run_case(manifest: &Manifest, case: &CaseSpec, device: Device) -> Result<
         )?,
     );
 
-    let ordered: Vec<Tensor> = model
-        .input_names()
-        .iter()
-        .map(|n| inputs[*n].detach())
-        .collect();
-    let ts_out = tch::no_grad(|| scripted.forward_ts(&ordered))?;
-    let forward_torchscript = cmp.diff("output (TorchScript)", &output, &ts_out)?;
+    let forward_torchscript = match &scripted {
+        Some(scripted) => {
+            let ordered: Vec<Tensor> = model
+                .input_names()
+                .iter()
+                .map(|n| inputs[*n].detach())
+                .collect();
+            let ts_out = tch::no_grad(|| scripted.forward_ts(&ordered))?;
+            Some(cmp.diff("output (TorchScript)", &output, &ts_out)?)
+        }
+        None => None,
+    };
 
     // The scalar loss and its gradients.
     if case.loss == "qa_span" {
@@ -610,6 +673,11 @@ pub fn run_case(manifest: &Manifest, case: &CaseSpec, device: Device) -> Result<
             (inputs.get(name).map(Tensor::grad), &mut grad_inputs)
         } else if let Some(name) = key.strip_prefix("param.") {
             (vars.get(name).map(Tensor::grad), &mut grad_params)
+        } else if let Some(name) = key.strip_prefix("param_rows.") {
+            let rows = expected.size().first().copied().unwrap_or(0);
+            let grad = vars.get(name).map(Tensor::grad);
+            let grad = grad.map(|g| if g.defined() { g.narrow(0, 0, rows) } else { g });
+            (grad, &mut grad_params)
         } else {
             bail!("unexpected entry `{key}` in grads.safetensors");
         };
@@ -627,7 +695,9 @@ pub fn run_case(manifest: &Manifest, case: &CaseSpec, device: Device) -> Result<
         }
     }
     for (name, var) in &vars {
-        if var.requires_grad() && !grads.contains_key(&format!("param.{name}")) {
+        let exported = grads.contains_key(&format!("param.{name}"))
+            || grads.contains_key(&format!("param_rows.{name}"));
+        if var.requires_grad() && !exported {
             grad_missing.push(format!("param.{name} (not exported)"));
         }
     }

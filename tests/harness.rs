@@ -393,3 +393,71 @@ fn sgd_and_loss_settings_each_change_the_result() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A compact case (weights regenerated, gradients of weights by their first rows, no TorchScript).
+const COMPACT_CASE: &str = "resnet18_shortcut_a";
+
+#[test]
+fn compact_cases_regenerate_their_weights_and_compare_gradient_rows() {
+    let source = common::manifest();
+    let case = source.case(COMPACT_CASE).unwrap();
+    assert_eq!(case.torchscript, "none");
+    assert!(case.seeded_weights.contains_key("layer1.0.conv1.weight"));
+    let key = "param_rows.layer1.0.conv1.weight";
+
+    let dir = temp_dir("compact");
+    let manifest = copy_case(&source, COMPACT_CASE, &dir);
+    assert!(!dir.join(COMPACT_CASE).join("module.pt").exists());
+    let clean =
+        parity::run_case(&manifest, manifest.case(COMPACT_CASE).unwrap(), Device::Cpu).unwrap();
+    assert!(clean.pass(), "{:?}", clean.problems());
+    assert!(clean.forward_torchscript.is_none());
+
+    perturb(&dir, COMPACT_CASE, "grads.safetensors", key, |t| t * 1.01);
+    let bad =
+        parity::run_case(&manifest, manifest.case(COMPACT_CASE).unwrap(), Device::Cpu).unwrap();
+    assert!(!bad.pass());
+    assert_eq!(bad.grad_params.worst, format!("grad {key}"));
+    assert!(bad.grad_params.rel > 1e-3, "{:?}", bad.grad_params);
+
+    copy_case(&source, COMPACT_CASE, &dir);
+    perturb(&dir, COMPACT_CASE, "grads.safetensors", key, |t| {
+        with_first(t, f64::NAN)
+    });
+    let bad =
+        parity::run_case(&manifest, manifest.case(COMPACT_CASE).unwrap(), Device::Cpu).unwrap();
+    assert!(!bad.pass());
+    assert!(
+        bad.non_finite.contains(&format!("grad {key} (reference)")),
+        "{:?}",
+        bad.non_finite
+    );
+
+    // A recipe the Rust side cannot reproduce is an error that names the weight.
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [Edit; 2] = [
+        |c| {
+            let std = c["seeded_weights"]["layer1.0.conv1.weight"]["std"]
+                .as_f64()
+                .unwrap();
+            c["seeded_weights"]["layer1.0.conv1.weight"]["std"] = (std * 1.001).into();
+        },
+        |c| {
+            let seed = c["seeded_weights"]["layer1.0.conv1.weight"]["seed"]
+                .as_i64()
+                .unwrap();
+            c["seeded_weights"]["layer1.0.conv1.weight"]["seed"] = (seed + 1).into();
+        },
+    ];
+    for edit in edits {
+        copy_case(&source, COMPACT_CASE, &dir);
+        let manifest = edit_case(&dir, edit);
+        let err = parity::run_case(&manifest, manifest.case(COMPACT_CASE).unwrap(), Device::Cpu)
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("regenerated weight `layer1.0.conv1.weight`"),
+            "{err:#}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

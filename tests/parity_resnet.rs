@@ -18,6 +18,10 @@ fn torchvision_resnets_match_on_cpu() {
     }
     let steps = outcomes.iter().filter(|o| o.after_step.is_some()).count();
     assert!(steps >= 2, "training-step cases missing");
+    assert!(
+        outcomes.iter().any(|o| o.forward_torchscript.is_some()),
+        "no torchvision case compared against TorchScript"
+    );
 }
 
 #[test]
