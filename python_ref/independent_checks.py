@@ -2,7 +2,7 @@
 by other hands, so that the parity tests do not merely compare the port with its author's own
 reading of the originals.
 
-Usage: python python_ref/independent_checks.py [--seed-dir DIR] [--json]
+Usage: python python_ref/independent_checks.py [--seed-dir DIR] [--original FILE] [--json]
 
 * torchvision: `resnet_ref.ResNet` with shortcut option B (not plain) is torchvision's ResNet; for
   resnet18/34/50 the state_dict keys and shapes must be the same in the same order, the same seed
@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import io
 import json
+import linecache
 import os
 import re
 import sys
@@ -112,21 +113,20 @@ def cifar_parameter_counts() -> None:
               f"{count} parameters = {ours}M")
 
 
-def load_original() -> types.ModuleType:
+def load_original(path: str) -> types.ModuleType:
     """The vendored original, with `SiDLayer.forward`'s return annotation (a tuple, for a function
     returning one tensor, which TorchScript rejects) patched to `torch.Tensor`; nothing else."""
-    with open(ORIGINAL) as f:
+    with open(path) as f:
         text = f.read()
     if text.count(WRONG_ANNOTATION) != 1:
-        raise RuntimeError(f"{ORIGINAL}: expected exactly one `{WRONG_ANNOTATION}`")
+        raise RuntimeError(f"{path}: expected exactly one `{WRONG_ANNOTATION}`")
     text = text.replace(WRONG_ANNOTATION, "-> torch.Tensor:")
     module = types.ModuleType("sid_original")
-    module.__file__ = ORIGINAL
+    module.__file__ = path
     sys.modules[module.__name__] = module
-    exec(compile(text, ORIGINAL, "exec"), module.__dict__)  # noqa: S102 - a vendored test oracle
-    # TorchScript reads a module's source with inspect, which needs its lines.
-    import linecache
-    linecache.cache[ORIGINAL] = (len(text), None, text.splitlines(True), ORIGINAL)
+    # TorchScript reads a module's source with inspect, which needs the patched lines.
+    linecache.cache[path] = (len(text), None, text.splitlines(True), path)
+    exec(compile(text, path, "exec"), module.__dict__)  # noqa: S102 - a vendored test oracle
     return module
 
 
@@ -195,7 +195,7 @@ def code_tokens(text: str):
     return out
 
 
-def seed_block_is_the_original(seed_dir: str) -> None:
+def seed_block_is_the_original(seed_dir: str, original_path: str) -> None:
     path = os.path.join(seed_dir, SEED_DOC)
     if not os.path.exists(path):
         check("sid/seed: the seed document's SiDResidualBlock is the original's", False,
@@ -205,7 +205,7 @@ def seed_block_is_the_original(seed_dir: str) -> None:
         seed = f.read()
     quoted = re.search(r"class SiDResidualBlock\(nn\.Module\):.*?return hidden_states \+ "
                        r"self\.dropout\(output\)", seed, re.S)
-    with open(ORIGINAL) as f:
+    with open(original_path) as f:
         original = f.read()
     block = re.search(r"class SiDResidualBlock\(nn\.Module\):.*?return hidden_states \+ "
                       r"self\.dropout\(output\)", original, re.S)
@@ -227,17 +227,24 @@ def seed_block_is_the_original(seed_dir: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed-dir", default=os.path.join(HERE, "..", "..", "shared", "seed"))
+    parser.add_argument("--original", default=ORIGINAL, help="the vendored original modeling.py")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
 
+    def guarded(name, f, *fargs):
+        try:
+            f(*fargs)
+        except Exception as err:  # noqa: BLE001 - a check that raises fails, with the reason
+            check(f"{name}: raised", False, f"{type(err).__name__}: {err}")
+
     for arch, block, layers in [("resnet18", RR.BasicBlock, [2, 2, 2, 2]),
                                 ("resnet34", RR.BasicBlock, [3, 4, 6, 3]),
                                 ("resnet50", RR.Bottleneck, [3, 4, 6, 3])]:
-        torchvision_coincides(arch, block, layers)
-    cifar_parameter_counts()
-    sid_matches_original(load_original())
-    seed_block_is_the_original(args.seed_dir)
+        guarded(f"torchvision/{arch}", torchvision_coincides, arch, block, layers)
+    guarded("paper", cifar_parameter_counts)
+    guarded("sid/original", lambda: sid_matches_original(load_original(args.original)))
+    guarded("sid/seed", seed_block_is_the_original, args.seed_dir, args.original)
 
     if args.json:
         print(json.dumps(results, indent=1))

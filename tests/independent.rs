@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use residual::ModelConfig;
@@ -30,6 +31,17 @@ const EXPECTED: &[&str] = &[
     "sid/seed: the seed document's SiDResidualBlock is the original's",
 ];
 
+/// `path` under `$RESIDUAL_SOURCE` where it exists there, else under the tree cargo built from (a
+/// GPU bundle ships python_ref/*.py but not the oracle or the seed document).
+fn in_source_tree(path: &str) -> PathBuf {
+    let bundled = common::source_dir().join(path);
+    if bundled.exists() {
+        bundled
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+    }
+}
+
 #[test]
 fn references_agree_with_torchvision_the_paper_and_the_original_sid() {
     let python =
@@ -38,8 +50,10 @@ fn references_agree_with_torchvision_the_paper_and_the_original_sid() {
     let out = Command::new(&python)
         .arg(source.join("python_ref/independent_checks.py"))
         .arg("--json")
+        .arg("--original")
+        .arg(in_source_tree("python_ref/original/modeling.py"))
         .arg("--seed-dir")
-        .arg(source.join("../shared/seed"))
+        .arg(in_source_tree("../shared/seed"))
         .output()
         .expect("cannot run python");
     let stdout = String::from_utf8_lossy(&out.stdout);
