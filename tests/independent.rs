@@ -32,7 +32,8 @@ const EXPECTED: &[&str] = &[
 ];
 
 /// `path` under `$RESIDUAL_SOURCE` where it exists there, else under the tree cargo built from (a
-/// GPU bundle ships python_ref/*.py but not the oracle or the seed document).
+/// GPU bundle ships python_ref/*.py but not the oracle or the seed document). The seed document's
+/// folder can also be given as `$RESIDUAL_SEED_DIR`.
 fn in_source_tree(path: &str) -> PathBuf {
     let bundled = common::source_dir().join(path);
     if bundled.exists() {
@@ -53,7 +54,10 @@ fn references_agree_with_torchvision_the_paper_and_the_original_sid() {
         .arg("--original")
         .arg(in_source_tree("python_ref/original/modeling.py"))
         .arg("--seed-dir")
-        .arg(in_source_tree("../shared/seed"))
+        .arg(
+            std::env::var_os("RESIDUAL_SEED_DIR")
+                .map_or_else(|| in_source_tree("../shared/seed"), PathBuf::from),
+        )
         .output()
         .expect("cannot run python");
     let stdout = String::from_utf8_lossy(&out.stdout);
