@@ -52,6 +52,10 @@ while read -r name exe; do
 done < "$bundle/tests.txt"
 rm "$bundle/tests.txt"
 cp python_ref/*.py python_ref/requirements.txt "$bundle/python_ref/"
+# The independent checks' oracles: the original SiD code and the seed document.
+cp -r python_ref/original "$bundle/python_ref/"
+mkdir -p "$bundle/seed"
+cp ../shared/seed/*.txt "$bundle/seed/" 2>/dev/null || echo "note: ../shared/seed not found; the bundle's independent checks will lack the seed document"
 # export.py needs safetensors (and its packaging), which PyTorch does not bring: run.sh falls back to
 # these copies when the host's Python lacks them (safetensors is an abi3 wheel: any CPython >= 3.8).
 mkdir -p "$bundle/python_ref/vendor"

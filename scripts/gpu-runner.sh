@@ -184,6 +184,7 @@ fi
 # The bundled binaries have no run path: this is how they find the host's libtorch.
 export LD_LIBRARY_PATH="$torch_dir/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export RESIDUAL_BIN="$work/bin/residual" RESIDUAL_SOURCE="$here" RESIDUAL_PYTHON="$(command -v "$python")"
+export RESIDUAL_SEED_DIR=${RESIDUAL_SEED_DIR:-$here/seed}
 export RESIDUAL_PYTHON_REF=${RESIDUAL_PYTHON_REF:-$work/python_ref}
 bin=$RESIDUAL_BIN
 device=cuda

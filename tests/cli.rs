@@ -114,13 +114,29 @@ fn parity_json_has_one_passing_row_per_case() {
             "dtype",
             "max_abs_forward",
             "max_abs_grad",
-            "tolerance",
+            "max_rel_forward",
+            "max_rel_grad",
+            "tolerance_rel_forward",
+            "tolerance_rel_grad",
+            "non_finite",
             "pass",
         ] {
             assert!(row.get(key).is_some(), "row lacks {key}: {row}");
         }
         assert_eq!(row["pass"], true, "{row}");
-        assert!(row["max_abs_forward"].as_f64().unwrap() <= row["tolerance"].as_f64().unwrap());
+        let value = |key: &str| {
+            row[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{key} is not a number: {row}"))
+        };
+        assert!(
+            value("max_rel_forward") <= value("tolerance_rel_forward"),
+            "{row}"
+        );
+        assert!(
+            value("max_rel_grad") <= value("tolerance_rel_grad"),
+            "{row}"
+        );
     }
     if devices == 1 {
         assert!(String::from_utf8_lossy(&out.stderr).contains("skipped: no CUDA device"));

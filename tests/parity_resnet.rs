@@ -18,6 +18,10 @@ fn torchvision_resnets_match_on_cpu() {
     }
     let steps = outcomes.iter().filter(|o| o.after_step.is_some()).count();
     assert!(steps >= 2, "training-step cases missing");
+    assert!(
+        outcomes.iter().any(|o| o.forward_torchscript.is_some()),
+        "no torchvision case compared against TorchScript"
+    );
 }
 
 #[test]
@@ -54,4 +58,37 @@ fn resnets_match_cpu_references_on_cuda() {
             common::check_module(module, device);
         }
     }
+}
+
+/// The training-step cases exercise every setting of the trainer's optimizer and loss.
+#[test]
+fn training_step_cases_cover_the_trainers_optimizer_and_loss() {
+    let manifest = common::manifest();
+    let steps: Vec<_> = manifest
+        .cases
+        .iter()
+        .filter_map(|c| c.sgd.map(|s| (c, s)))
+        .collect();
+    assert!(steps.len() >= 4, "{} training-step cases", steps.len());
+    assert!(
+        steps.iter().all(|(_, s)| s.steps >= 2),
+        "momentum buffers unused"
+    );
+    let with = |f: &dyn Fn(&residual::parity::CaseSpec, &residual::parity::SgdSpec) -> bool| {
+        steps.iter().any(|(c, s)| f(c, s))
+    };
+    assert!(with(&|_, s| s.momentum > 0.0
+        && s.weight_decay > 0.0
+        && s.decay_norm_and_bias));
+    assert!(with(&|_, s| s.momentum > 0.0
+        && s.weight_decay > 0.0
+        && !s.decay_norm_and_bias));
+    assert!(with(&|_, s| s.momentum == 0.0 && s.weight_decay > 0.0));
+    assert!(with(&|c, _| c.loss == "weighted_sum"));
+    assert!(with(
+        &|c, _| c.loss == "cross_entropy" && c.label_smoothing.unwrap_or(0.0) > 0.0
+    ));
+    assert!(with(
+        &|c, _| c.loss == "cross_entropy" && c.label_smoothing == Some(0.0)
+    ));
 }
