@@ -366,7 +366,14 @@ fn infer_matches_the_references_on(device: &str, name: &str) {
         assert_eq!(report["tf32"], cuda && tf32, "{report}");
         let rel = max_rel_diff(&tensor(&out, "output"), &logits);
         println!("resnet50 on {device} {extra:?}: max|Δ|/max|ref| = {rel:e}");
-        let tolerance = if cuda && tf32 { 1e-2 } else { 1e-5 };
+        // Batch 1 runs other convolution algorithms than the batched reference did (oneDNN and
+        // cuDNN pick by shape), and this fixture's random, uncalibrated resnet50 amplifies their
+        // fp32 rounding through depth (logits ~600): up to ~2e-5 measured on the CPU.
+        let tolerance = match (cuda && tf32, extra.contains(&"1")) {
+            (true, _) => 1e-2,
+            (false, true) => 1e-4,
+            (false, false) => 1e-5,
+        };
         assert!(rel <= tolerance, "{extra:?}: {rel:e} > {tolerance:e}");
     }
 
