@@ -34,17 +34,22 @@ fn canonical(path: &Path) -> PathBuf {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// cargo's binary runs without `LD_LIBRARY_PATH` on the libtorch it was built against (its run
-/// path); the bundled binary runs on the libtorch of the first `LD_LIBRARY_PATH` entry that has one.
-#[test]
-fn the_binary_finds_libtorch() {
+/// `residual doctor --json`, which must succeed.
+fn doctor_json() -> serde_json::Value {
     let out = residual(&["doctor", "--json"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// cargo's binary runs without `LD_LIBRARY_PATH` on the libtorch it was built against (its run
+/// path); the bundled binary runs on the libtorch of the first `LD_LIBRARY_PATH` entry that has one.
+#[test]
+fn the_binary_finds_libtorch() {
+    let report = doctor_json();
     let loaded = canonical(Path::new(report["libtorch_path"].as_str().unwrap()));
     if bundled() {
         let path = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
@@ -62,13 +67,7 @@ fn the_binary_finds_libtorch() {
 
 #[test]
 fn doctor_reports_the_pinned_libtorch() {
-    let out = residual(&["doctor", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = doctor_json();
     assert_eq!(report["tch_version"], "0.24.0");
     assert!(
         report["libtorch_version"]

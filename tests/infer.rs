@@ -185,37 +185,46 @@ fn infer_runs_pytorch_checkpoints_end_to_end() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Parity cases whose models take named inputs other than one image batch, or none.
+const NAMED_INPUT_CASES: [&str; 3] = [
+    "sid_classifier_small_eval",
+    "conv_sds_head_small_eval",
+    "cifar_resnet20_b",
+];
+
+/// `residual infer` on a parity case's state_dict and inputs: (its output, PyTorch's).
+fn infer_case(device: &str, dir: &Path, name: &str) -> (tch::Tensor, tch::Tensor) {
+    let manifest = residual::parity::Manifest::load(&residual::parity::default_artifacts_dir())
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let case = manifest.case(name).unwrap();
+    let config = dir.join(format!("{name}.json"));
+    std::fs::write(&config, case.config.to_string()).unwrap();
+    let case_dir = manifest.case_dir(case);
+    let out = dir.join(format!("{name}.safetensors"));
+    let (ok, stdout, stderr) = infer_on(
+        device,
+        &config,
+        &case_dir.join("state_dict.pth"),
+        &[
+            "--input",
+            s(&case_dir.join("inputs.safetensors")),
+            "--output",
+            s(&out),
+        ],
+    );
+    assert!(ok, "{name} on {device}: {stdout}{stderr}");
+    (
+        tensor(&out, "output"),
+        tensor(&case_dir.join("outputs.safetensors"), "output"),
+    )
+}
+
 #[test]
 fn infer_reads_every_models_named_inputs() {
-    let refs = residual::parity::default_artifacts_dir();
     let dir = temp_dir("named");
-    let manifest = residual::parity::Manifest::load(&refs).unwrap();
-    for name in [
-        "sid_classifier_small_eval",
-        "conv_sds_head_small_eval",
-        "cifar_resnet20_b",
-    ] {
-        let case = manifest.case(name).unwrap();
-        let config = dir.join(format!("{name}.json"));
-        std::fs::write(&config, case.config.to_string()).unwrap();
-        let case_dir = manifest.case_dir(case);
-        let out = dir.join(format!("{name}.safetensors"));
-        let (ok, stdout, stderr) = infer(
-            &config,
-            &case_dir.join("state_dict.pth"),
-            &[
-                "--input",
-                s(&case_dir.join("inputs.safetensors")),
-                "--output",
-                s(&out),
-            ],
-        );
-        assert!(ok, "{name}: {stdout}{stderr}");
-        let diff = max_abs_diff(
-            &tensor(&out, "output"),
-            &tensor(&case_dir.join("outputs.safetensors"), "output"),
-        )
-        .unwrap();
+    for name in NAMED_INPUT_CASES {
+        let (output, expected) = infer_case("cpu", &dir, name);
+        let diff = max_abs_diff(&output, &expected).unwrap();
         assert!(diff <= 1e-6, "{name}: {diff}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
@@ -377,34 +386,9 @@ fn infer_matches_the_references_on(device: &str, name: &str) {
         assert!(rel <= tolerance, "{extra:?}: {rel:e} > {tolerance:e}");
     }
 
-    let refs = residual::parity::default_artifacts_dir();
-    let manifest = residual::parity::Manifest::load(&refs).unwrap();
-    for case_name in [
-        "sid_classifier_small_eval",
-        "conv_sds_head_small_eval",
-        "cifar_resnet20_b",
-    ] {
-        let case = manifest.case(case_name).unwrap();
-        let config = dir.join(format!("{case_name}.json"));
-        std::fs::write(&config, case.config.to_string()).unwrap();
-        let case_dir = manifest.case_dir(case);
-        let out = dir.join(format!("{case_name}.safetensors"));
-        let (ok, stdout, stderr) = infer_on(
-            device,
-            &config,
-            &case_dir.join("state_dict.pth"),
-            &[
-                "--input",
-                s(&case_dir.join("inputs.safetensors")),
-                "--output",
-                s(&out),
-            ],
-        );
-        assert!(ok, "{case_name}: {stdout}{stderr}");
-        let rel = max_rel_diff(
-            &tensor(&out, "output"),
-            &tensor(&case_dir.join("outputs.safetensors"), "output"),
-        );
+    for case_name in NAMED_INPUT_CASES {
+        let (output, expected) = infer_case(device, &dir, case_name);
+        let rel = max_rel_diff(&output, &expected);
         println!("{case_name} on {device}: max|Δ|/max|ref| = {rel:e}");
         assert!(rel <= 1e-5, "{case_name}: {rel:e}");
     }
