@@ -567,10 +567,6 @@ fn plot(
         .iter()
         .flat_map(|(_, p)| p.iter().map(|p| p.iteration))
         .fold(1.0, f64::max);
-    let min_x = series
-        .iter()
-        .flat_map(|(_, p)| p.iter().map(|p| p.iteration))
-        .fold(max_x, f64::min);
     let max_err = series
         .iter()
         .flat_map(|(_, p)| p.iter().map(|p| p.max))
@@ -584,7 +580,7 @@ fn plot(
             .margin(15)
             .x_label_area_size(45)
             .y_label_area_size(60)
-            .build_cartesian_2d(min_x.min(max_x - 1.0)..max_x, 0.0..max_err * 1.05)?;
+            .build_cartesian_2d(0.0..max_x * 1.02, 0.0..max_err * 1.05)?;
         chart
             .configure_mesh()
             .x_desc("iterations")
@@ -610,6 +606,11 @@ fn plot(
             }
             let style = ShapeStyle::from(&color).stroke_width(2);
             let mean: Vec<(f64, f64)> = points.iter().map(|p| (p.iteration, p.mean)).collect();
+            // A dot at the end of each epoch, so that a one-epoch run still shows.
+            chart.draw_series(
+                mean.iter()
+                    .map(|&p| Circle::new(p, 3, ShapeStyle::from(&color).filled())),
+            )?;
             let label = format!("{} {}", if n.plain { "plain" } else { "ResNet" }, n.depth);
             if n.plain {
                 chart

@@ -247,6 +247,9 @@ struct TrainArgs {
     /// Train on the first N training images only.
     #[arg(long)]
     subset: Option<i64>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    test_subset: Option<i64>,
     /// Hold out the last N training images for validation.
     #[arg(long)]
     validation: Option<i64>,
@@ -276,6 +279,7 @@ impl TrainArgs {
             label_smoothing: self.label_smoothing,
             seed: self.seed,
             subset: self.subset,
+            test_subset: self.test_subset,
             validation: self.validation,
             augment: (!self.no_augment).then_some(Augment {
                 pad: 4,

@@ -840,13 +840,18 @@ fn sgd_decays_what_it_should_and_validation_is_held_out() {
     let options = TrainOptions {
         validation: Some(40),
         subset: None,
+        test_subset: Some(7),
         label_smoothing: 0.1,
         ..small_options(1)
     };
     let data = run_data(&dir, &options);
     assert_eq!(
-        (data.train.len(), data.validation.as_ref().unwrap().len()),
-        (160, 40)
+        (
+            data.train.len(),
+            data.validation.as_ref().unwrap().len(),
+            data.test.len()
+        ),
+        (160, 40, 7)
     );
     let trainer = train(&dir.join("run"), options, &data);
     let m = &trainer.run.read_metrics().unwrap()[0];

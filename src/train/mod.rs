@@ -60,6 +60,9 @@ pub struct TrainOptions {
     pub seed: u64,
     /// Train on the first N training examples only.
     pub subset: Option<i64>,
+    /// Evaluate on the first N test examples only.
+    #[serde(default)]
+    pub test_subset: Option<i64>,
     /// Hold out the last N training examples as a validation set.
     pub validation: Option<i64>,
     pub augment: Option<Augment>,
@@ -93,6 +96,7 @@ impl Default for TrainOptions {
             label_smoothing: 0.0,
             seed: 0,
             subset: None,
+            test_subset: None,
             validation: None,
             augment: Some(Augment { pad: 4, flip: true }),
             amp: None,
@@ -332,6 +336,11 @@ impl RunData {
             Some(n) if n < 1 => bail!("subset: must be at least 1, got {n}"),
             Some(n) => train.take(n),
             None => train,
+        };
+        let test = match options.test_subset {
+            Some(n) if n < 1 => bail!("test_subset: must be at least 1, got {n}"),
+            Some(n) => test.take(n),
+            None => test,
         };
         Ok(Self {
             train: train.to_device(device),
