@@ -674,6 +674,10 @@ fn degradation_experiment_writes_report_and_plots() {
         assert!(report.contains(claim), "{claim} missing:\n{report}");
     }
     assert!(report.contains("of 2 seeds"), "{report}");
+    assert!(
+        report.contains("paper, CIFAR-10 test error") && report.contains("only the direction"),
+        "{report}"
+    );
     assert!(report.contains("| seed 0 | seed 1 |"), "{report}");
     assert!(report.contains("linear warmup over 1 epochs"), "{report}");
     for png in ["train_error.png", "test_error.png"] {
