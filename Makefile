@@ -12,10 +12,10 @@ MANIFEST := $(ARTIFACTS)/manifest.json
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 DEMO_OUT := target/demo/degradation
-# CPU-sized degradation experiment: 3 seeds of plain and residual 8- and 20-layer nets on 6000
+# CPU-sized degradation experiment: 3 seeds of plain and residual 8- and 32-layer nets on 6000
 # training images (4 epochs, 376 iterations at batch 64, lr 0.05 = the paper's 0.1 scaled to half
 # its batch), test error on 2000 test images. Why these sizes: README, "The degradation demo".
-DEMO_EXPERIMENT := --depths 8,20 --seeds 3 --subset 6000 --test-subset 2000 --epochs 4 --batch-size 64 --lr 0.05 --device auto --quiet
+DEMO_EXPERIMENT := --depths 8,32 --seeds 3 --subset 6000 --test-subset 2000 --epochs 4 --batch-size 64 --lr 0.05 --device auto --quiet
 
 .PHONY: all setup data artifacts build test lint demo doctor parity bench gpu-check gpu-check-dry clean-artifacts
 
