@@ -17,7 +17,7 @@ DEMO_OUT := target/demo/degradation
 # its batch), test error on 2000 test images. Why these sizes: README, "The degradation demo".
 DEMO_EXPERIMENT := --depths 8,32 --seeds 3 --subset 6000 --test-subset 2000 --epochs 4 --batch-size 64 --lr 0.05 --device auto --quiet
 
-.PHONY: all setup data artifacts build test lint demo doctor parity bench gpu-check gpu-check-dry clean-artifacts
+.PHONY: experiment-full all setup data artifacts build test lint demo doctor parity bench gpu-check gpu-check-dry clean-artifacts
 
 all: test
 
@@ -86,6 +86,14 @@ demo: artifacts build data
 	@echo
 	@echo "report: $(DEMO_OUT)/report.md"
 	@echo "plots:  $(DEMO_OUT)/train_error.png $(DEMO_OUT)/test_error.png"
+
+# The paper's full-size degradation experiment, on a GPU (hours; resumes where it stopped):
+# depths 20/32/44/56/110, all 60k images, 64k iterations at batch 128. FULL_EPOCHS=1 for a try.
+FULL_EPOCHS ?= 137
+experiment-full: build data
+	cargo run --release --quiet -- experiment degradation --depths 20,32,44,56,110 --seeds 1 \
+	  --epochs $(FULL_EPOCHS) --batch-size 128 --lr 0.1 --device cuda --amp bf16 --cudnn-benchmark \
+	  --quiet --data $(FASHION_MNIST) --out target/experiment-full-$(FULL_EPOCHS)ep
 
 # Training throughput, PyTorch eager vs residual, same model, batch and threads.
 bench: build

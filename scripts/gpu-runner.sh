@@ -38,6 +38,10 @@
 #                    each step's timeout is clipped to what is left, and steps that no longer fit
 #                    are skipped
 #   STEPS            the steps to run (default: references doctor tests parity speed experiment)
+#   FULL=1           the paper's full-size experiment instead: depths 20, 32, 44, 56, 110, all 60k
+#                    images, 137 epochs at batch 128 (the paper's 64k iterations), bf16 only; hours
+#                    of GPU time, so it runs over many calls (STEPS=experiment), each resuming the
+#                    runs where the last one stopped; QUICK=1 with it: 1 epoch, one call
 #   EPOCHS, TESTS=all, TEST_THREADS (4), PYTHON (python3), RESIDUAL_PYTHON_REF
 #   REQUIRE_MOVED_LIBTORCH=1  fail unless libtorch is found only through LD_LIBRARY_PATH, at another
 #                    path than the one the binaries were built against (`make gpu-check-dry`)
@@ -354,7 +358,16 @@ else
   ((quick)) && epochs=1
   settings=(--depths 20,56 --seeds 1 --epochs "$epochs" --batch-size 128 --device cuda --cudnn-benchmark --quiet)
   precisions=(bf16 fp32)
+  if [[ ${FULL:-0} == 1 ]]; then
+    # He et al. 2015 §4.2: 64k iterations at batch 128 (137 epochs of 60k images), lr 0.1 divided
+    # by 10 at 50% and 75%, warmup (theirs: 0.01 for ~400 iterations; here linear over epoch 1).
+    epochs=${EPOCHS:-137}
+    ((quick)) && epochs=1
+    settings=(--depths 20,32,44,56,110 --seeds 1 --epochs "$epochs" --batch-size 128 --lr 0.1 --device cuda --cudnn-benchmark --quiet)
+    precisions=(bf16)
+  fi
   expected=$((10 + 25 * epochs)) limit=$((60 + 60 * epochs)) tag=${epochs}ep
+  [[ ${FULL:-0} == 1 ]] && expected=$((10 + 110 * epochs)) limit=$((60 + 240 * epochs)) tag=full-${epochs}ep
 fi
 for p in "${precisions[@]}"; do
   if begin "experiment $p" "$expected" "$expected" "$limit"; then
