@@ -334,12 +334,16 @@ impl BenchArgs {
         // asked (off by default), cuDNN benchmark on, cuDNN free to choose nondeterministic
         // algorithms. Set on every device (harmless on the CPU) and reported with the result, so
         // the scripts can check that both sides ran with the same ones.
-        use residual::backend::{flag, set_flag, Flag};
-        set_flag(Flag::AllowTf32Cudnn, self.tf32)?;
-        set_flag(Flag::AllowTf32Cublas, self.tf32)?;
-        set_flag(Flag::DeterministicAlgorithms, false)?;
-        set_flag(Flag::DeterministicCudnn, false)?;
-        set_flag(Flag::BenchmarkCudnn, true)?;
+        use residual::backend::Switches;
+        Switches {
+            tf32_cudnn: self.tf32,
+            tf32_cublas: self.tf32,
+            deterministic_algorithms: false,
+            deterministic_cudnn: false,
+            benchmark_cudnn: true,
+            ..Switches::current()?
+        }
+        .apply()?;
         let config = residual::train::bench_config(&self.arch)?;
         let channels = if self.arch.starts_with("cifar_resnet") {
             1
@@ -366,12 +370,13 @@ impl BenchArgs {
             )
         };
         if self.json {
+            let now = Switches::current()?;
             let switches = serde_json::json!({
-                "tf32_cudnn": flag(Flag::AllowTf32Cudnn)?,
-                "tf32_cublas": flag(Flag::AllowTf32Cublas)?,
-                "cudnn_benchmark": flag(Flag::BenchmarkCudnn)?,
-                "cudnn_deterministic": flag(Flag::DeterministicCudnn)?,
-                "deterministic_algorithms": flag(Flag::DeterministicAlgorithms)?,
+                "tf32_cudnn": now.tf32_cudnn,
+                "tf32_cublas": now.tf32_cublas,
+                "cudnn_benchmark": now.benchmark_cudnn,
+                "cudnn_deterministic": now.deterministic_cudnn,
+                "deterministic_algorithms": now.deterministic_algorithms,
                 // What runs under autocast with --amp (null without).
                 "autocast": self.amp.map(|_| if train { "forward and loss" } else { "forward" }),
             });
