@@ -8,9 +8,9 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use tch::Device;
 
-use crate::checkpoint::formats::write_atomic;
 use crate::config::ModelConfig;
 use crate::data::Batches;
+use crate::fs::write_atomic;
 use crate::models::cifar::CifarResNetConfig;
 use crate::models::resnet::ShortcutKind;
 use crate::train::{EpochMetrics, Outcome, RunData, RunDir, TrainOptions, Trainer};

@@ -7,6 +7,7 @@
 //! * [`parity`]: the parity cases against the `python_ref/` exports, shared by tests and the CLI.
 //! * [`backend`]: libtorch switches tch lacks (TF32, determinism), through a small C++ shim.
 //! * [`device`], [`doctor`]: device selection and the environment report.
+//! * [`fs`]: atomic file writes, shared by checkpoints, training runs and experiment reports.
 
 pub mod backend;
 pub mod checkpoint;
@@ -15,6 +16,7 @@ pub mod data;
 pub mod device;
 pub mod doctor;
 pub mod experiment;
+pub mod fs;
 pub mod infer;
 pub mod inspect;
 pub mod models;

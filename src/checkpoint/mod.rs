@@ -285,7 +285,7 @@ impl StateDict {
 
     /// Writes safetensors, atomically.
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
-        formats::write_atomic(path, &formats::safetensors_bytes(&self.raw()?)?)
+        crate::fs::write_atomic(path, &formats::safetensors_bytes(&self.raw()?)?)
     }
 
     /// Writes what `torch.save(state_dict, path)` writes, atomically; PyTorch reads it with
@@ -304,14 +304,14 @@ impl StateDict {
         } else {
             archive
         };
-        formats::write_atomic(path, &formats::torch_zip_bytes(&self.raw()?, &archive)?)
+        crate::fs::write_atomic(path, &formats::torch_zip_bytes(&self.raw()?, &archive)?)
     }
 
     /// Writes tch's `.ot` (a libtorch archive), atomically.
     pub fn save_ot(&self, path: &Path) -> Result<()> {
         let named: Vec<(&str, &Tensor)> =
             self.entries.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        formats::replace_atomically(path, |tmp| Ok(Tensor::save_multi(&named, tmp)?))
+        crate::fs::replace_atomically(path, |tmp| Ok(Tensor::save_multi(&named, tmp)?))
             .with_context(|| format!("cannot write {}", path.display()))
     }
 

@@ -22,9 +22,10 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::backend::{AutocastDtype, SwitchGuard, Switches};
-use crate::checkpoint::{self, formats::write_atomic, load_state_dict, ReadOptions, StateDict};
+use crate::checkpoint::{self, load_state_dict, ReadOptions, StateDict};
 use crate::config::ModelConfig;
 use crate::data::{Augment, Batches, Dataset, Normalizer};
+use crate::fs::write_atomic;
 use crate::models::{Inputs, Model};
 
 /// Set by a Ctrl-C handler; the trainer checkpoints and stops at the next batch.
