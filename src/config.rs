@@ -3,24 +3,29 @@
 //! ```json
 //! {"arch": "conv_sds_head", "n_layers": 5, "input_size": 512, "hidden_size": 768, "num_labels": 2}
 //! {"arch": "sid_classifier", "num_categories_list": [3, 7], "num_numerical_features": 4, ...}
+//! {"arch": "resnet50", "num_classes": 10}
 //! ```
-//! Unknown fields and impossible values are rejected with a message naming the field.
+//! A family is one variant whose config type validates itself; a torchvision constructor is one
+//! line of [`TORCHVISION`], its name the `arch` tag. Unknown fields and impossible values are
+//! rejected with a message naming the field.
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use anyhow::{Context, Result};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tch::nn;
 
 use crate::models::cifar::{CifarResNet, CifarResNetConfig};
 use crate::models::conv_sds::{ConvSdsHead, ConvSdsHeadConfig, ConvSdsLayer, ConvSdsLayerConfig};
-use crate::models::resnet::{ResNet, ResNetConfig};
+use crate::models::resnet::{Constructor, ResNet, ResNetConfig, TORCHVISION};
 use crate::models::sid::{SidClassifier, SidConfig, SidResidualBlock, SidResidualBlockConfig};
 use crate::models::Model;
 
-/// Every buildable model.
+/// Every buildable model. serde reads and writes it through the impls below, which handle the
+/// torchvision constructors and leave every other `arch` to the derived code (`remote = "Self"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "arch", rename_all = "snake_case")]
+#[serde(remote = "Self", tag = "arch", rename_all = "snake_case")]
 pub enum ModelConfig {
     /// `ConvSDSHead`, the seed's question-answering head.
     ConvSdsHead(ConvSdsHeadConfig),
@@ -30,39 +35,67 @@ pub enum ModelConfig {
     SidClassifier(SidConfig),
     /// `SiDResidualBlock` alone.
     SidResidualBlock(SidResidualBlockConfig),
-    /// torchvision's constructors; each fixes block, layers, groups and width_per_group.
-    #[serde(rename = "resnet18")]
-    Resnet18(ResNetConfig),
-    #[serde(rename = "resnet34")]
-    Resnet34(ResNetConfig),
-    #[serde(rename = "resnet50")]
-    Resnet50(ResNetConfig),
-    #[serde(rename = "resnet101")]
-    Resnet101(ResNetConfig),
-    #[serde(rename = "resnet152")]
-    Resnet152(ResNetConfig),
-    #[serde(rename = "resnext50_32x4d")]
-    Resnext50_32x4d(ResNetConfig),
-    #[serde(rename = "resnext101_32x8d")]
-    Resnext101_32x8d(ResNetConfig),
-    #[serde(rename = "resnext101_64x4d")]
-    Resnext101_64x4d(ResNetConfig),
-    #[serde(rename = "wide_resnet50_2")]
-    WideResnet50_2(ResNetConfig),
-    #[serde(rename = "wide_resnet101_2")]
-    WideResnet101_2(ResNetConfig),
     /// A ResNet given in full (`block`, `layers`, `groups`, `width_per_group`).
-    #[serde(rename = "resnet")]
     Resnet(ResNetConfig),
     /// The paper's CIFAR networks (6n+2 layers).
     CifarResnet(CifarResNetConfig),
+    /// A torchvision constructor (`{"arch": "resnet50", ...}`) with its keyword arguments.
+    #[serde(skip)]
+    Torchvision {
+        constructor: &'static Constructor,
+        config: ResNetConfig,
+    },
 }
 
-fn positive(field: &str, value: i64) -> Result<()> {
-    if value < 1 {
-        bail!("{field}: must be at least 1, got {value}");
+impl<'de> Deserialize<'de> for ModelConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut fields = serde_json::Map::deserialize(deserializer)?;
+        let arch = fields
+            .get("arch")
+            .and_then(|a| a.as_str())
+            .map(str::to_owned);
+        if let Some(constructor) = arch.as_deref().and_then(Constructor::named) {
+            fields.remove("arch");
+            let config = ResNetConfig::deserialize(serde_json::Value::Object(fields))
+                .map_err(D::Error::custom)?;
+            return Ok(Self::Torchvision {
+                constructor,
+                config,
+            });
+        }
+        ModelConfig::deserialize(serde_json::Value::Object(fields)).map_err(|e| {
+            let names: Vec<&str> = TORCHVISION.iter().map(|c| c.name).collect();
+            match e.to_string() {
+                m if m.starts_with("unknown variant") => D::Error::custom(format!(
+                    "{m}, or a torchvision constructor: {}",
+                    names.join(", ")
+                )),
+                m => D::Error::custom(m),
+            }
+        })
     }
-    Ok(())
+}
+
+impl Serialize for ModelConfig {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Tagged<'a> {
+            arch: &'a str,
+            #[serde(flatten)]
+            config: &'a ResNetConfig,
+        }
+        match self {
+            Self::Torchvision {
+                constructor,
+                config,
+            } => Tagged {
+                arch: constructor.name,
+                config,
+            }
+            .serialize(serializer),
+            other => ModelConfig::serialize(other, serializer),
+        }
+    }
 }
 
 impl ModelConfig {
@@ -87,6 +120,14 @@ impl ModelConfig {
         Self::from_json(&text).with_context(|| format!("in config {}", path.display()))
     }
 
+    /// The torchvision constructor `name` with `config` as its keyword arguments.
+    pub fn torchvision(name: &str, config: ResNetConfig) -> Option<Self> {
+        Constructor::named(name).map(|constructor| Self::Torchvision {
+            constructor,
+            config,
+        })
+    }
+
     /// The `arch` tag.
     pub fn arch(&self) -> &'static str {
         match self {
@@ -94,68 +135,35 @@ impl ModelConfig {
             Self::ConvSdsLayer(_) => "conv_sds_layer",
             Self::SidClassifier(_) => "sid_classifier",
             Self::SidResidualBlock(_) => "sid_residual_block",
-            Self::Resnet18(_) => "resnet18",
-            Self::Resnet34(_) => "resnet34",
-            Self::Resnet50(_) => "resnet50",
-            Self::Resnet101(_) => "resnet101",
-            Self::Resnet152(_) => "resnet152",
-            Self::Resnext50_32x4d(_) => "resnext50_32x4d",
-            Self::Resnext101_32x8d(_) => "resnext101_32x8d",
-            Self::Resnext101_64x4d(_) => "resnext101_64x4d",
-            Self::WideResnet50_2(_) => "wide_resnet50_2",
-            Self::WideResnet101_2(_) => "wide_resnet101_2",
             Self::Resnet(_) => "resnet",
             Self::CifarResnet(_) => "cifar_resnet",
+            Self::Torchvision { constructor, .. } => constructor.name,
         }
     }
 
     /// The ImageNet-style ResNet config, for every ResNet arch.
     pub fn resnet(&self) -> Option<&ResNetConfig> {
         match self {
-            Self::Resnet18(c)
-            | Self::Resnet34(c)
-            | Self::Resnet50(c)
-            | Self::Resnet101(c)
-            | Self::Resnet152(c)
-            | Self::Resnext50_32x4d(c)
-            | Self::Resnext101_32x8d(c)
-            | Self::Resnext101_64x4d(c)
-            | Self::WideResnet50_2(c)
-            | Self::WideResnet101_2(c)
-            | Self::Resnet(c) => Some(c),
+            Self::Torchvision { config, .. } | Self::Resnet(config) => Some(config),
             _ => None,
         }
     }
 
-    /// Checks every field; errors name the field (`conv_sds_head.input_size: ...`).
+    /// Checks every field; errors name the field (`bad conv_sds_head config: input_size: ...`).
     pub fn validate(&self) -> Result<()> {
-        let checked = match self {
-            Self::ConvSdsHead(c) => positive("n_layers", c.n_layers)
-                .and(positive("input_size", c.input_size))
-                .and(positive("hidden_size", c.hidden_size))
-                .and(positive("num_labels", c.num_labels)),
-            Self::ConvSdsLayer(c) => {
-                positive("input_size", c.input_size).and(positive("hidden_dim", c.hidden_dim))
-            }
-            Self::SidClassifier(c) => c.validate().and_then(|_| match c.num_labels {
-                Some(_) => Ok(()),
-                None => bail!("num_labels: must be set for a classifier"),
-            }),
-            Self::SidResidualBlock(c) => positive("hidden_size", c.hidden_size)
-                .and(positive("intermediate_size", c.intermediate_size))
-                .and(match c.hidden_dropout_prob {
-                    p if (0.0..1.0).contains(&p) => Ok(()),
-                    p => Err(anyhow::anyhow!(
-                        "hidden_dropout_prob: must be in [0, 1), got {p}"
-                    )),
-                }),
+        match self {
+            Self::ConvSdsHead(c) => c.validate(),
+            Self::ConvSdsLayer(c) => c.validate(),
+            Self::SidClassifier(c) => c.validate_classifier(),
+            Self::SidResidualBlock(c) => c.validate(),
+            Self::Resnet(c) => c.resolve(None).map(drop),
             Self::CifarResnet(c) => c.validate(),
-            other => match other.resnet() {
-                Some(c) => c.resolve(other.arch()).map(|_| ()),
-                None => bail!("no validation for {}", other.arch()),
-            },
-        };
-        checked.with_context(|| format!("bad {} config", self.arch()))
+            Self::Torchvision {
+                constructor,
+                config,
+            } => config.resolve(Some(constructor)).map(drop),
+        }
+        .with_context(|| format!("bad {} config", self.arch()))
     }
 
     /// Builds the model under `path`, its variables named like PyTorch's state_dict keys.
@@ -166,11 +174,57 @@ impl ModelConfig {
             Self::ConvSdsLayer(c) => Box::new(ConvSdsLayer::new(path, c.input_size, c.hidden_dim)),
             Self::SidClassifier(c) => Box::new(SidClassifier::new(path, c)?),
             Self::SidResidualBlock(c) => Box::new(SidResidualBlock::from_config(path, c)),
+            Self::Resnet(c) => Box::new(ResNet::new(path, &c.resolve(None)?)),
             Self::CifarResnet(c) => Box::new(CifarResNet::new(path, c)?),
-            other => {
-                let config = other.resnet().context("every arch is built above")?;
-                Box::new(ResNet::new(path, &config.resolve(other.arch())?))
-            }
+            Self::Torchvision {
+                constructor,
+                config,
+            } => Box::new(ResNet::new(path, &config.resolve(Some(constructor))?)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trips_with_the_arch_tag_first() {
+        for text in [
+            r#"{"arch":"resnet50","num_classes":10,"zero_init_residual":false,"replace_stride_with_dilation":[false,false,false],"norm":"batch_norm","shortcut":"B","plain":false,"in_channels":3,"include_fc":true}"#,
+            r#"{"arch":"resnet","block":"bottleneck","layers":[3,4,6,3],"groups":32,"width_per_group":4,"num_classes":1000,"zero_init_residual":false,"replace_stride_with_dilation":[false,false,false],"norm":"batch_norm","shortcut":"B","plain":false,"in_channels":3,"include_fc":true}"#,
+            r#"{"arch":"cifar_resnet","depth":20,"num_classes":10,"shortcut":"A","plain":false,"in_channels":1}"#,
+        ] {
+            let config = ModelConfig::from_json(text).unwrap();
+            assert_eq!(serde_json::to_string(&config).unwrap(), text);
+        }
+        let config = ModelConfig::from_json(r#"{"arch": "wide_resnet50_2"}"#).unwrap();
+        assert_eq!(config.arch(), "wide_resnet50_2");
+        assert_eq!(
+            config,
+            ModelConfig::torchvision("wide_resnet50_2", ResNetConfig::default()).unwrap()
+        );
+    }
+
+    #[test]
+    fn unknown_archs_and_fields_are_named() {
+        let msg = format!(
+            "{:#}",
+            ModelConfig::from_json(r#"{"arch": "resnet9"}"#).unwrap_err()
+        );
+        assert!(
+            msg.contains("unknown variant `resnet9`") && msg.contains("wide_resnet101_2"),
+            "{msg}"
+        );
+        let msg = format!(
+            "{:#}",
+            ModelConfig::from_json(r#"{"arch": "resnet18", "depth": 3}"#).unwrap_err()
+        );
+        assert!(msg.contains("unknown field `depth`"), "{msg}");
+        let msg = format!(
+            "{:#}",
+            ModelConfig::from_json(r#"{"depth": 3}"#).unwrap_err()
+        );
+        assert!(msg.contains("missing field `arch`"), "{msg}");
     }
 }

@@ -13,7 +13,6 @@ use tch::{Device, Tensor};
 
 use crate::checkpoint::{load_state_dict, StateDict};
 use crate::config::ModelConfig;
-use crate::models::resnet::torchvision_architecture;
 
 /// One tensor of the checkpoint.
 #[derive(Debug, Serialize)]
@@ -178,15 +177,14 @@ fn guess(state: &StateDict) -> Option<(serde_json::Value, String)> {
     };
     let block = if bottleneck { "bottleneck" } else { "basic" };
     let layers: [i64; 4] = blocks.clone().try_into().ok()?;
-    let named = crate::models::resnet::TORCHVISION_ARCHS.iter().find(|a| {
-        torchvision_architecture(a).is_some_and(|(b, l, g, w)| {
-            (b == crate::models::resnet::BlockKind::Bottleneck) == bottleneck
-                && l == layers
-                && g == groups
-                && w == width_per_group
-        })
+    let named = crate::models::resnet::TORCHVISION.iter().find(|c| {
+        let a = c.architecture;
+        (a.block == crate::models::resnet::BlockKind::Bottleneck) == bottleneck
+            && a.layers == layers
+            && a.groups == groups
+            && a.width_per_group == width_per_group
     });
-    let name = match named {
+    let name = match named.map(|c| c.name) {
         Some(arch) => {
             config["arch"] = serde_json::json!(arch);
             format!("torchvision {arch}")

@@ -8,6 +8,7 @@
 //! * [`backend`]: libtorch switches tch lacks (TF32, determinism), through a small C++ shim.
 //! * [`device`], [`doctor`]: device selection and the environment report.
 //! * [`fs`]: atomic file writes, shared by checkpoints, training runs and experiment reports.
+//! * [`validate`]: config value checks whose errors name the field.
 
 pub mod backend;
 pub mod checkpoint;
@@ -22,6 +23,7 @@ pub mod inspect;
 pub mod models;
 pub mod parity;
 pub mod train;
+pub mod validate;
 
 pub use config::ModelConfig;
 pub use models::{Inputs, Model};

@@ -3,14 +3,14 @@
 
 mod common;
 
-use residual::models::resnet::TORCHVISION_ARCHS;
+use residual::models::resnet::TORCHVISION;
 use tch::Device;
 
 #[test]
 fn torchvision_resnets_match_on_cpu() {
     let outcomes = common::check_module("torchvision.ResNet", Device::Cpu);
-    for arch in TORCHVISION_ARCHS {
-        let case = format!("tv_{arch}_224_eval");
+    for constructor in TORCHVISION {
+        let case = format!("tv_{}_224_eval", constructor.name);
         assert!(
             outcomes.iter().any(|o| o.case == case),
             "{case} missing from the manifest"

@@ -1,6 +1,6 @@
 //! ResNet behaviour beyond value parity: names, initialisation, backbone access, bad input.
 
-use residual::models::resnet::{ResNet, ResNetConfig};
+use residual::models::resnet::{Constructor, ResNet, ResNetConfig};
 use residual::models::Inputs;
 use residual::ModelConfig;
 use tch::nn::VarStore;
@@ -18,7 +18,8 @@ fn build(json: &str) -> (VarStore, Box<dyn residual::Model>) {
 fn resnet(arch: &str, config: serde_json::Value) -> (VarStore, ResNet) {
     let vs = VarStore::new(Device::Cpu);
     let config: ResNetConfig = serde_json::from_value(config).unwrap();
-    let model = ResNet::new(vs.root(), &config.resolve(arch).unwrap());
+    let constructor = Constructor::named(arch).unwrap();
+    let model = ResNet::new(vs.root(), &config.resolve(Some(constructor)).unwrap());
     (vs, model)
 }
 

@@ -15,6 +15,7 @@ use super::resnet::{
     StageBuilder,
 };
 use super::{input, Inputs, Model};
+use crate::validate::at_least;
 
 /// `{"arch": "cifar_resnet", "depth": 56, "shortcut": "A", "plain": false, "in_channels": 1, ...}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,7 +29,7 @@ pub struct CifarResNetConfig {
     pub shortcut: ShortcutKind,
     #[serde(default)]
     pub plain: bool,
-    #[serde(default = "d_in_channels")]
+    #[serde(default = "super::resnet::d_in_channels")]
     pub in_channels: i64,
 }
 
@@ -37,9 +38,6 @@ fn d_classes() -> i64 {
 }
 fn d_shortcut() -> ShortcutKind {
     ShortcutKind::A
-}
-fn d_in_channels() -> i64 {
-    3
 }
 
 impl CifarResNetConfig {
@@ -55,15 +53,13 @@ impl CifarResNetConfig {
                 self.depth
             );
         }
-        for (field, value) in [
-            ("num_classes", self.num_classes),
-            ("in_channels", self.in_channels),
-        ] {
-            if value < 1 {
-                bail!("{field}: must be at least 1, got {value}");
-            }
-        }
-        Ok(())
+        at_least(
+            1,
+            [
+                ("num_classes", self.num_classes),
+                ("in_channels", self.in_channels),
+            ],
+        )
     }
 }
 

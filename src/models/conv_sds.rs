@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Reduction, Tensor};
 
 use super::{input, layers, Expect, Inputs, Model};
+use crate::validate::at_least;
 
 /// `ConvSDSLayer(input_size, hidden_dim)`:
 /// `layer_norm(x + relu(conv2(conv1(x))))`, `[B, L, H] -> [B, L, H]` with `L = input_size`,
@@ -101,14 +102,23 @@ fn default_num_labels() -> i64 {
     2
 }
 
+impl ConvSdsHeadConfig {
+    pub fn validate(&self) -> Result<()> {
+        at_least(
+            1,
+            [
+                ("n_layers", self.n_layers),
+                ("input_size", self.input_size),
+                ("hidden_size", self.hidden_size),
+                ("num_labels", self.num_labels),
+            ],
+        )
+    }
+}
+
 impl Default for ConvSdsHeadConfig {
     fn default() -> Self {
-        Self {
-            n_layers: default_n_layers(),
-            input_size: default_input_size(),
-            hidden_size: default_hidden_size(),
-            num_labels: default_num_labels(),
-        }
+        serde_json::from_str("{}").expect("every field has a default")
     }
 }
 
@@ -118,6 +128,18 @@ impl Default for ConvSdsHeadConfig {
 pub struct ConvSdsLayerConfig {
     pub input_size: i64,
     pub hidden_dim: i64,
+}
+
+impl ConvSdsLayerConfig {
+    pub fn validate(&self) -> Result<()> {
+        at_least(
+            1,
+            [
+                ("input_size", self.input_size),
+                ("hidden_dim", self.hidden_dim),
+            ],
+        )
+    }
 }
 
 /// `ConvSDSHead(n_layers, input_size, hidden_size, num_labels)`:
@@ -151,8 +173,19 @@ impl ConvSdsHead {
 
     /// Checked forward: `[B, L, H] -> [B, L, num_labels]`.
     pub fn try_forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.features(x)?.apply(&self.classifier))
+    }
+
+    /// The hidden states after the conv layers, `[B, L, H]`.
+    pub fn features(&self, x: &Tensor) -> Result<Tensor> {
         expect_sequence(self.config.input_size, self.config.hidden_size, self.device).check(x)?;
-        Ok(nn::Module::forward(self, x))
+        Ok(self.run_convs(x))
+    }
+
+    fn run_convs(&self, x: &Tensor) -> Tensor {
+        self.convs
+            .iter()
+            .fold(x.shallow_clone(), |h, layer| h.apply(layer))
     }
 
     /// `(start_logits, end_logits)`, each `[B, L]`: the two label columns of a 2-label head.
@@ -169,11 +202,7 @@ impl ConvSdsHead {
 
 impl nn::Module for ConvSdsHead {
     fn forward(&self, x: &Tensor) -> Tensor {
-        let out = self
-            .convs
-            .iter()
-            .fold(x.shallow_clone(), |h, layer| h.apply(layer));
-        out.apply(&self.classifier)
+        self.run_convs(x).apply(&self.classifier)
     }
 }
 
@@ -186,14 +215,8 @@ impl Model for ConvSdsHead {
         self.try_forward(input(inputs, "input")?)
     }
 
-    /// The hidden states after the conv layers, `[B, L, H]`.
     fn forward_features(&self, inputs: &Inputs, _train: bool) -> Result<Tensor> {
-        let x = input(inputs, "input")?;
-        expect_sequence(self.config.input_size, self.config.hidden_size, self.device).check(x)?;
-        Ok(self
-            .convs
-            .iter()
-            .fold(x.shallow_clone(), |h, layer| h.apply(layer)))
+        self.features(input(inputs, "input")?)
     }
 }
 

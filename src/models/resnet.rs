@@ -17,6 +17,7 @@ use super::layers::{
     self, conv1x1, conv2d_no_bias, conv3x3, BiasInit, Conv2dSpec, Norm2d, NormKind,
 };
 use super::{input, Expect, Inputs, Model};
+use crate::validate::at_least;
 
 /// Which residual block a network stacks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -320,8 +321,8 @@ pub fn run_stage(blocks: &[Block], x: Tensor, train: bool) -> Tensor {
 }
 
 /// The configuration of an ImageNet-style ResNet, torchvision's constructor arguments plus the
-/// paper's options. Named architectures (`resnet50`, ...) fix `block`, `layers`, `groups` and
-/// `width_per_group`; `{"arch": "resnet"}` takes them from the config.
+/// paper's options. A torchvision constructor (`{"arch": "resnet50"}`) fixes `block`, `layers`,
+/// `groups` and `width_per_group`; `{"arch": "resnet"}` takes them from the config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResNetConfig {
@@ -355,7 +356,7 @@ pub struct ResNetConfig {
 fn d_num_classes() -> i64 {
     1000
 }
-fn d_in_channels() -> i64 {
+pub(super) fn d_in_channels() -> i64 {
     3
 }
 fn d_true() -> bool {
@@ -368,102 +369,142 @@ impl Default for ResNetConfig {
     }
 }
 
-/// `(block, layers, groups, width_per_group)` of torchvision's constructors.
-pub fn torchvision_architecture(arch: &str) -> Option<(BlockKind, [i64; 4], i64, i64)> {
-    use BlockKind::{Basic, Bottleneck};
-    Some(match arch {
-        "resnet18" => (Basic, [2, 2, 2, 2], 1, 64),
-        "resnet34" => (Basic, [3, 4, 6, 3], 1, 64),
-        "resnet50" => (Bottleneck, [3, 4, 6, 3], 1, 64),
-        "resnet101" => (Bottleneck, [3, 4, 23, 3], 1, 64),
-        "resnet152" => (Bottleneck, [3, 8, 36, 3], 1, 64),
-        "resnext50_32x4d" => (Bottleneck, [3, 4, 6, 3], 32, 4),
-        "resnext101_32x8d" => (Bottleneck, [3, 4, 23, 3], 32, 8),
-        "resnext101_64x4d" => (Bottleneck, [3, 4, 23, 3], 64, 4),
-        "wide_resnet50_2" => (Bottleneck, [3, 4, 6, 3], 1, 128),
-        "wide_resnet101_2" => (Bottleneck, [3, 4, 23, 3], 1, 128),
-        _ => return None,
-    })
-}
-
-/// Every torchvision constructor this crate mirrors.
-pub const TORCHVISION_ARCHS: [&str; 10] = [
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-];
-
-/// A [`ResNetConfig`] with the architecture filled in and every value checked.
-#[derive(Debug, Clone)]
-pub struct ResolvedResNet {
+/// What a torchvision constructor fixes: `ResNet(block, layers, groups=, width_per_group=)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Architecture {
     pub block: BlockKind,
     pub layers: [i64; 4],
     pub groups: i64,
     pub width_per_group: i64,
+}
+
+/// A named constructor of torchvision's `models/resnet.py` (`resnet50()` is
+/// `ResNet(Bottleneck, [3, 4, 6, 3])`); its name is the config's `arch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Constructor {
+    pub name: &'static str,
+    pub architecture: Architecture,
+}
+
+const fn tv(
+    name: &'static str,
+    block: BlockKind,
+    layers: [i64; 4],
+    groups: i64,
+    width: i64,
+) -> Constructor {
+    Constructor {
+        name,
+        architecture: Architecture {
+            block,
+            layers,
+            groups,
+            width_per_group: width,
+        },
+    }
+}
+
+/// torchvision's ResNet constructors: adding one is one line here.
+pub const TORCHVISION: &[Constructor] = {
+    use BlockKind::{Basic, Bottleneck};
+    &[
+        tv("resnet18", Basic, [2, 2, 2, 2], 1, 64),
+        tv("resnet34", Basic, [3, 4, 6, 3], 1, 64),
+        tv("resnet50", Bottleneck, [3, 4, 6, 3], 1, 64),
+        tv("resnet101", Bottleneck, [3, 4, 23, 3], 1, 64),
+        tv("resnet152", Bottleneck, [3, 8, 36, 3], 1, 64),
+        tv("resnext50_32x4d", Bottleneck, [3, 4, 6, 3], 32, 4),
+        tv("resnext101_32x8d", Bottleneck, [3, 4, 23, 3], 32, 8),
+        tv("resnext101_64x4d", Bottleneck, [3, 4, 23, 3], 64, 4),
+        tv("wide_resnet50_2", Bottleneck, [3, 4, 6, 3], 1, 128),
+        tv("wide_resnet101_2", Bottleneck, [3, 4, 23, 3], 1, 128),
+    ]
+};
+
+impl Constructor {
+    /// The torchvision constructor called `name`.
+    pub fn named(name: &str) -> Option<&'static Constructor> {
+        TORCHVISION.iter().find(|c| c.name == name)
+    }
+}
+
+/// A [`ResNetConfig`] with its architecture settled and every value checked.
+#[derive(Debug, Clone)]
+pub struct ResolvedResNet {
+    pub architecture: Architecture,
     pub config: ResNetConfig,
 }
 
 impl ResNetConfig {
-    /// Fills in the architecture of `arch` (`"resnet"` for one given in full) and validates.
-    pub fn resolve(&self, arch: &str) -> Result<ResolvedResNet> {
-        let (block, layers, groups, width) = match torchvision_architecture(arch) {
-            Some((block, layers, groups, width)) => {
-                for (field, given, fixed) in [
-                    ("groups", self.groups, groups),
-                    ("width_per_group", self.width_per_group, width),
-                ] {
-                    if given.is_some_and(|g| g != fixed) {
-                        bail!("{field}: {arch} fixes it to {fixed}; use \"arch\": \"resnet\" to choose");
-                    }
-                }
-                if self.block.is_some_and(|b| b != block)
-                    || self.layers.as_ref().is_some_and(|l| l[..] != layers)
-                {
-                    bail!("block/layers: {arch} fixes them; use \"arch\": \"resnet\" to choose");
-                }
-                (block, layers, groups, width)
-            }
-            None if arch == "resnet" => {
-                let block = self
-                    .block
-                    .context("block: required for \"arch\": \"resnet\" (basic or bottleneck)")?;
-                let layers = self
-                    .layers
-                    .as_deref()
-                    .context("layers: required for \"arch\": \"resnet\"")?;
-                let layers: [i64; 4] = layers.try_into().map_err(|_| {
-                    anyhow::anyhow!("layers: needs 4 stage depths, got {}", layers.len())
-                })?;
-                (
-                    block,
-                    layers,
-                    self.groups.unwrap_or(1),
-                    self.width_per_group.unwrap_or(64),
-                )
-            }
-            None => bail!("unknown ResNet architecture `{arch}`"),
+    /// Settles the architecture, `constructor`'s or (`None`, `{"arch": "resnet"}`) the config's
+    /// own, and checks every value.
+    pub fn resolve(&self, constructor: Option<&Constructor>) -> Result<ResolvedResNet> {
+        let architecture = match constructor {
+            Some(c) => self.fixed_by(c)?,
+            None => self.given()?,
         };
-        if let Some((i, n)) = layers.iter().enumerate().find(|(_, n)| **n < 1) {
-            bail!("layers[{i}]: every stage needs at least one block, got {n}");
-        }
-        for (field, value) in [
-            ("groups", groups),
-            ("width_per_group", width),
-            ("num_classes", self.num_classes),
-            ("in_channels", self.in_channels),
+        self.validate(&architecture)?;
+        Ok(ResolvedResNet {
+            architecture,
+            config: self.clone(),
+        })
+    }
+
+    /// `c`'s architecture; the config may repeat what `c` fixes but not change it.
+    fn fixed_by(&self, c: &Constructor) -> Result<Architecture> {
+        let (arch, a) = (c.name, c.architecture);
+        for (field, given, fixed) in [
+            ("groups", self.groups, a.groups),
+            ("width_per_group", self.width_per_group, a.width_per_group),
         ] {
-            if value < 1 {
-                bail!("{field}: must be at least 1, got {value}");
+            if given.is_some_and(|g| g != fixed) {
+                bail!("{field}: {arch} fixes it to {fixed}; use \"arch\": \"resnet\" to choose");
             }
         }
-        if block == BlockKind::Basic {
+        if self.block.is_some_and(|b| b != a.block)
+            || self.layers.as_ref().is_some_and(|l| l[..] != a.layers)
+        {
+            bail!("block/layers: {arch} fixes them; use \"arch\": \"resnet\" to choose");
+        }
+        Ok(a)
+    }
+
+    /// The architecture of `{"arch": "resnet"}`: `block` and `layers` given, `groups` 1 and
+    /// `width_per_group` 64 unless given.
+    fn given(&self) -> Result<Architecture> {
+        let block = self
+            .block
+            .context("block: required for \"arch\": \"resnet\" (basic or bottleneck)")?;
+        let layers = self
+            .layers
+            .as_deref()
+            .context("layers: required for \"arch\": \"resnet\"")?;
+        let layers: [i64; 4] = layers
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("layers: needs 4 stage depths, got {}", layers.len()))?;
+        Ok(Architecture {
+            block,
+            layers,
+            groups: self.groups.unwrap_or(1),
+            width_per_group: self.width_per_group.unwrap_or(64),
+        })
+    }
+
+    /// What torchvision's `ResNet.__init__` and its blocks refuse, plus empty stages and widths.
+    fn validate(&self, a: &Architecture) -> Result<()> {
+        let stages = a.layers.iter().enumerate();
+        at_least(1, stages.map(|(i, n)| (format!("layers[{i}]"), *n)))?;
+        at_least(
+            1,
+            [
+                ("groups", a.groups),
+                ("width_per_group", a.width_per_group),
+                ("num_classes", self.num_classes),
+                ("in_channels", self.in_channels),
+            ],
+        )?;
+        let (groups, width) = (a.groups, a.width_per_group);
+        if a.block == BlockKind::Basic {
             if groups != 1 || width != 64 {
                 bail!("groups/width_per_group: BasicBlock only supports groups=1 and width_per_group=64");
             }
@@ -477,8 +518,8 @@ impl ResNetConfig {
         if let NormKind::GroupNorm { num_groups } = self.norm {
             let mut channels = vec![64];
             for planes in [64, 128, 256, 512] {
-                channels.push(planes * block.expansion());
-                if block == BlockKind::Bottleneck {
+                channels.push(planes * a.block.expansion());
+                if a.block == BlockKind::Bottleneck {
                     channels.push(bottleneck_width(planes, width, groups));
                 }
             }
@@ -489,13 +530,7 @@ impl ResNetConfig {
                 bail!("norm.group_norm.num_groups: {num_groups} does not divide {c} channels");
             }
         }
-        Ok(ResolvedResNet {
-            block,
-            layers,
-            groups,
-            width_per_group: width,
-            config: self.clone(),
-        })
+        Ok(())
     }
 }
 
@@ -518,22 +553,22 @@ pub struct ResNet {
 
 impl ResNet {
     pub fn new(path: nn::Path, r: &ResolvedResNet) -> Self {
-        let c = &r.config;
+        let (a, c) = (&r.architecture, &r.config);
         let s = BlockSettings {
-            kind: r.block,
-            groups: r.groups,
-            width_per_group: r.width_per_group,
+            kind: a.block,
+            groups: a.groups,
+            width_per_group: a.width_per_group,
             norm: c.norm,
             shortcut: c.shortcut,
             plain: c.plain,
         };
         let mut builder = StageBuilder::new(s, 64);
         let [d2, d3, d4] = c.replace_stride_with_dilation;
-        let layer1 = builder.stage(&(&path / "layer1"), 64, r.layers[0], 1, false);
-        let layer2 = builder.stage(&(&path / "layer2"), 128, r.layers[1], 2, d2);
-        let layer3 = builder.stage(&(&path / "layer3"), 256, r.layers[2], 2, d3);
-        let layer4 = builder.stage(&(&path / "layer4"), 512, r.layers[3], 2, d4);
-        let features = 512 * r.block.expansion();
+        let layer1 = builder.stage(&(&path / "layer1"), 64, a.layers[0], 1, false);
+        let layer2 = builder.stage(&(&path / "layer2"), 128, a.layers[1], 2, d2);
+        let layer3 = builder.stage(&(&path / "layer3"), 256, a.layers[2], 2, d3);
+        let layer4 = builder.stage(&(&path / "layer4"), 512, a.layers[3], 2, d4);
+        let features = 512 * a.block.expansion();
         let dilated = c
             .replace_stride_with_dilation
             .iter()

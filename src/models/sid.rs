@@ -13,6 +13,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::layers::{self, BiasInit};
 use super::{input, Expect, Inputs, Model};
+use crate::validate::{at_least, probability};
 
 /// The original `SiDConfig`, field for field, with its defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,61 +91,59 @@ impl SidConfig {
         if self.num_categories_list.is_empty() {
             bail!("num_categories_list: needs at least one categorical feature");
         }
-        if let Some((i, n)) = self
-            .num_categories_list
-            .iter()
-            .enumerate()
-            .find(|(_, n)| **n < 1)
-        {
-            bail!("num_categories_list[{i}]: a feature needs at least one category, got {n}");
-        }
-        if self.num_text_features < 1 {
-            bail!(
-                "num_text_features: must be at least 1 (the model stacks one projection per text \
-                 feature), got {}",
-                self.num_text_features
-            );
-        }
-        for (field, value, min) in [
-            ("num_numerical_features", self.num_numerical_features, 0),
-            ("text_input_size", self.text_input_size, 1),
-            ("embedding_size", self.embedding_size, 1),
-            ("hidden_size", self.hidden_size, 1),
-            ("intermediate_size", self.intermediate_size, 1),
-            ("num_hidden_layers", self.num_hidden_layers, 1),
-            ("num_transform_blocks", self.num_transform_blocks, 0),
-            ("num_attention_blocks", self.num_attention_blocks, 0),
-        ] {
-            if value < min {
-                bail!("{field}: must be at least {min}, got {value}");
-            }
-        }
-        for (field, p) in [
-            ("hidden_dropout_prob", self.hidden_dropout_prob),
-            ("attention_dropout_prob", self.attention_dropout_prob),
-        ] {
-            if !(0.0..1.0).contains(&p) {
-                bail!("{field}: must be in [0, 1), got {p}");
-            }
-        }
-        if !(0.0..=1.0).contains(&self.drop_path_prob) {
-            bail!(
-                "drop_path_prob: must be in [0, 1], got {}",
-                self.drop_path_prob
-            );
-        }
+        let counts = self.num_categories_list.iter().enumerate();
+        at_least(
+            1,
+            counts.map(|(i, n)| (format!("num_categories_list[{i}]"), *n)),
+        )?;
+        at_least(1, [("num_text_features", self.num_text_features)])
+            .context("the model stacks one projection per text feature")?;
+        at_least(
+            0,
+            [
+                ("num_numerical_features", self.num_numerical_features),
+                ("num_transform_blocks", self.num_transform_blocks),
+                ("num_attention_blocks", self.num_attention_blocks),
+            ],
+        )?;
+        at_least(
+            1,
+            [
+                ("text_input_size", self.text_input_size),
+                ("embedding_size", self.embedding_size),
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+            ],
+        )?;
+        at_least(1, self.num_labels.map(|n| ("num_labels", n)))?;
+        probability(
+            false,
+            [
+                ("hidden_dropout_prob", self.hidden_dropout_prob),
+                ("attention_dropout_prob", self.attention_dropout_prob),
+            ],
+        )?;
+        probability(true, [("drop_path_prob", self.drop_path_prob)])?;
         if !(self.embed_init_std.is_finite() && self.embed_init_std >= 0.0) {
             bail!(
                 "embed_init_std: must be a finite non-negative number, got {}",
                 self.embed_init_std
             );
         }
-        if let Some(n) = self.num_labels {
-            if n < 1 {
-                bail!("num_labels: must be at least 1, got {n}");
-            }
-        }
         Ok(())
+    }
+
+    /// [`Self::validate`] for a `SiDClassifier`, which also needs `num_labels`.
+    pub fn validate_classifier(&self) -> Result<()> {
+        self.validate()?;
+        self.classifier_labels().map(drop)
+    }
+
+    /// `num_labels`, the width of `SiDClassifier`'s output.
+    pub fn classifier_labels(&self) -> Result<i64> {
+        self.num_labels
+            .context("num_labels: must be set for a classifier")
     }
 }
 
@@ -301,6 +300,19 @@ pub struct SidResidualBlockConfig {
     pub intermediate_size: i64,
     #[serde(default = "d_half")]
     pub hidden_dropout_prob: f64,
+}
+
+impl SidResidualBlockConfig {
+    pub fn validate(&self) -> Result<()> {
+        at_least(
+            1,
+            [
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+            ],
+        )?;
+        probability(false, [("hidden_dropout_prob", self.hidden_dropout_prob)])
+    }
 }
 
 impl SidResidualBlock {
@@ -547,9 +559,7 @@ pub struct SidClassifier {
 
 impl SidClassifier {
     pub fn new(path: nn::Path, config: &SidConfig) -> Result<Self> {
-        let Some(num_labels) = config.num_labels else {
-            bail!("num_labels: must be set for a classifier");
-        };
+        let num_labels = config.classifier_labels()?;
         Ok(Self {
             model: SidModel::new(&path / "model", config)?,
             classifier: layers::linear(
@@ -581,21 +591,22 @@ impl Model for SidClassifier {
     }
 
     fn forward_named(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
-        self.forward_t(
-            input(inputs, "categorical")?,
-            input(inputs, "numerical")?,
-            input(inputs, "text")?,
-            train,
-        )
+        let [categorical, numerical, text] = sid_inputs(inputs)?;
+        self.forward_t(categorical, numerical, text, train)
     }
 
     /// The normalised hidden state of `SiDModel`, `[B, H]`.
     fn forward_features(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
-        self.model.forward_t(
-            input(inputs, "categorical")?,
-            input(inputs, "numerical")?,
-            input(inputs, "text")?,
-            train,
-        )
+        let [categorical, numerical, text] = sid_inputs(inputs)?;
+        self.model.forward_t(categorical, numerical, text, train)
     }
+}
+
+/// `categorical`, `numerical` and `text` of `inputs`.
+fn sid_inputs(inputs: &Inputs) -> Result<[&Tensor; 3]> {
+    Ok([
+        input(inputs, "categorical")?,
+        input(inputs, "numerical")?,
+        input(inputs, "text")?,
+    ])
 }
