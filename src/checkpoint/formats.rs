@@ -7,7 +7,8 @@ use std::io::{Cursor, Read, Write};
 
 use anyhow::{bail, Context, Result};
 
-use super::pickle::{self, DType, TensorRef, Value};
+use super::pickle::{self, TensorRef, Value};
+use super::DType;
 
 /// A tensor as bytes: contiguous, little-endian, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,8 +27,11 @@ impl RawTensor {
 /// What a file is, from its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    /// `torch.save` since PyTorch 1.6 (a zip archive with `data.pkl`); also TorchScript archives.
+    /// `torch.save` since PyTorch 1.6 (a zip archive with `data.pkl`).
     TorchZip,
+    /// A libtorch archive: a zip that also holds `constants.pkl`, as TorchScript modules
+    /// (`torch.jit.save`) and tch's `.ot` files do.
+    LibtorchArchive,
     /// `torch.save(..., _use_new_zipfile_serialization=False)` (a sequence of pickles).
     TorchLegacy,
     Safetensors,
@@ -36,7 +40,16 @@ pub enum Format {
 /// Recognises a checkpoint from its content (not its name).
 pub fn sniff(bytes: &[u8]) -> Result<Format> {
     if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
-        return Ok(Format::TorchZip);
+        let libtorch = zip::ZipArchive::new(Cursor::new(bytes)).is_ok_and(|a| {
+            a.file_names()
+                .filter_map(|n| n.ok())
+                .any(|n| n.ends_with("constants.pkl"))
+        });
+        return Ok(if libtorch {
+            Format::LibtorchArchive
+        } else {
+            Format::TorchZip
+        });
     }
     if bytes.len() >= 2 && bytes[0] == 0x80 && (2..=5).contains(&bytes[1]) {
         return Ok(Format::TorchLegacy);
@@ -52,6 +65,9 @@ pub fn sniff(bytes: &[u8]) -> Result<Format> {
     }
     bail!("not a PyTorch checkpoint (neither a torch.save zip or legacy file, nor safetensors)")
 }
+
+pub(super) const LIBTORCH_ARCHIVE: &str =
+    "this is a TorchScript archive (torch.jit.save), not a torch.save state_dict";
 
 /// Reads storages by key, for resolving tensor records lazily.
 trait Storages {
@@ -107,6 +123,7 @@ impl<'a> TorchFile<'a> {
             Format::TorchZip => Self::parse_zip(bytes),
             Format::TorchLegacy => Self::parse_legacy(bytes),
             Format::Safetensors => bail!("this is a safetensors file, not a torch.save file"),
+            Format::LibtorchArchive => bail!(LIBTORCH_ARCHIVE),
         }
     }
 
@@ -119,13 +136,6 @@ impl<'a> TorchFile<'a> {
             .find(|n| n.ends_with("data.pkl") && n.matches('/').count() <= 1)
             .map(|n| n.to_string())
             .context("the zip archive has no data.pkl: not a torch.save file")?;
-        if archive
-            .file_names()
-            .filter_map(|n| n.ok())
-            .any(|n| n.ends_with("constants.pkl"))
-        {
-            bail!("this is a TorchScript archive (torch.jit.save), not a torch.save state_dict");
-        }
         let prefix = pkl.trim_end_matches("data.pkl").to_string();
         if let Ok(mut f) = archive.by_name(&format!("{prefix}byteorder")) {
             let mut order = String::new();
@@ -282,11 +292,7 @@ fn collect_storages(v: &Value, sizes: &mut HashMap<String, usize>) {
         Value::Storage(s) => {
             sizes.insert(s.key.clone(), s.dtype.size());
         }
-        Value::Tuple(items) | Value::List(items) | Value::Object(_, items) => {
-            items.iter().for_each(|i| collect_storages(i, sizes))
-        }
-        Value::Dict(entries) => entries.iter().for_each(|(_, v)| collect_storages(v, sizes)),
-        _ => {}
+        _ => v.children().for_each(|c| collect_storages(c, sizes)),
     }
 }
 
@@ -341,7 +347,6 @@ fn gather(bytes: &[u8], elem: usize, offset: i64, size: &[i64], stride: &[i64]) 
 
 /// Reads a safetensors file's tensors, in file order.
 pub fn read_safetensors(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>> {
-    use safetensors::Dtype as S;
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| anyhow::anyhow!("corrupt safetensors file: {e}"))?;
     let mut out = Vec::new();
@@ -355,19 +360,8 @@ pub fn read_safetensors(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>> {
         let view = st
             .tensor(&name)
             .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-        let dtype = match view.dtype() {
-            S::F64 => DType::F64,
-            S::F32 => DType::F32,
-            S::F16 => DType::F16,
-            S::BF16 => DType::BF16,
-            S::I64 => DType::I64,
-            S::I32 => DType::I32,
-            S::I16 => DType::I16,
-            S::I8 => DType::I8,
-            S::U8 => DType::U8,
-            S::BOOL => DType::Bool,
-            other => bail!("{name}: unsupported safetensors dtype {other:?}"),
-        };
+        let dtype = DType::from_safetensors(view.dtype())
+            .with_context(|| format!("{name}: unsupported safetensors dtype {:?}", view.dtype()))?;
         let shape = view.shape().iter().map(|s| *s as i64).collect();
         out.push((
             name,
@@ -383,24 +377,11 @@ pub fn read_safetensors(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>> {
 
 /// The safetensors file of `tensors`, as bytes.
 pub fn safetensors_bytes(tensors: &[(String, RawTensor)]) -> Result<Vec<u8>> {
-    use safetensors::Dtype as S;
     let views = tensors
         .iter()
         .map(|(name, t)| {
-            let dtype = match t.dtype {
-                DType::F64 => S::F64,
-                DType::F32 => S::F32,
-                DType::F16 => S::F16,
-                DType::BF16 => S::BF16,
-                DType::I64 => S::I64,
-                DType::I32 => S::I32,
-                DType::I16 => S::I16,
-                DType::I8 => S::I8,
-                DType::U8 => S::U8,
-                DType::Bool => S::BOOL,
-            };
             let shape = t.shape.iter().map(|s| *s as usize).collect();
-            let view = safetensors::tensor::TensorView::new(dtype, shape, &t.data)
+            let view = safetensors::tensor::TensorView::new(t.dtype.safetensors(), shape, &t.data)
                 .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
             Ok((name.clone(), view))
         })

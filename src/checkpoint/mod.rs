@@ -7,18 +7,19 @@
 //! `.ot` goes through libtorch. Nested checkpoints (`{"state_dict": ...}`, `{"model": ...}`, EMA
 //! copies) are unwrapped and DataParallel / torch.compile prefixes stripped.
 
+mod dtype;
 pub mod formats;
 mod load;
 pub mod pickle;
 
+pub use dtype::{DType, DTypeNames, DTYPES};
 pub use formats::RawTensor;
 pub use load::{load_state_dict, LoadReport};
-pub use pickle::DType;
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use formats::{Format, TorchFile};
 use pickle::{TensorRef, Value};
@@ -161,6 +162,7 @@ fn strip_prefixes<T>(entries: &mut [(String, T)], extra: &[String]) {
 pub fn parse_bytes(bytes: &[u8], options: &ReadOptions) -> Result<Vec<(String, RawTensor)>> {
     let mut entries = match formats::sniff(bytes)? {
         Format::Safetensors => formats::read_safetensors(bytes)?,
+        Format::LibtorchArchive => bail!(formats::LIBTORCH_ARCHIVE),
         Format::TorchZip | Format::TorchLegacy => {
             let mut file = TorchFile::parse(bytes)?;
             let refs = select(&file.object, options.key.as_deref())?;
@@ -171,52 +173,19 @@ pub fn parse_bytes(bytes: &[u8], options: &ReadOptions) -> Result<Vec<(String, R
     Ok(entries)
 }
 
-/// The tch kind of a storage dtype.
-pub fn kind_of(dtype: DType) -> Kind {
-    match dtype {
-        DType::F64 => Kind::Double,
-        DType::F32 => Kind::Float,
-        DType::F16 => Kind::Half,
-        DType::BF16 => Kind::BFloat16,
-        DType::I64 => Kind::Int64,
-        DType::I32 => Kind::Int,
-        DType::I16 => Kind::Int16,
-        DType::I8 => Kind::Int8,
-        DType::U8 => Kind::Uint8,
-        DType::Bool => Kind::Bool,
-    }
-}
-
-/// The storage dtype of a tch kind, where a checkpoint can hold it.
-pub fn dtype_of(kind: Kind) -> Result<DType> {
-    Ok(match kind {
-        Kind::Double => DType::F64,
-        Kind::Float => DType::F32,
-        Kind::Half => DType::F16,
-        Kind::BFloat16 => DType::BF16,
-        Kind::Int64 => DType::I64,
-        Kind::Int => DType::I32,
-        Kind::Int16 => DType::I16,
-        Kind::Int8 => DType::I8,
-        Kind::Uint8 => DType::U8,
-        Kind::Bool => DType::Bool,
-        other => bail!("cannot store tensors of kind {other:?}"),
-    })
-}
-
 impl RawTensor {
     /// A CPU tensor with these bytes.
     pub fn to_tensor(&self) -> Result<Tensor> {
         Ok(Tensor::f_from_data_size(
             &self.data,
             &self.shape,
-            kind_of(self.dtype),
+            self.dtype.kind(),
         )?)
     }
 
     /// The bytes of `t` (any device, any layout).
     pub fn from_tensor(t: &Tensor) -> Result<Self> {
-        let dtype = dtype_of(t.kind())?;
+        let dtype = DType::from_kind(t.kind())?;
         let t = t.detach().to_device(tch::Device::Cpu).contiguous();
         let mut data = vec![0u8; t.numel() * dtype.size()];
         t.f_copy_data_u8(&mut data, t.numel())?;
@@ -242,7 +211,7 @@ impl StateDict {
         // another process can at worst produce wrong values, which the parsers bound-check.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("cannot map {}", path.display()))?;
-        if is_tch_archive(&map) {
+        if formats::sniff(&map).ok() == Some(Format::LibtorchArchive) {
             return Self::read_ot(path, options);
         }
         let raw = parse_bytes(&map, options)
@@ -349,15 +318,4 @@ impl StateDict {
     pub fn numel(&self) -> usize {
         self.entries.iter().map(|(_, t)| t.numel()).sum()
     }
-}
-
-/// tch's `.ot` files (and TorchScript modules) are libtorch archives: zips with `constants.pkl`,
-/// which `torch.save` files never have. They are read through libtorch.
-fn is_tch_archive(bytes: &[u8]) -> bool {
-    bytes.starts_with(b"PK")
-        && zip::ZipArchive::new(std::io::Cursor::new(bytes)).is_ok_and(|a| {
-            a.file_names()
-                .filter_map(|n| n.ok())
-                .any(|n| n.ends_with("/constants.pkl"))
-        })
 }
