@@ -1,0 +1,42 @@
+//! What an epoch measured: running sums and the line each epoch adds to `metrics.jsonl`.
+
+use serde::{Deserialize, Serialize};
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: u64,
+    pub train_loss: f64,
+    pub train_error: f64,
+    pub val_loss: Option<f64>,
+    pub val_error: Option<f64>,
+    pub test_loss: Option<f64>,
+    pub test_error: Option<f64>,
+    pub lr: f64,
+    pub seconds: f64,
+    pub images_per_second: f64,
+}
+
+/// Sums over an epoch or an evaluation.
+#[derive(Debug, Default)]
+pub(super) struct Tally {
+    loss: f64,
+    wrong: i64,
+    pub seen: i64,
+}
+
+impl Tally {
+    pub fn add(&mut self, loss_sum: f64, wrong: i64, n: i64) {
+        self.loss += loss_sum;
+        self.wrong += wrong;
+        self.seen += n;
+    }
+
+    pub fn mean_loss(&self) -> f64 {
+        self.loss / self.seen.max(1) as f64
+    }
+
+    pub fn error(&self) -> f64 {
+        self.wrong as f64 / self.seen.max(1) as f64
+    }
+}

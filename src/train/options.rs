@@ -1,0 +1,106 @@
+//! The options of a training run, saved in the run folder's `run.json`.
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use super::schedule::Schedule;
+use crate::backend::AutocastDtype;
+use crate::data::Augment;
+
+/// Everything that shapes a training run; saved in `run.json` so a resumed run continues alike.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainOptions {
+    pub epochs: u64,
+    pub batch_size: i64,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// Apply weight decay to norm weights and biases too (the paper does).
+    pub decay_norm_and_bias: bool,
+    pub schedule: Schedule,
+    /// Epochs at which the step schedule divides the rate by 10 (empty: 50% and 75%).
+    pub milestones: Vec<u64>,
+    /// Linear warmup from 0, in epochs (fractions allowed).
+    pub warmup: f64,
+    pub label_smoothing: f64,
+    pub seed: u64,
+    /// Train on the first N training examples only.
+    pub subset: Option<i64>,
+    /// Evaluate on the first N test examples only.
+    #[serde(default)]
+    pub test_subset: Option<i64>,
+    /// Hold out the last N training examples as a validation set.
+    pub validation: Option<i64>,
+    pub augment: Option<Augment>,
+    /// CUDA mixed precision.
+    pub amp: Option<AutocastDtype>,
+    /// Let cuDNN convolutions and cuBLAS matmuls use TF32 on CUDA. Off: fp32 means IEEE fp32
+    /// (PyTorch's own default lets convolutions use TF32).
+    #[serde(default)]
+    pub tf32: bool,
+    pub channels_last: bool,
+    pub cudnn_benchmark: bool,
+    /// Deterministic algorithms (libtorch's and cuDNN's), for reproducible GPU runs.
+    #[serde(default)]
+    pub deterministic: bool,
+    /// Evaluate the test set every epoch (the experiment's curves need it).
+    pub eval_test: bool,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            epochs: 10,
+            batch_size: 128,
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            decay_norm_and_bias: true,
+            schedule: Schedule::Step,
+            milestones: Vec::new(),
+            warmup: 0.0,
+            label_smoothing: 0.0,
+            seed: 0,
+            subset: None,
+            test_subset: None,
+            validation: None,
+            augment: Some(Augment { pad: 4, flip: true }),
+            amp: None,
+            tf32: false,
+            channels_last: false,
+            cudnn_benchmark: false,
+            deterministic: false,
+            eval_test: true,
+        }
+    }
+}
+
+impl TrainOptions {
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            bail!("epochs: must be at least 1");
+        }
+        if self.batch_size < 1 {
+            bail!("batch_size: must be at least 1, got {}", self.batch_size);
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("lr: must be a positive number, got {}", self.lr);
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            bail!("momentum: must be in [0, 1), got {}", self.momentum);
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            bail!("weight_decay: must be >= 0, got {}", self.weight_decay);
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            bail!(
+                "label_smoothing: must be in [0, 1), got {}",
+                self.label_smoothing
+            );
+        }
+        if !(self.warmup >= 0.0 && self.warmup.is_finite()) {
+            bail!("warmup: must be >= 0 epochs, got {}", self.warmup);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,51 @@
+//! The splits a run trains and evaluates on, on its device.
+
+use anyhow::{bail, Result};
+use tch::Device;
+
+use super::options::TrainOptions;
+use crate::data::{Dataset, Normalizer};
+
+/// The data of a run, on its device.
+pub struct RunData {
+    pub train: Dataset,
+    pub validation: Option<Dataset>,
+    pub test: Dataset,
+    pub normalizer: Normalizer,
+}
+
+impl RunData {
+    /// Splits and moves `train`/`test` as `options` ask; normalisation statistics come from the
+    /// full training set, so evaluation can recompute them.
+    pub fn prepare(
+        train: Dataset,
+        test: Dataset,
+        options: &TrainOptions,
+        device: Device,
+    ) -> Result<Self> {
+        let normalizer = Normalizer::fit(&train, device);
+        let (train, validation) = match options.validation {
+            Some(n) => {
+                let (t, v) = train.split_last(n)?;
+                (t, Some(v))
+            }
+            None => (train, None),
+        };
+        let train = match options.subset {
+            Some(n) if n < 1 => bail!("subset: must be at least 1, got {n}"),
+            Some(n) => train.take(n),
+            None => train,
+        };
+        let test = match options.test_subset {
+            Some(n) if n < 1 => bail!("test_subset: must be at least 1, got {n}"),
+            Some(n) => test.take(n),
+            None => test,
+        };
+        Ok(Self {
+            train: train.to_device(device),
+            validation: validation.map(|v| v.to_device(device)),
+            test: test.to_device(device),
+            normalizer,
+        })
+    }
+}
