@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use residual::checkpoint::{load_state_dict, StateDict};
-use residual::parity::{self, Manifest};
+use residual::parity::{self, Manifest, TorchScript};
 use residual::ModelConfig;
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
@@ -68,6 +68,10 @@ fn a_perturbed_output_reference_fails_the_case() {
     let clean = parity::run_case(&manifest, manifest.case(CASE).unwrap(), Device::Cpu).unwrap();
     assert!(clean.pass(), "{:?}", clean.problems());
     assert_eq!(clean.forward().abs, 0.0);
+    // A case with a module.pt passes only with its TorchScript forward compared.
+    let mut unscripted = clean;
+    unscripted.forward_torchscript = None;
+    assert_eq!(unscripted.problems(), ["TorchScript forward not compared"]);
 
     let reference = StateDict::read_safetensors(&dir.join(CASE).join("outputs.safetensors"))
         .unwrap()
@@ -200,6 +204,27 @@ fn diffs_are_relative_to_the_reference_and_nan_is_never_dropped() {
         assert_eq!(all.worst, "n");
         assert!(!all.within(f64::INFINITY));
     }
+}
+
+#[test]
+fn an_unknown_manifest_value_names_its_case_field_and_value() {
+    let source = common::manifest();
+    let dir = temp_dir("unknown-value");
+    copy_case(&source, CASE, &dir);
+    for field in ["mode", "loss", "torchscript", "dtype"] {
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        json["cases"][0][field] = "bogus".into();
+        std::fs::write(&path, json.to_string()).unwrap();
+        let err = format!("{:#}", Manifest::load(&dir).unwrap_err());
+        assert!(
+            err.contains(&format!("case `{CASE}`: unknown `{field}` value `bogus`")),
+            "{err}"
+        );
+        std::fs::write(&path, text).unwrap();
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -344,6 +369,10 @@ fn sgd_and_loss_settings_each_change_the_result() {
         parity::run_case(&manifest, manifest.case(STEP_CASE).unwrap(), Device::Cpu).unwrap();
     assert!(clean.pass(), "{:?}", clean.problems());
     assert_eq!(clean.after_step.as_ref().unwrap().abs, 0.0);
+    // A case with SGD steps passes only with the state after them compared.
+    let mut unstepped = clean;
+    unstepped.after_step = None;
+    assert_eq!(unstepped.problems(), ["SGD steps not compared"]);
 
     type Edit = fn(&mut serde_json::Value);
     let edits: [(&str, Edit); 4] = [
@@ -376,7 +405,7 @@ const COMPACT_CASE: &str = "resnet18_shortcut_a";
 fn compact_cases_regenerate_their_weights_and_compare_gradient_rows() {
     let source = common::manifest();
     let case = source.case(COMPACT_CASE).unwrap();
-    assert_eq!(case.torchscript, "none");
+    assert_eq!(case.torchscript, TorchScript::Absent);
     assert!(case.seeded_weights.contains_key("layer1.0.conv1.weight"));
     let key = "param_rows.layer1.0.conv1.weight";
 

@@ -4,6 +4,7 @@
 mod common;
 
 use residual::models::resnet::TORCHVISION;
+use residual::parity::{CaseSpec, Loss, SgdSpec};
 use tch::Device;
 
 #[test]
@@ -74,9 +75,7 @@ fn training_step_cases_cover_the_trainers_optimizer_and_loss() {
         steps.iter().all(|(_, s)| s.steps >= 2),
         "momentum buffers unused"
     );
-    let with = |f: &dyn Fn(&residual::parity::CaseSpec, &residual::parity::SgdSpec) -> bool| {
-        steps.iter().any(|(c, s)| f(c, s))
-    };
+    let with = |f: &dyn Fn(&CaseSpec, &SgdSpec) -> bool| steps.iter().any(|(c, s)| f(c, s));
     assert!(with(&|_, s| s.momentum > 0.0
         && s.weight_decay > 0.0
         && s.decay_norm_and_bias));
@@ -84,11 +83,11 @@ fn training_step_cases_cover_the_trainers_optimizer_and_loss() {
         && s.weight_decay > 0.0
         && !s.decay_norm_and_bias));
     assert!(with(&|_, s| s.momentum == 0.0 && s.weight_decay > 0.0));
-    assert!(with(&|c, _| c.loss == "weighted_sum"));
+    assert!(with(&|c, _| c.loss == Loss::WeightedSum));
     assert!(with(
-        &|c, _| c.loss == "cross_entropy" && c.label_smoothing.unwrap_or(0.0) > 0.0
+        &|c, _| c.loss == Loss::CrossEntropy && c.label_smoothing.unwrap_or(0.0) > 0.0
     ));
     assert!(with(
-        &|c, _| c.loss == "cross_entropy" && c.label_smoothing == Some(0.0)
+        &|c, _| c.loss == Loss::CrossEntropy && c.label_smoothing == Some(0.0)
     ));
 }
