@@ -4,6 +4,8 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use plotters::coord::types::RangedCoordf64;
+use plotters::prelude::*;
 
 use super::findings::{Curve, Network, Spread};
 
@@ -84,7 +86,6 @@ pub(super) fn plot(
     title: &str,
     test: bool,
 ) -> Result<()> {
-    use plotters::prelude::*;
     register_font()?;
     let series: Vec<(&Network, Vec<BandPoint>)> = networks
         .iter()
@@ -119,42 +120,7 @@ pub(super) fn plot(
         depths.dedup();
         for (n, points) in &series {
             let i = depths.iter().position(|d| *d == n.depth).unwrap_or(0);
-            let color = palette[i % palette.len()];
-            if points.len() > 1 {
-                let outline: Vec<(f64, f64)> = points
-                    .iter()
-                    .map(|p| (p.iteration, p.max))
-                    .chain(points.iter().rev().map(|p| (p.iteration, p.min)))
-                    .collect();
-                chart.draw_series(std::iter::once(Polygon::new(
-                    outline,
-                    color.mix(0.12).filled(),
-                )))?;
-            }
-            let style = ShapeStyle::from(&color).stroke_width(2);
-            let mean: Vec<(f64, f64)> = points.iter().map(|p| (p.iteration, p.mean)).collect();
-            // A dot at the end of each epoch, so that a one-epoch run still shows.
-            chart.draw_series(
-                mean.iter()
-                    .map(|&p| Circle::new(p, 3, ShapeStyle::from(&color).filled())),
-            )?;
-            let label = format!("{} {}", if n.plain { "plain" } else { "ResNet" }, n.depth);
-            if n.plain {
-                chart
-                    .draw_series(DashedLineSeries::new(mean, 8, 6, style))?
-                    .label(label)
-                    .legend(move |(x, y)| {
-                        // A dashed sample: two short strokes.
-                        EmptyElement::at((x, y))
-                            + PathElement::new(vec![(0, 0), (7, 0)], style)
-                            + PathElement::new(vec![(12, 0), (19, 0)], style)
-                    });
-            } else {
-                chart
-                    .draw_series(LineSeries::new(mean, style))?
-                    .label(label)
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
-            }
+            draw_network(&mut chart, n, points, palette[i % palette.len()])?;
         }
         // Errors fall from the left, so the upper right corner is where no curve goes.
         chart
@@ -166,5 +132,51 @@ pub(super) fn plot(
         root.present()?;
     }
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// One network's band (with two or more epochs), mean line with a dot per epoch, and legend
+/// entry: dashed for plain nets, solid for residual ones.
+fn draw_network<'a>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    n: &Network,
+    points: &[BandPoint],
+    color: RGBColor,
+) -> Result<()> {
+    if points.len() > 1 {
+        let outline: Vec<(f64, f64)> = points
+            .iter()
+            .map(|p| (p.iteration, p.max))
+            .chain(points.iter().rev().map(|p| (p.iteration, p.min)))
+            .collect();
+        chart.draw_series(std::iter::once(Polygon::new(
+            outline,
+            color.mix(0.12).filled(),
+        )))?;
+    }
+    let style = ShapeStyle::from(&color).stroke_width(2);
+    let mean: Vec<(f64, f64)> = points.iter().map(|p| (p.iteration, p.mean)).collect();
+    // A dot at the end of each epoch, so that a one-epoch run still shows.
+    chart.draw_series(
+        mean.iter()
+            .map(|&p| Circle::new(p, 3, ShapeStyle::from(&color).filled())),
+    )?;
+    let label = format!("{} {}", if n.plain { "plain" } else { "ResNet" }, n.depth);
+    if n.plain {
+        chart
+            .draw_series(DashedLineSeries::new(mean, 8, 6, style))?
+            .label(label)
+            .legend(move |(x, y)| {
+                // A dashed sample: two short strokes.
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (7, 0)], style)
+                    + PathElement::new(vec![(12, 0), (19, 0)], style)
+            });
+    } else {
+        chart
+            .draw_series(LineSeries::new(mean, style))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+    }
     Ok(())
 }

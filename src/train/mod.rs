@@ -7,11 +7,11 @@
 //! PyTorch loads; `optimizer.safetensors`, the momentum buffers; `state.json`, where the run is),
 //! with `checkpoints/LATEST` naming the newest complete one.
 //!
-//! Files: [`options`] (what shapes a run), [`schedule`] (the learning rate over time), [`loss`]
-//! (cross-entropy and fp16 loss scaling), [`sgd`] (the optimiser), [`run_data`] (the splits on
-//! their device), [`run_dir`] (the folder layout and checkpoints), [`metrics`] (what an epoch
-//! measured), [`trainer`] (the loop), [`eval`] (evaluation of a trained model), [`bench`] (speed
-//! of the training step and of inference), [`memory_format`] (channels-last tensors).
+//! Files: `options` (what shapes a run), `schedule` (the learning rate over time), `loss`
+//! (cross-entropy and fp16 loss scaling), `sgd` (the optimiser), `run_data` (the splits on
+//! their device), `run_dir` (the folder layout and checkpoints), `metrics` (what an epoch
+//! measured), `trainer` (the loop), `eval` (evaluation of a trained model), `bench` (speed
+//! of the training step and of inference), `memory_format` (channels-last tensors).
 
 mod bench;
 mod eval;
