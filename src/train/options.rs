@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::schedule::Schedule;
 use crate::backend::AutocastDtype;
 use crate::data::Augment;
+use crate::validate::{at_least, probability};
 
 /// Everything that shapes a training run; saved in `run.json` so a resumed run continues alike.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,27 +78,23 @@ impl Default for TrainOptions {
 
 impl TrainOptions {
     pub fn validate(&self) -> Result<()> {
-        if self.epochs == 0 {
-            bail!("epochs: must be at least 1");
-        }
-        if self.batch_size < 1 {
-            bail!("batch_size: must be at least 1, got {}", self.batch_size);
-        }
+        let epochs = i64::try_from(self.epochs).unwrap_or(i64::MAX);
+        at_least(1, [("epochs", epochs), ("batch_size", self.batch_size)])?;
+        at_least(1, self.subset.map(|n| ("subset", n)))?;
+        at_least(1, self.test_subset.map(|n| ("test_subset", n)))?;
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("lr: must be a positive number, got {}", self.lr);
-        }
-        if !(0.0..1.0).contains(&self.momentum) {
-            bail!("momentum: must be in [0, 1), got {}", self.momentum);
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
             bail!("weight_decay: must be >= 0, got {}", self.weight_decay);
         }
-        if !(0.0..1.0).contains(&self.label_smoothing) {
-            bail!(
-                "label_smoothing: must be in [0, 1), got {}",
-                self.label_smoothing
-            );
-        }
+        probability(
+            false,
+            [
+                ("momentum", self.momentum),
+                ("label_smoothing", self.label_smoothing),
+            ],
+        )?;
         if !(self.warmup >= 0.0 && self.warmup.is_finite()) {
             bail!("warmup: must be >= 0 epochs, got {}", self.warmup);
         }

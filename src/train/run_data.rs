@@ -1,6 +1,6 @@
 //! The splits a run trains and evaluates on, on its device.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use tch::Device;
 
 use super::options::TrainOptions;
@@ -23,6 +23,7 @@ impl RunData {
         options: &TrainOptions,
         device: Device,
     ) -> Result<Self> {
+        options.validate()?;
         let normalizer = Normalizer::fit(&train, device);
         let (train, validation) = match options.validation {
             Some(n) => {
@@ -32,12 +33,10 @@ impl RunData {
             None => (train, None),
         };
         let train = match options.subset {
-            Some(n) if n < 1 => bail!("subset: must be at least 1, got {n}"),
             Some(n) => train.take(n),
             None => train,
         };
         let test = match options.test_subset {
-            Some(n) if n < 1 => bail!("test_subset: must be at least 1, got {n}"),
             Some(n) => test.take(n),
             None => test,
         };
