@@ -10,13 +10,12 @@ use tch::Device;
 #[test]
 fn torchvision_resnets_match_on_cpu() {
     let outcomes = common::check_module("torchvision.ResNet", Device::Cpu);
-    for constructor in TORCHVISION {
-        let case = format!("tv_{}_224_eval", constructor.name);
-        assert!(
-            outcomes.iter().any(|o| o.case == case),
-            "{case} missing from the manifest"
-        );
-    }
+    common::assert_ran(
+        &outcomes,
+        TORCHVISION
+            .iter()
+            .map(|c| format!("tv_{}_224_eval", c.name)),
+    );
     let steps = outcomes.iter().filter(|o| o.after_step.is_some()).count();
     assert!(steps >= 2, "training-step cases missing");
     assert!(
@@ -28,27 +27,24 @@ fn torchvision_resnets_match_on_cpu() {
 #[test]
 fn plain_and_shortcut_variants_match_on_cpu() {
     let outcomes = common::check_module("ResNetVariant", Device::Cpu);
-    for case in [
-        "resnet18_plain",
-        "resnet34_plain",
-        "resnet18_shortcut_a",
-        "resnet50_shortcut_c",
-    ] {
-        assert!(outcomes.iter().any(|o| o.case == case), "{case} missing");
-    }
+    common::assert_ran(
+        &outcomes,
+        [
+            "resnet18_plain",
+            "resnet34_plain",
+            "resnet18_shortcut_a",
+            "resnet50_shortcut_c",
+        ],
+    );
 }
 
 #[test]
 fn cifar_resnets_match_on_cpu() {
     let outcomes = common::check_module("CifarResNet", Device::Cpu);
     for depth in [20, 32, 44, 56, 110] {
-        for variant in ["a", "b", "c"] {
-            let case = format!("cifar_resnet{depth}_{variant}");
-            assert!(outcomes.iter().any(|o| o.case == case), "{case} missing");
-        }
-        assert!(outcomes
-            .iter()
-            .any(|o| o.case == format!("cifar_plain{depth}")));
+        let resnets = ["a", "b", "c"].map(|v| format!("cifar_resnet{depth}_{v}"));
+        common::assert_ran(&outcomes, resnets);
+        common::assert_ran(&outcomes, [format!("cifar_plain{depth}")]);
     }
 }
 

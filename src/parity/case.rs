@@ -22,7 +22,7 @@ pub fn run_case(manifest: &Manifest, case: &CaseSpec, device: Device) -> Result<
     }
     let dir = manifest.case_dir(case);
     let mut cmp = Comparer::default();
-    let (vs, model, load) = load_model(case, &dir, device)?;
+    let Loaded { vs, model, load } = load_model(case, &dir, device)?;
     let vars = vs.variables();
     let scripted = load_torchscript(case, &dir, device)?;
     let params = match &scripted {
@@ -40,23 +40,16 @@ pub fn run_case(manifest: &Manifest, case: &CaseSpec, device: Device) -> Result<
         &refs,
         &mut cmp,
     )?;
-    let mut forward_eager = forward.eager;
-    let loss = case_loss(case, &forward.output, &refs.loss)?;
-    if case.loss.compared() {
-        let expected = refs.outputs.get("loss")?;
-        forward_eager.insert("loss".into(), cmp.diff("loss", &loss, expected)?);
-    }
-    loss.backward();
+    forward.loss.backward();
     let grads = compare_gradients(&refs.grads, &inputs, &vars, &mut cmp)?;
 
     let after_step = match case.sgd {
         Some(sgd) => {
-            let again = || -> Result<()> {
+            sgd_steps(&vs, sgd, || {
                 let output = model.forward_named(&inputs, case.train())?;
                 case_loss(case, &output, &refs.loss)?.backward();
                 Ok(())
-            };
-            sgd_steps(&vs, sgd, again)?;
+            })?;
             let expected = Reference::read(&dir, "after_step.safetensors")?;
             Some(state_diff(&vs, &expected, &mut cmp)?)
         }
@@ -75,7 +68,7 @@ pub fn run_case(manifest: &Manifest, case: &CaseSpec, device: Device) -> Result<
         torchscript_only: params.torchscript_only,
         rust_only: params.rust_only,
         torchscript_params: params.values,
-        forward_eager,
+        forward_eager: forward.eager,
         forward_torchscript: forward.torchscript,
         grad_inputs: grads.inputs,
         grad_params: grads.params,
@@ -131,13 +124,17 @@ impl References {
     }
 }
 
+/// The Rust model of a case with the reference weights in place.
+struct Loaded {
+    vs: VarStore,
+    model: Box<dyn Model>,
+    /// Key mismatches: reported, not fatal.
+    load: LoadReport,
+}
+
 /// The case's model on `device` with the exported state_dict (and the regenerated weights of a
-/// compact case) loaded by name; key mismatches are reported, not fatal.
-fn load_model(
-    case: &CaseSpec,
-    dir: &Path,
-    device: Device,
-) -> Result<(VarStore, Box<dyn Model>, LoadReport)> {
+/// compact case) loaded by name.
+fn load_model(case: &CaseSpec, dir: &Path, device: Device) -> Result<Loaded> {
     let config = ModelConfig::from_value(case.config.clone())
         .with_context(|| format!("case {}: config", case.name))?;
     let vs = VarStore::new(device);
@@ -156,7 +153,7 @@ fn load_model(
             .push((key.clone(), hashed_weight(key, &var.size(), spec)?));
     }
     let load = load_state_dict(&vs, &state, false)?;
-    Ok((vs, model, load))
+    Ok(Loaded { vs, model, load })
 }
 
 /// The case's module.pt in the case's mode, or `None` for compact cases.
@@ -222,15 +219,18 @@ fn leaf_inputs(model: &dyn Model, reference: &Reference, device: Device) -> Resu
     Ok(inputs)
 }
 
-/// The Rust output and its comparisons.
+/// The Rust forward's loss and its comparisons.
 struct Forward {
-    output: Tensor,
-    /// By output name: `output`, and a span head's `start_logits` and `end_logits`.
+    /// The case's scalar loss, for the backward.
+    loss: Tensor,
+    /// By output name: `output`, a span head's `start_logits` and `end_logits`, and the `loss`
+    /// where [`Loss::compared`].
     eager: BTreeMap<String, Diff>,
     torchscript: Option<Diff>,
 }
 
-/// The Rust forward against the eager outputs and against the TorchScript module run from Rust.
+/// The Rust forward and loss against the eager outputs, and the output against the TorchScript
+/// module run from Rust.
 fn compare_forward(
     case: &CaseSpec,
     model: &dyn Model,
@@ -261,8 +261,13 @@ fn compare_forward(
             eager.insert(key.into(), cmp.diff(key, actual, refs.outputs.get(key)?)?);
         }
     }
+    let loss = case_loss(case, &output, &refs.loss)?;
+    if case.loss.compared() {
+        let expected = refs.outputs.get("loss")?;
+        eager.insert("loss".into(), cmp.diff("loss", &loss, expected)?);
+    }
     Ok(Forward {
-        output,
+        loss,
         eager,
         torchscript,
     })

@@ -72,6 +72,19 @@ pub fn check_module(module: &str, device: Device) -> Vec<CaseOutcome> {
     outcomes
 }
 
+/// Fails unless every case of `names` is among `outcomes`, naming those that are not.
+pub fn assert_ran<S: AsRef<str>>(outcomes: &[CaseOutcome], names: impl IntoIterator<Item = S>) {
+    let missing: Vec<String> = names
+        .into_iter()
+        .map(|n| n.as_ref().to_string())
+        .filter(|n| !outcomes.iter().any(|o| &o.case == n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "case(s) missing from the manifest: {missing:?}"
+    );
+}
+
 /// The `residual` binary: `$RESIDUAL_BIN` (the GPU bundle sets it), else the one cargo built.
 pub fn residual_bin() -> std::path::PathBuf {
     std::env::var_os("RESIDUAL_BIN")
