@@ -404,3 +404,233 @@ fn pickle_bombs_are_bounded() {
         "{msg}"
     );
 }
+
+fn with_key(key: &str) -> ReadOptions {
+    ReadOptions {
+        key: Some(key.into()),
+        ..Default::default()
+    }
+}
+
+/// Writes pickles opcode by opcode, for hostile inputs.
+struct Pickle(Vec<u8>);
+
+impl Pickle {
+    fn new() -> Self {
+        Pickle(vec![op::PROTO, 2])
+    }
+
+    fn op(mut self, code: u8) -> Self {
+        self.0.push(code);
+        self
+    }
+
+    fn global(mut self, module: &str, name: &str) -> Self {
+        self.0.push(op::GLOBAL);
+        self.0
+            .extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+        self
+    }
+
+    fn str(mut self, s: &str) -> Self {
+        self.0.push(op::BINUNICODE);
+        self.0.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        self.0.extend_from_slice(s.as_bytes());
+        self
+    }
+
+    fn int(self, v: u8) -> Self {
+        self.op(op::BININT1).op(v)
+    }
+
+    /// An inert object of `module.name`, built as protocol 2 builds instances.
+    fn object(self, module: &str, name: &str) -> Self {
+        self.global(module, name).op(op::EMPTY_TUPLE).op(op::NEWOBJ)
+    }
+
+    /// `_rebuild_tensor_v2` of the 2 floats in storage `0`.
+    fn tensor(self) -> Self {
+        self.global("torch._utils", "_rebuild_tensor_v2")
+            .op(op::MARK)
+            .op(op::MARK)
+            .str("storage")
+            .global("torch", "FloatStorage")
+            .str("0")
+            .str("cpu")
+            .int(2)
+            .op(op::TUPLE)
+            .op(op::BINPERSID)
+            .int(0)
+            .int(2)
+            .op(op::TUPLE1)
+            .int(1)
+            .op(op::TUPLE1)
+            .op(op::NEWFALSE)
+            .op(op::TUPLE)
+            .op(op::REDUCE)
+    }
+
+    fn file(self) -> Vec<u8> {
+        let data: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|f| f.to_le_bytes()).collect();
+        zip_with(&[("a/data.pkl", &self.op(op::STOP).0), ("a/data/0", &data)])
+    }
+}
+
+use checkpoint::pickle::opcodes as op;
+
+#[test]
+fn inert_objects_can_never_be_called() {
+    let cases = [
+        // REDUCE with a placeholder as the callable.
+        (
+            Pickle::new()
+                .object("argparse", "Namespace")
+                .op(op::EMPTY_TUPLE)
+                .op(op::REDUCE),
+            "REDUCE on a argparse.Namespace",
+        ),
+        // A placeholder as the class of NEWOBJ, NEWOBJ_EX and OBJ.
+        (
+            Pickle::new()
+                .object("evil", "Factory")
+                .op(op::EMPTY_TUPLE)
+                .op(op::NEWOBJ),
+            "NEWOBJ on a evil.Factory",
+        ),
+        (
+            Pickle::new()
+                .object("evil", "Factory")
+                .op(op::EMPTY_TUPLE)
+                .op(op::EMPTY_DICT)
+                .op(op::NEWOBJ_EX),
+            "NEWOBJ on a evil.Factory",
+        ),
+        (
+            Pickle::new()
+                .op(op::MARK)
+                .object("evil", "Factory")
+                .op(op::OBJ),
+            "OBJ on a evil.Factory",
+        ),
+        // A placeholder where a rebuilder wants a storage, or as the rebuilder itself.
+        (
+            Pickle::new()
+                .global("torch._utils", "_rebuild_tensor_v2")
+                .op(op::MARK)
+                .object("evil", "Storage")
+                .int(0)
+                .op(op::EMPTY_TUPLE)
+                .op(op::EMPTY_TUPLE)
+                .op(op::TUPLE)
+                .op(op::REDUCE),
+            "expected a storage",
+        ),
+        (
+            Pickle::new()
+                .global("torch._utils", "_rebuild_from_type_v2")
+                .op(op::MARK)
+                .global("evil", "rebuild")
+                .global("torch", "Tensor")
+                .op(op::EMPTY_TUPLE)
+                .op(op::EMPTY_DICT)
+                .op(op::TUPLE)
+                .op(op::REDUCE),
+            "expected (a tensor rebuilder",
+        ),
+        // Functions the reader implements cannot be instantiated, nor classes given state.
+        (
+            Pickle::new()
+                .global("torch._utils", "_rebuild_tensor_v2")
+                .op(op::EMPTY_TUPLE)
+                .op(op::NEWOBJ),
+            "is a function",
+        ),
+        (
+            Pickle::new()
+                .global("evil", "Thing")
+                .op(op::EMPTY_DICT)
+                .op(op::BUILD),
+            "BUILD on the class `evil.Thing`",
+        ),
+        // Code-running globals stay refused by name, however they are reached.
+        (
+            Pickle::new()
+                .str("builtins")
+                .str("getattr")
+                .op(op::STACK_GLOBAL),
+            "refusing global `builtins.getattr`",
+        ),
+    ];
+    for (i, (pickle, expected)) in cases.into_iter().enumerate() {
+        let msg = parse_error(&pickle.file());
+        assert!(msg.contains(expected), "case {i}: {msg}");
+    }
+    // INST names its class inline, as lines.
+    let mut inst = Pickle::new().op(op::MARK).str("id").op(op::INST).0;
+    inst.extend_from_slice(b"subprocess\ncheck_output\n");
+    inst.push(op::STOP);
+    let msg = parse_error(&zip_with(&[("a/data.pkl", &inst)]));
+    assert!(
+        msg.contains("refusing global `subprocess.check_output`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn objects_memoised_before_they_are_filled_are_read_complete() {
+    // {"state_dict": sd, "state_dict_ema": sd}, the second a memo reference to the first, which
+    // was memoised while still empty (as Python's pickler does).
+    let pickle = Pickle::new()
+        .op(op::EMPTY_DICT)
+        .op(op::MARK)
+        .str("state_dict")
+        .global("collections", "OrderedDict")
+        .op(op::EMPTY_TUPLE)
+        .op(op::REDUCE)
+        .op(op::BINPUT)
+        .op(7)
+        .str("w")
+        .tensor()
+        .op(op::SETITEM)
+        .str("state_dict_ema")
+        .op(op::BINGET)
+        .op(7)
+        .op(op::SETITEMS);
+    let parsed = checkpoint::parse_bytes(&pickle.file(), &with_key("state_dict_ema")).unwrap();
+    assert_eq!(parsed.len(), 1);
+    assert_eq!(parsed[0].0, "w");
+    assert_eq!(parsed[0].1.shape, vec![2]);
+}
+
+#[test]
+fn object_bombs_are_bounded() {
+    // 100k objects folded into each other's state by BUILD.
+    let mut deep = Pickle::new();
+    for _ in 0..100_000 {
+        deep = deep.object("m", "C");
+    }
+    for _ in 0..99_999 {
+        deep = deep.op(op::BUILD);
+    }
+    assert!(parse_error(&deep.file()).contains("levels deep"));
+    // An object doubled through the memo on every step, by its items.
+    let mut doubling = Pickle::new().object("m", "C").op(op::BINPUT).op(0);
+    for _ in 0..64 {
+        doubling = doubling
+            .object("m", "C")
+            .op(op::MARK)
+            .op(op::BINGET)
+            .op(0)
+            .op(op::BINGET)
+            .op(0)
+            .op(op::APPENDS)
+            .op(op::BINPUT)
+            .op(0)
+            .op(op::POP);
+    }
+    let msg = parse_error(&doubling.op(op::BINGET).op(0).file());
+    assert!(
+        msg.contains("copies more than") || msg.contains("levels deep"),
+        "{msg}"
+    );
+}
