@@ -88,16 +88,30 @@ fn torch_save_files_load_and_give_pytorchs_logits() {
 #[test]
 fn nesting_and_prefix_errors_are_explained() {
     let dir = fixtures();
-    // Without the Lightning option the keys keep `model.`: the strict load names them.
-    let state = read(
+    // A Lightning checkpoint's `model.` (the LightningModule's attribute) goes without options.
+    let (state, layout) = StateDict::read_described(
         &dir.join("resnet50_lightning.ckpt"),
         &ReadOptions::default(),
     )
     .unwrap();
+    assert_eq!(state.len(), 320);
+    assert!(state.get("conv1.weight").is_some());
+    assert_eq!(layout.lightning.as_deref(), Some("2.4.0"));
+    assert_eq!(layout.stripped, ["model."]);
+    assert_eq!(layout.key, ["state_dict"]);
+    // Any other prefix stays: the strict load names the keys on both sides.
+    let state = StateDict {
+        entries: read(&dir.join("resnet50.pth"), &ReadOptions::default())
+            .unwrap()
+            .entries
+            .into_iter()
+            .map(|(k, t)| (format!("net.{k}"), t))
+            .collect(),
+    };
     let (vs, _) = resnet("resnet50");
     let msg = format!("{:#}", load_state_dict(&vs, &state, true).unwrap_err());
     assert!(
-        msg.contains("unexpected keys (320)") && msg.contains("model.conv1.weight"),
+        msg.contains("unexpected keys (320)") && msg.contains("net.conv1.weight"),
         "{msg}"
     );
     assert!(msg.contains("missing keys (320)"), "{msg}");
@@ -405,11 +419,204 @@ fn pickle_bombs_are_bounded() {
     );
 }
 
+/// Reads `file` and checks it against `expected` (`torch.save` of the state_dict PyTorch gives):
+/// same keys in the same order, same dtypes, shapes and values.
+fn assert_reads_as(file: &str, options: &ReadOptions, expected: &str) -> checkpoint::Layout {
+    let dir = fixtures();
+    let (got, layout) = StateDict::read_described(&dir.join(file), options)
+        .unwrap_or_else(|e| panic!("{file}: {e:#}"));
+    let want = read(&dir.join(expected), &ReadOptions::default()).unwrap();
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "{file}: keys or their order differ from PyTorch's state_dict"
+    );
+    for ((key, have), (_, want)) in got.entries.iter().zip(&want.entries) {
+        assert_eq!(
+            (have.kind(), have.size()),
+            (want.kind(), want.size()),
+            "{file}: {key}"
+        );
+        assert!(have.equal(want), "{file}: {key} values differ");
+    }
+    println!("{file}: {} tensors; {layout}", got.len());
+    layout
+}
+
 fn with_key(key: &str) -> ReadOptions {
     ReadOptions {
         key: Some(key.into()),
         ..Default::default()
     }
+}
+
+fn other_kinds(layout: &checkpoint::Layout) -> Vec<(&str, &str)> {
+    layout
+        .others
+        .iter()
+        .map(|(k, kind)| (k.as_str(), kind.as_str()))
+        .collect()
+}
+
+#[test]
+fn training_script_checkpoints_give_pytorchs_state_dict() {
+    use checkpoint::Holder;
+    let plain = ReadOptions::default();
+
+    // torchvision references/classification/train.py.
+    let layout = assert_reads_as("tv_train.pth", &plain, "tv_train.expected.pth");
+    assert_eq!(layout.key, ["model"]);
+    assert_eq!(layout.holder, Holder::StateDict);
+    assert_eq!(
+        other_kinds(&layout),
+        [
+            ("optimizer", "dict"),
+            ("lr_scheduler", "dict"),
+            ("epoch", "int"),
+            ("args", "argparse.Namespace"),
+            ("model_ema", "dict"),
+            ("scaler", "dict"),
+        ]
+    );
+    assert!(layout.to_string().contains("args (argparse.Namespace)"));
+    // Its AveragedModel: `n_averaged` left out, `module.` stripped.
+    let layout = assert_reads_as(
+        "tv_train.pth",
+        &with_key("model_ema"),
+        "tv_train_ema.expected.pth",
+    );
+    assert_eq!(layout.dropped, ["n_averaged"]);
+    assert_eq!(layout.stripped, ["module."]);
+
+    // timm's train.py (CheckpointSaver).
+    let layout = assert_reads_as("timm_train.pth.tar", &plain, "timm_train.expected.pth");
+    assert_eq!(layout.key, ["state_dict"]);
+    assert!(other_kinds(&layout).contains(&("args", "argparse.Namespace")));
+    assert_reads_as(
+        "timm_train.pth.tar",
+        &with_key("state_dict_ema"),
+        "timm_train.expected.pth",
+    );
+
+    // Lightning: `model.` recognised, user classes among the hyper-parameters left alone.
+    let layout = assert_reads_as("lightning.ckpt", &plain, "lightning.expected.pth");
+    assert_eq!(layout.stripped, ["model."]);
+    assert_eq!(layout.lightning.as_deref(), Some("2.4.0"));
+    let hparams = layout.others.iter().find(|(k, _)| k == "hyper_parameters");
+    assert!(
+        hparams.is_some_and(|(_, kind)| kind.ends_with(".AttributeDict")),
+        "{hparams:?}"
+    );
+}
+
+#[test]
+fn whole_module_pickles_give_pytorchs_state_dict() {
+    use checkpoint::Holder;
+    let plain = ReadOptions::default();
+    let class = |layout: &checkpoint::Layout| match &layout.holder {
+        Holder::Module { class } => class.clone(),
+        other => panic!("not a module: {other:?}"),
+    };
+    // Non-persistent buffer and None entries left out, nested containers, a shared submodule
+    // listed under both names.
+    let layout = assert_reads_as("tiny_module.pth", &plain, "tiny_module.expected.pth");
+    assert!(class(&layout).ends_with(".TinyNet"), "{layout:?}");
+    let layout = assert_reads_as(
+        "tiny_module_in_dict.pth",
+        &plain,
+        "tiny_module.expected.pth",
+    );
+    assert_eq!(layout.key, ["model"]);
+    let layout = assert_reads_as("tiny_ema_module.pth", &plain, "tiny_module.expected.pth");
+    assert!(class(&layout).ends_with(".ModelEmaV2"), "{layout:?}");
+    assert_eq!(layout.stripped, ["module."]);
+    let layout = assert_reads_as(
+        "resnet18_module.pth",
+        &plain,
+        "resnet18_module.expected.pth",
+    );
+    assert_eq!(class(&layout), "torchvision.models.resnet.ResNet");
+}
+
+#[test]
+fn torchscript_archives_give_the_scripted_state_dict() {
+    use checkpoint::Holder;
+    let plain = ReadOptions::default();
+    // TorchScript keeps the non-persistent buffer (`mask`), as `scripted.state_dict()` does.
+    let layout = assert_reads_as("tiny_scripted.pt", &plain, "tiny_scripted.expected.pth");
+    assert!(
+        matches!(&layout.holder, Holder::TorchScript { class } if class.ends_with("TinyNet")),
+        "{layout:?}"
+    );
+    let layout = assert_reads_as(
+        "resnet18_scripted.pt",
+        &plain,
+        "resnet18_scripted.expected.pth",
+    );
+    assert_eq!(
+        layout.holder,
+        Holder::TorchScript {
+            class: "__torch__.torchvision.models.resnet.ResNet".into()
+        }
+    );
+    let msg = format!(
+        "{:#}",
+        read(&fixtures().join("tiny_scripted.pt"), &with_key("stem")).unwrap_err()
+    );
+    assert!(msg.contains("--key does not apply"), "{msg}");
+}
+
+#[test]
+fn found_weights_load_strictly_into_the_rust_models() {
+    let dir = fixtures();
+    let cifar8 = || {
+        let vs = VarStore::new(Device::Cpu);
+        let config = r#"{"arch": "cifar_resnet", "depth": 8, "num_classes": 10, "shortcut": "A"}"#;
+        ModelConfig::from_json(config)
+            .unwrap()
+            .build(vs.root())
+            .unwrap();
+        vs
+    };
+    for file in ["tv_train.pth", "timm_train.pth.tar", "lightning.ckpt"] {
+        let state = read(&dir.join(file), &ReadOptions::default()).unwrap();
+        let report =
+            load_state_dict(&cifar8(), &state, true).unwrap_or_else(|e| panic!("{file}: {e:#}"));
+        assert!(report.is_clean(), "{file}: {report}");
+    }
+    for file in ["resnet18_module.pth", "resnet18_scripted.pt"] {
+        let state = read(&dir.join(file), &ReadOptions::default()).unwrap();
+        let (vs, _) = resnet("resnet18");
+        load_state_dict(&vs, &state, true).unwrap_or_else(|e| panic!("{file}: {e:#}"));
+    }
+}
+
+#[test]
+fn asking_for_an_opaque_object_names_its_class() {
+    let dir = fixtures();
+    let msg = format!(
+        "{:#}",
+        read(&dir.join("tv_train.pth"), &with_key("args")).unwrap_err()
+    );
+    assert!(
+        msg.contains("argparse.Namespace object") && msg.contains("does not run"),
+        "{msg}"
+    );
+    let msg = format!(
+        "{:#}",
+        read(
+            &dir.join("lightning.ckpt"),
+            &with_key("hyper_parameters/augmentation")
+        )
+        .unwrap_err()
+    );
+    assert!(msg.contains(".Augmentation object"), "{msg}");
+    // The default search looks past such entries.
+    let msg = format!(
+        "{:#}",
+        read(&dir.join("tv_train.pth"), &with_key("lr_scheduler")).unwrap_err()
+    );
+    assert!(msg.contains("no state_dict found"), "{msg}");
 }
 
 /// Writes pickles opcode by opcode, for hostile inputs.
@@ -574,6 +781,95 @@ fn inert_objects_can_never_be_called() {
         msg.contains("refusing global `subprocess.check_output`"),
         "{msg}"
     );
+}
+
+#[test]
+fn inert_objects_keep_what_the_pickle_gave_them_and_run_nothing() {
+    // {"model": {"w": tensor}, "hook": evil.Thing with a `__setstate__` and `__reduce__` in its
+    // state, a list subclass with items, a dict subclass with entries, and keyword arguments}.
+    let pickle = Pickle::new()
+        .op(op::EMPTY_DICT)
+        .op(op::MARK)
+        .str("model")
+        .op(op::EMPTY_DICT)
+        .str("w")
+        .tensor()
+        .op(op::SETITEM)
+        .str("hook")
+        .object("evil", "Thing")
+        .op(op::EMPTY_DICT)
+        .str("__setstate__")
+        .global("evil", "setstate")
+        .op(op::SETITEM)
+        .str("__reduce__")
+        .global("evil", "reduce")
+        .op(op::SETITEM)
+        .op(op::BUILD)
+        .op(op::EMPTY_DICT)
+        .str("again")
+        .int(1)
+        .op(op::SETITEM)
+        .op(op::BUILD)
+        .str("items")
+        .object("evil", "List")
+        .op(op::MARK)
+        .int(1)
+        .int(2)
+        .op(op::APPENDS)
+        .str("entries")
+        .object("evil", "Dict")
+        .str("k")
+        .int(3)
+        .op(op::SETITEM)
+        .str("kwargs")
+        .global("evil", "WithKeywords")
+        .op(op::EMPTY_TUPLE)
+        .op(op::EMPTY_DICT)
+        .str("x")
+        .int(4)
+        .op(op::SETITEM)
+        .op(op::NEWOBJ_EX)
+        .op(op::SETITEMS);
+    let pickle_bytes = pickle
+        .0
+        .iter()
+        .copied()
+        .chain([op::STOP])
+        .collect::<Vec<u8>>();
+    let bytes = pickle.file();
+    let (entries, layout) = checkpoint::parse_described(&bytes, &ReadOptions::default()).unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].0, "w");
+    assert_eq!(layout.key, ["model"]);
+    assert_eq!(
+        other_kinds(&layout),
+        [
+            ("hook", "evil.Thing"),
+            ("items", "evil.List"),
+            ("entries", "evil.Dict"),
+            ("kwargs", "evil.WithKeywords")
+        ]
+    );
+    // The objects are data: their state, items, entries and keywords as written.
+    let (value, _) = checkpoint::pickle::unpickle(&pickle_bytes).unwrap();
+    let checkpoint::pickle::Value::Dict(top) = value else {
+        panic!("{value:?}")
+    };
+    let object = |name: &str| match checkpoint::pickle::entry(&top, name) {
+        Some(checkpoint::pickle::Value::Object(o)) => o.clone(),
+        other => panic!("{name}: {other:?}"),
+    };
+    let hook = object("hook");
+    let state: Vec<&str> = hook
+        .attributes()
+        .unwrap()
+        .iter()
+        .filter_map(|(k, _)| k.as_str())
+        .collect();
+    assert_eq!(state, ["__setstate__", "__reduce__", "again"]);
+    assert_eq!(object("items").items.len(), 2);
+    assert_eq!(object("entries").entries.len(), 1);
+    assert_eq!(object("kwargs").kwargs.len(), 1);
 }
 
 #[test]
