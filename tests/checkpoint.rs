@@ -267,6 +267,21 @@ fn zip_with(records: &[(&str, &[u8])]) -> Vec<u8> {
     zip.finish().unwrap().into_inner()
 }
 
+/// The `data.pkl` record of a `torch.save` zip.
+fn data_pkl(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).unwrap();
+    let mut archive = checkpoint::formats::open_zip(&bytes).unwrap();
+    let name = archive
+        .file_names()
+        .filter_map(|n| n.ok())
+        .find(|n| n.ends_with("/data.pkl"))
+        .unwrap()
+        .to_string();
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut archive.by_name(&name).unwrap(), &mut out).unwrap();
+    out
+}
+
 fn parse_error(bytes: &[u8]) -> String {
     match checkpoint::parse_bytes(bytes, &ReadOptions::default()) {
         Ok(entries) => panic!("parsed {} entries from hostile input", entries.len()),
@@ -303,10 +318,15 @@ fn damaged_files_fail_with_a_message_and_never_crash() {
     let good = std::fs::read(fx.join("layouts.pth")).unwrap();
     let legacy = std::fs::read(fx.join("layouts_legacy.pth")).unwrap();
     let st = std::fs::read(fx.join("layouts.safetensors")).unwrap();
-    assert!(checkpoint::parse_bytes(&good, &ReadOptions::default()).is_ok());
+    let module = std::fs::read(fx.join("tiny_module.pth")).unwrap();
+    let scripted = std::fs::read(fx.join("tiny_scripted.pt")).unwrap();
+    for source in [&good, &module, &scripted] {
+        assert!(checkpoint::parse_bytes(source, &ReadOptions::default()).is_ok());
+    }
+    let sources = [&good, &legacy, &st, &module, &scripted];
 
     // Truncated anywhere.
-    for source in [&good, &legacy, &st] {
+    for source in sources {
         for cut in (0..source.len()).step_by(source.len() / 97 + 1) {
             let _ = checkpoint::parse_bytes(&source[..cut], &ReadOptions::default()).map(|_| ());
             if cut < source.len() / 2 {
@@ -325,7 +345,7 @@ fn damaged_files_fail_with_a_message_and_never_crash() {
         state ^= state << 17;
         state
     };
-    for source in [&good, &legacy, &st] {
+    for source in sources {
         for _ in 0..400 {
             let mut bytes = source.clone();
             for _ in 0..1 + next() % 4 {
@@ -333,6 +353,23 @@ fn damaged_files_fail_with_a_message_and_never_crash() {
                 bytes[at] ^= 1 << (next() % 8);
             }
             let _ = checkpoint::parse_bytes(&bytes, &ReadOptions::default());
+        }
+    }
+    // The same on the pickles alone (inert objects, modules, memo), past the zip's checksums.
+    for file in [
+        "tiny_module.pth",
+        "tiny_module_in_dict.pth",
+        "lightning.ckpt",
+    ] {
+        let pickle = data_pkl(&fx.join(file));
+        assert!(checkpoint::locate_records(&pickle, &ReadOptions::default()).is_ok());
+        for _ in 0..2000 {
+            let mut bytes = pickle.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() as usize) % bytes.len();
+                bytes[at] ^= 1 << (next() % 8);
+            }
+            let _ = checkpoint::locate_records(&bytes, &ReadOptions::default());
         }
     }
     // Random bytes and empty input.
