@@ -88,16 +88,30 @@ fn torch_save_files_load_and_give_pytorchs_logits() {
 #[test]
 fn nesting_and_prefix_errors_are_explained() {
     let dir = fixtures();
-    // Without the Lightning option the keys keep `model.`: the strict load names them.
-    let state = read(
+    // A Lightning checkpoint's `model.` (the LightningModule's attribute) goes without options.
+    let (state, layout) = StateDict::read_described(
         &dir.join("resnet50_lightning.ckpt"),
         &ReadOptions::default(),
     )
     .unwrap();
+    assert_eq!(state.len(), 320);
+    assert!(state.get("conv1.weight").is_some());
+    assert_eq!(layout.lightning.as_deref(), Some("2.4.0"));
+    assert_eq!(layout.stripped, ["model."]);
+    assert_eq!(layout.key, ["state_dict"]);
+    // Any other prefix stays: the strict load names the keys on both sides.
+    let state = StateDict {
+        entries: read(&dir.join("resnet50.pth"), &ReadOptions::default())
+            .unwrap()
+            .entries
+            .into_iter()
+            .map(|(k, t)| (format!("net.{k}"), t))
+            .collect(),
+    };
     let (vs, _) = resnet("resnet50");
     let msg = format!("{:#}", load_state_dict(&vs, &state, true).unwrap_err());
     assert!(
-        msg.contains("unexpected keys (320)") && msg.contains("model.conv1.weight"),
+        msg.contains("unexpected keys (320)") && msg.contains("net.conv1.weight"),
         "{msg}"
     );
     assert!(msg.contains("missing keys (320)"), "{msg}");
@@ -253,6 +267,21 @@ fn zip_with(records: &[(&str, &[u8])]) -> Vec<u8> {
     zip.finish().unwrap().into_inner()
 }
 
+/// The `data.pkl` record of a `torch.save` zip.
+fn data_pkl(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).unwrap();
+    let mut archive = checkpoint::formats::open_zip(&bytes).unwrap();
+    let name = archive
+        .file_names()
+        .filter_map(|n| n.ok())
+        .find(|n| n.ends_with("/data.pkl"))
+        .unwrap()
+        .to_string();
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut archive.by_name(&name).unwrap(), &mut out).unwrap();
+    out
+}
+
 fn parse_error(bytes: &[u8]) -> String {
     match checkpoint::parse_bytes(bytes, &ReadOptions::default()) {
         Ok(entries) => panic!("parsed {} entries from hostile input", entries.len()),
@@ -289,10 +318,15 @@ fn damaged_files_fail_with_a_message_and_never_crash() {
     let good = std::fs::read(fx.join("layouts.pth")).unwrap();
     let legacy = std::fs::read(fx.join("layouts_legacy.pth")).unwrap();
     let st = std::fs::read(fx.join("layouts.safetensors")).unwrap();
-    assert!(checkpoint::parse_bytes(&good, &ReadOptions::default()).is_ok());
+    let module = std::fs::read(fx.join("tiny_module.pth")).unwrap();
+    let scripted = std::fs::read(fx.join("tiny_scripted.pt")).unwrap();
+    for source in [&good, &module, &scripted] {
+        assert!(checkpoint::parse_bytes(source, &ReadOptions::default()).is_ok());
+    }
+    let sources = [&good, &legacy, &st, &module, &scripted];
 
     // Truncated anywhere.
-    for source in [&good, &legacy, &st] {
+    for source in sources {
         for cut in (0..source.len()).step_by(source.len() / 97 + 1) {
             let _ = checkpoint::parse_bytes(&source[..cut], &ReadOptions::default()).map(|_| ());
             if cut < source.len() / 2 {
@@ -311,7 +345,7 @@ fn damaged_files_fail_with_a_message_and_never_crash() {
         state ^= state << 17;
         state
     };
-    for source in [&good, &legacy, &st] {
+    for source in sources {
         for _ in 0..400 {
             let mut bytes = source.clone();
             for _ in 0..1 + next() % 4 {
@@ -319,6 +353,23 @@ fn damaged_files_fail_with_a_message_and_never_crash() {
                 bytes[at] ^= 1 << (next() % 8);
             }
             let _ = checkpoint::parse_bytes(&bytes, &ReadOptions::default());
+        }
+    }
+    // The same on the pickles alone (inert objects, modules, memo), past the zip's checksums.
+    for file in [
+        "tiny_module.pth",
+        "tiny_module_in_dict.pth",
+        "lightning.ckpt",
+    ] {
+        let pickle = data_pkl(&fx.join(file));
+        assert!(checkpoint::locate_records(&pickle, &ReadOptions::default()).is_ok());
+        for _ in 0..2000 {
+            let mut bytes = pickle.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() as usize) % bytes.len();
+                bytes[at] ^= 1 << (next() % 8);
+            }
+            let _ = checkpoint::locate_records(&bytes, &ReadOptions::default());
         }
     }
     // Random bytes and empty input.
@@ -399,6 +450,518 @@ fn pickle_bombs_are_bounded() {
     }
     doubling.extend_from_slice(&[b'h', 0, b'.']);
     let msg = parse_error(&doubling);
+    assert!(
+        msg.contains("copies more than") || msg.contains("levels deep"),
+        "{msg}"
+    );
+}
+
+/// Reads `file` and checks it against `expected` (`torch.save` of the state_dict PyTorch gives):
+/// same keys in the same order, same dtypes, shapes and values.
+fn assert_reads_as(file: &str, options: &ReadOptions, expected: &str) -> checkpoint::Layout {
+    let dir = fixtures();
+    let (got, layout) = StateDict::read_described(&dir.join(file), options)
+        .unwrap_or_else(|e| panic!("{file}: {e:#}"));
+    let want = read(&dir.join(expected), &ReadOptions::default()).unwrap();
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "{file}: keys or their order differ from PyTorch's state_dict"
+    );
+    for ((key, have), (_, want)) in got.entries.iter().zip(&want.entries) {
+        assert_eq!(
+            (have.kind(), have.size()),
+            (want.kind(), want.size()),
+            "{file}: {key}"
+        );
+        assert!(have.equal(want), "{file}: {key} values differ");
+    }
+    println!("{file}: {} tensors; {layout}", got.len());
+    layout
+}
+
+fn with_key(key: &str) -> ReadOptions {
+    ReadOptions {
+        key: Some(key.into()),
+        ..Default::default()
+    }
+}
+
+fn other_kinds(layout: &checkpoint::Layout) -> Vec<(&str, &str)> {
+    layout
+        .others
+        .iter()
+        .map(|(k, kind)| (k.as_str(), kind.as_str()))
+        .collect()
+}
+
+#[test]
+fn training_script_checkpoints_give_pytorchs_state_dict() {
+    use checkpoint::Holder;
+    let plain = ReadOptions::default();
+
+    // torchvision references/classification/train.py.
+    let layout = assert_reads_as("tv_train.pth", &plain, "tv_train.expected.pth");
+    assert_eq!(layout.key, ["model"]);
+    assert_eq!(layout.holder, Holder::StateDict);
+    assert_eq!(
+        other_kinds(&layout),
+        [
+            ("optimizer", "dict"),
+            ("lr_scheduler", "dict"),
+            ("epoch", "int"),
+            ("args", "argparse.Namespace"),
+            ("model_ema", "dict"),
+            ("scaler", "dict"),
+        ]
+    );
+    assert!(layout.to_string().contains("args (argparse.Namespace)"));
+    // Its AveragedModel: `n_averaged` left out, `module.` stripped.
+    let layout = assert_reads_as(
+        "tv_train.pth",
+        &with_key("model_ema"),
+        "tv_train_ema.expected.pth",
+    );
+    assert_eq!(layout.dropped, ["n_averaged"]);
+    assert_eq!(layout.stripped, ["module."]);
+
+    // timm's train.py (CheckpointSaver).
+    let layout = assert_reads_as("timm_train.pth.tar", &plain, "timm_train.expected.pth");
+    assert_eq!(layout.key, ["state_dict"]);
+    assert!(other_kinds(&layout).contains(&("args", "argparse.Namespace")));
+    assert_reads_as(
+        "timm_train.pth.tar",
+        &with_key("state_dict_ema"),
+        "timm_train.expected.pth",
+    );
+
+    // Lightning: `model.` recognised, user classes among the hyper-parameters left alone.
+    let layout = assert_reads_as("lightning.ckpt", &plain, "lightning.expected.pth");
+    assert_eq!(layout.stripped, ["model."]);
+    assert_eq!(layout.lightning.as_deref(), Some("2.4.0"));
+    let hparams = layout.others.iter().find(|(k, _)| k == "hyper_parameters");
+    assert!(
+        hparams.is_some_and(|(_, kind)| kind.ends_with(".AttributeDict")),
+        "{hparams:?}"
+    );
+}
+
+#[test]
+fn whole_module_pickles_give_pytorchs_state_dict() {
+    use checkpoint::Holder;
+    let plain = ReadOptions::default();
+    let class = |layout: &checkpoint::Layout| match &layout.holder {
+        Holder::Module { class } => class.clone(),
+        other => panic!("not a module: {other:?}"),
+    };
+    // Non-persistent buffer and None entries left out, nested containers, a shared submodule
+    // listed under both names.
+    let layout = assert_reads_as("tiny_module.pth", &plain, "tiny_module.expected.pth");
+    assert!(class(&layout).ends_with(".TinyNet"), "{layout:?}");
+    let layout = assert_reads_as(
+        "tiny_module_in_dict.pth",
+        &plain,
+        "tiny_module.expected.pth",
+    );
+    assert_eq!(layout.key, ["model"]);
+    let layout = assert_reads_as("tiny_ema_module.pth", &plain, "tiny_module.expected.pth");
+    assert!(class(&layout).ends_with(".ModelEmaV2"), "{layout:?}");
+    assert_eq!(layout.stripped, ["module."]);
+    let layout = assert_reads_as(
+        "resnet18_module.pth",
+        &plain,
+        "resnet18_module.expected.pth",
+    );
+    assert_eq!(class(&layout), "torchvision.models.resnet.ResNet");
+}
+
+#[test]
+fn torchscript_archives_give_the_scripted_state_dict() {
+    use checkpoint::Holder;
+    let plain = ReadOptions::default();
+    // TorchScript keeps the non-persistent buffer (`mask`), as `scripted.state_dict()` does.
+    let layout = assert_reads_as("tiny_scripted.pt", &plain, "tiny_scripted.expected.pth");
+    assert!(
+        matches!(&layout.holder, Holder::TorchScript { class } if class.ends_with("TinyNet")),
+        "{layout:?}"
+    );
+    let layout = assert_reads_as(
+        "resnet18_scripted.pt",
+        &plain,
+        "resnet18_scripted.expected.pth",
+    );
+    assert_eq!(
+        layout.holder,
+        Holder::TorchScript {
+            class: "__torch__.torchvision.models.resnet.ResNet".into()
+        }
+    );
+    let msg = format!(
+        "{:#}",
+        read(&fixtures().join("tiny_scripted.pt"), &with_key("stem")).unwrap_err()
+    );
+    assert!(msg.contains("--key does not apply"), "{msg}");
+}
+
+#[test]
+fn found_weights_load_strictly_into_the_rust_models() {
+    let dir = fixtures();
+    let cifar8 = || {
+        let vs = VarStore::new(Device::Cpu);
+        let config = r#"{"arch": "cifar_resnet", "depth": 8, "num_classes": 10, "shortcut": "A"}"#;
+        ModelConfig::from_json(config)
+            .unwrap()
+            .build(vs.root())
+            .unwrap();
+        vs
+    };
+    for file in ["tv_train.pth", "timm_train.pth.tar", "lightning.ckpt"] {
+        let state = read(&dir.join(file), &ReadOptions::default()).unwrap();
+        let report =
+            load_state_dict(&cifar8(), &state, true).unwrap_or_else(|e| panic!("{file}: {e:#}"));
+        assert!(report.is_clean(), "{file}: {report}");
+    }
+    for file in ["resnet18_module.pth", "resnet18_scripted.pt"] {
+        let state = read(&dir.join(file), &ReadOptions::default()).unwrap();
+        let (vs, _) = resnet("resnet18");
+        load_state_dict(&vs, &state, true).unwrap_or_else(|e| panic!("{file}: {e:#}"));
+    }
+}
+
+#[test]
+fn asking_for_an_opaque_object_names_its_class() {
+    let dir = fixtures();
+    let msg = format!(
+        "{:#}",
+        read(&dir.join("tv_train.pth"), &with_key("args")).unwrap_err()
+    );
+    assert!(
+        msg.contains("argparse.Namespace object") && msg.contains("does not run"),
+        "{msg}"
+    );
+    let msg = format!(
+        "{:#}",
+        read(
+            &dir.join("lightning.ckpt"),
+            &with_key("hyper_parameters/augmentation")
+        )
+        .unwrap_err()
+    );
+    assert!(msg.contains(".Augmentation object"), "{msg}");
+    // The default search looks past such entries.
+    let msg = format!(
+        "{:#}",
+        read(&dir.join("tv_train.pth"), &with_key("lr_scheduler")).unwrap_err()
+    );
+    assert!(msg.contains("no state_dict found"), "{msg}");
+}
+
+/// Writes pickles opcode by opcode, for hostile inputs.
+struct Pickle(Vec<u8>);
+
+impl Pickle {
+    fn new() -> Self {
+        Pickle(vec![op::PROTO, 2])
+    }
+
+    fn op(mut self, code: u8) -> Self {
+        self.0.push(code);
+        self
+    }
+
+    fn global(mut self, module: &str, name: &str) -> Self {
+        self.0.push(op::GLOBAL);
+        self.0
+            .extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+        self
+    }
+
+    fn str(mut self, s: &str) -> Self {
+        self.0.push(op::BINUNICODE);
+        self.0.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        self.0.extend_from_slice(s.as_bytes());
+        self
+    }
+
+    fn int(self, v: u8) -> Self {
+        self.op(op::BININT1).op(v)
+    }
+
+    /// An inert object of `module.name`, built as protocol 2 builds instances.
+    fn object(self, module: &str, name: &str) -> Self {
+        self.global(module, name).op(op::EMPTY_TUPLE).op(op::NEWOBJ)
+    }
+
+    /// `_rebuild_tensor_v2` of the 2 floats in storage `0`.
+    fn tensor(self) -> Self {
+        self.global("torch._utils", "_rebuild_tensor_v2")
+            .op(op::MARK)
+            .op(op::MARK)
+            .str("storage")
+            .global("torch", "FloatStorage")
+            .str("0")
+            .str("cpu")
+            .int(2)
+            .op(op::TUPLE)
+            .op(op::BINPERSID)
+            .int(0)
+            .int(2)
+            .op(op::TUPLE1)
+            .int(1)
+            .op(op::TUPLE1)
+            .op(op::NEWFALSE)
+            .op(op::TUPLE)
+            .op(op::REDUCE)
+    }
+
+    fn file(self) -> Vec<u8> {
+        let data: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|f| f.to_le_bytes()).collect();
+        zip_with(&[("a/data.pkl", &self.op(op::STOP).0), ("a/data/0", &data)])
+    }
+}
+
+use checkpoint::pickle::opcodes as op;
+
+#[test]
+fn inert_objects_can_never_be_called() {
+    let cases = [
+        // REDUCE with a placeholder as the callable.
+        (
+            Pickle::new()
+                .object("argparse", "Namespace")
+                .op(op::EMPTY_TUPLE)
+                .op(op::REDUCE),
+            "REDUCE on a argparse.Namespace",
+        ),
+        // A placeholder as the class of NEWOBJ, NEWOBJ_EX and OBJ.
+        (
+            Pickle::new()
+                .object("evil", "Factory")
+                .op(op::EMPTY_TUPLE)
+                .op(op::NEWOBJ),
+            "NEWOBJ on a evil.Factory",
+        ),
+        (
+            Pickle::new()
+                .object("evil", "Factory")
+                .op(op::EMPTY_TUPLE)
+                .op(op::EMPTY_DICT)
+                .op(op::NEWOBJ_EX),
+            "NEWOBJ on a evil.Factory",
+        ),
+        (
+            Pickle::new()
+                .op(op::MARK)
+                .object("evil", "Factory")
+                .op(op::OBJ),
+            "OBJ on a evil.Factory",
+        ),
+        // A placeholder where a rebuilder wants a storage, or as the rebuilder itself.
+        (
+            Pickle::new()
+                .global("torch._utils", "_rebuild_tensor_v2")
+                .op(op::MARK)
+                .object("evil", "Storage")
+                .int(0)
+                .op(op::EMPTY_TUPLE)
+                .op(op::EMPTY_TUPLE)
+                .op(op::TUPLE)
+                .op(op::REDUCE),
+            "expected a storage",
+        ),
+        (
+            Pickle::new()
+                .global("torch._utils", "_rebuild_from_type_v2")
+                .op(op::MARK)
+                .global("evil", "rebuild")
+                .global("torch", "Tensor")
+                .op(op::EMPTY_TUPLE)
+                .op(op::EMPTY_DICT)
+                .op(op::TUPLE)
+                .op(op::REDUCE),
+            "expected (a tensor rebuilder",
+        ),
+        // Functions the reader implements cannot be instantiated, nor classes given state.
+        (
+            Pickle::new()
+                .global("torch._utils", "_rebuild_tensor_v2")
+                .op(op::EMPTY_TUPLE)
+                .op(op::NEWOBJ),
+            "is a function",
+        ),
+        (
+            Pickle::new()
+                .global("evil", "Thing")
+                .op(op::EMPTY_DICT)
+                .op(op::BUILD),
+            "BUILD on the class `evil.Thing`",
+        ),
+        // Code-running globals stay refused by name, however they are reached.
+        (
+            Pickle::new()
+                .str("builtins")
+                .str("getattr")
+                .op(op::STACK_GLOBAL),
+            "refusing global `builtins.getattr`",
+        ),
+    ];
+    for (i, (pickle, expected)) in cases.into_iter().enumerate() {
+        let msg = parse_error(&pickle.file());
+        assert!(msg.contains(expected), "case {i}: {msg}");
+    }
+    // INST names its class inline, as lines.
+    let mut inst = Pickle::new().op(op::MARK).str("id").op(op::INST).0;
+    inst.extend_from_slice(b"subprocess\ncheck_output\n");
+    inst.push(op::STOP);
+    let msg = parse_error(&zip_with(&[("a/data.pkl", &inst)]));
+    assert!(
+        msg.contains("refusing global `subprocess.check_output`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn inert_objects_keep_what_the_pickle_gave_them_and_run_nothing() {
+    // {"model": {"w": tensor}, "hook": evil.Thing with a `__setstate__` and `__reduce__` in its
+    // state, a list subclass with items, a dict subclass with entries, and keyword arguments}.
+    let pickle = Pickle::new()
+        .op(op::EMPTY_DICT)
+        .op(op::MARK)
+        .str("model")
+        .op(op::EMPTY_DICT)
+        .str("w")
+        .tensor()
+        .op(op::SETITEM)
+        .str("hook")
+        .object("evil", "Thing")
+        .op(op::EMPTY_DICT)
+        .str("__setstate__")
+        .global("evil", "setstate")
+        .op(op::SETITEM)
+        .str("__reduce__")
+        .global("evil", "reduce")
+        .op(op::SETITEM)
+        .op(op::BUILD)
+        .op(op::EMPTY_DICT)
+        .str("again")
+        .int(1)
+        .op(op::SETITEM)
+        .op(op::BUILD)
+        .str("items")
+        .object("evil", "List")
+        .op(op::MARK)
+        .int(1)
+        .int(2)
+        .op(op::APPENDS)
+        .str("entries")
+        .object("evil", "Dict")
+        .str("k")
+        .int(3)
+        .op(op::SETITEM)
+        .str("kwargs")
+        .global("evil", "WithKeywords")
+        .op(op::EMPTY_TUPLE)
+        .op(op::EMPTY_DICT)
+        .str("x")
+        .int(4)
+        .op(op::SETITEM)
+        .op(op::NEWOBJ_EX)
+        .op(op::SETITEMS);
+    let pickle_bytes = pickle
+        .0
+        .iter()
+        .copied()
+        .chain([op::STOP])
+        .collect::<Vec<u8>>();
+    let bytes = pickle.file();
+    let (entries, layout) = checkpoint::parse_described(&bytes, &ReadOptions::default()).unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].0, "w");
+    assert_eq!(layout.key, ["model"]);
+    assert_eq!(
+        other_kinds(&layout),
+        [
+            ("hook", "evil.Thing"),
+            ("items", "evil.List"),
+            ("entries", "evil.Dict"),
+            ("kwargs", "evil.WithKeywords")
+        ]
+    );
+    // The objects are data: their state, items, entries and keywords as written.
+    let (value, _) = checkpoint::pickle::unpickle(&pickle_bytes).unwrap();
+    let checkpoint::pickle::Value::Dict(top) = value else {
+        panic!("{value:?}")
+    };
+    let object = |name: &str| match checkpoint::pickle::entry(&top, name) {
+        Some(checkpoint::pickle::Value::Object(o)) => o.clone(),
+        other => panic!("{name}: {other:?}"),
+    };
+    let hook = object("hook");
+    let state: Vec<&str> = hook
+        .attributes()
+        .unwrap()
+        .iter()
+        .filter_map(|(k, _)| k.as_str())
+        .collect();
+    assert_eq!(state, ["__setstate__", "__reduce__", "again"]);
+    assert_eq!(object("items").items.len(), 2);
+    assert_eq!(object("entries").entries.len(), 1);
+    assert_eq!(object("kwargs").kwargs.len(), 1);
+}
+
+#[test]
+fn objects_memoised_before_they_are_filled_are_read_complete() {
+    // {"state_dict": sd, "state_dict_ema": sd}, the second a memo reference to the first, which
+    // was memoised while still empty (as Python's pickler does).
+    let pickle = Pickle::new()
+        .op(op::EMPTY_DICT)
+        .op(op::MARK)
+        .str("state_dict")
+        .global("collections", "OrderedDict")
+        .op(op::EMPTY_TUPLE)
+        .op(op::REDUCE)
+        .op(op::BINPUT)
+        .op(7)
+        .str("w")
+        .tensor()
+        .op(op::SETITEM)
+        .str("state_dict_ema")
+        .op(op::BINGET)
+        .op(7)
+        .op(op::SETITEMS);
+    let parsed = checkpoint::parse_bytes(&pickle.file(), &with_key("state_dict_ema")).unwrap();
+    assert_eq!(parsed.len(), 1);
+    assert_eq!(parsed[0].0, "w");
+    assert_eq!(parsed[0].1.shape, vec![2]);
+}
+
+#[test]
+fn object_bombs_are_bounded() {
+    // 100k objects folded into each other's state by BUILD.
+    let mut deep = Pickle::new();
+    for _ in 0..100_000 {
+        deep = deep.object("m", "C");
+    }
+    for _ in 0..99_999 {
+        deep = deep.op(op::BUILD);
+    }
+    assert!(parse_error(&deep.file()).contains("levels deep"));
+    // An object doubled through the memo on every step, by its items.
+    let mut doubling = Pickle::new().object("m", "C").op(op::BINPUT).op(0);
+    for _ in 0..64 {
+        doubling = doubling
+            .object("m", "C")
+            .op(op::MARK)
+            .op(op::BINGET)
+            .op(0)
+            .op(op::BINGET)
+            .op(0)
+            .op(op::APPENDS)
+            .op(op::BINPUT)
+            .op(0)
+            .op(op::POP);
+    }
+    let msg = parse_error(&doubling.op(op::BINGET).op(0).file());
     assert!(
         msg.contains("copies more than") || msg.contains("levels deep"),
         "{msg}"

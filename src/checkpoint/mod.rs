@@ -2,27 +2,34 @@
 //! loaded into a `VarStore` by name (strictly by default, like `nn.Module.load_state_dict`), and
 //! saved back in formats PyTorch loads.
 //!
-//! Reading needs no Python: `torch.save` files (zip and legacy) go through a restricted unpickler
-//! ([`pickle`]) that builds tensors and refuses anything else; safetensors are memory-mapped; tch's
-//! `.ot` goes through libtorch. Nested checkpoints (`{"state_dict": ...}`, `{"model": ...}`, EMA
-//! copies) are unwrapped and DataParallel / torch.compile prefixes stripped.
+//! Reading needs no Python and runs nothing from the file: `torch.save` files (zip and legacy),
+//! TorchScript archives and tch's `.ot` go through a restricted unpickler ([`pickle`]) that builds
+//! tensors and keeps any other object as inert data; safetensors are memory-mapped. The weights
+//! are found wherever training scripts put them ([`locate`]): nested checkpoints
+//! (`{"state_dict": ...}`, `{"model": ...}`, EMA copies), whole pickled modules
+//! (`torch.save(model)`), TorchScript modules; DataParallel, torch.compile and Lightning prefixes
+//! are stripped. [`Layout`] says what was found where.
 
 mod dtype;
 pub mod formats;
 mod load;
+pub mod locate;
+mod module;
 pub mod pickle;
+pub mod torch_file;
+pub mod torchscript;
 
 pub use dtype::{DType, DTypeNames, DTYPES};
-pub use formats::RawTensor;
+pub use formats::{Format, RawTensor};
 pub use load::{load_state_dict, LoadReport};
+pub use locate::{Holder, Layout, NESTED_KEYS, WRAPPER_PREFIXES};
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use tch::Tensor;
 
-use formats::{Format, TorchFile};
-use pickle::{TensorRef, Value};
+use torch_file::TorchFile;
 
 /// Tensors by PyTorch state_dict key, in file order.
 #[derive(Debug, Default)]
@@ -36,141 +43,56 @@ pub struct ReadOptions {
     /// The entry holding the state_dict (`--key`); `a/b` descends twice. Without it the reader
     /// tries the checkpoint itself, then [`NESTED_KEYS`].
     pub key: Option<String>,
-    /// Extra prefixes to strip from every key that has them (e.g. Lightning's `model.`).
+    /// Extra prefixes to strip from every key that has them.
     pub strip_prefixes: Vec<String>,
 }
 
-/// Where training scripts commonly put the weights inside a checkpoint dict, in the order tried.
-pub const NESTED_KEYS: [&str; 7] = [
-    "state_dict",
-    "model_state_dict",
-    "model",
-    "module",
-    "ema",
-    "state_dict_ema",
-    "model_ema",
-];
-
-/// Prefixes stripped whenever every key has them: DataParallel / DDP and torch.compile.
-pub const WRAPPER_PREFIXES: [&str; 2] = ["module.", "_orig_mod."];
-
-fn is_state_dict(entries: &[(Value, Value)]) -> bool {
-    !entries.is_empty()
-        && entries
-            .iter()
-            .all(|(k, v)| matches!((k, v), (Value::Str(_), Value::Tensor(_))))
+/// Parses checkpoint bytes (torch.save zip or legacy, libtorch archive, or safetensors) into raw
+/// tensors named as PyTorch's state_dict names them, without libtorch; and says where they were.
+/// This is the surface the fuzz target exercises.
+pub fn parse_described(
+    bytes: &[u8],
+    options: &ReadOptions,
+) -> Result<(Vec<(String, RawTensor)>, Layout)> {
+    let format = formats::sniff(bytes)?;
+    if format == Format::Safetensors {
+        let mut entries = formats::read_safetensors(bytes)?;
+        let mut layout = Layout::new(format, Holder::StateDict);
+        locate::rename(&mut entries, &mut layout, &options.strip_prefixes);
+        return Ok((entries, layout));
+    }
+    let mut file = TorchFile::parse(bytes)?;
+    let (mut refs, mut layout) = locate::locate(
+        &file.object,
+        file.format,
+        &file.script_classes,
+        options.key.as_deref(),
+    )?;
+    locate::rename(&mut refs, &mut layout, &options.strip_prefixes);
+    Ok((file.tensors(refs)?, layout))
 }
 
-fn describe(entries: &[(Value, Value)]) -> String {
-    let items: Vec<String> = entries
-        .iter()
-        .take(12)
-        .map(|(k, v)| format!("{}: {}", k.as_str().unwrap_or("<non-string key>"), v.kind()))
-        .collect();
-    format!(
-        "{{{}{}}}",
-        items.join(", "),
-        if entries.len() > 12 { ", ..." } else { "" }
-    )
+/// The tensor records (names, dtypes, shapes, storage keys) that a `torch.save` pickle
+/// (`data.pkl`) holds, found and named as [`parse_described`] finds and names them, without
+/// reading any storage. This is the surface the unpickler fuzz target exercises.
+pub fn locate_records(
+    pickle: &[u8],
+    options: &ReadOptions,
+) -> Result<(Vec<(String, pickle::TensorRef)>, Layout)> {
+    let (object, _) = pickle::unpickle(pickle)?;
+    let (mut refs, mut layout) = locate::locate(
+        &object,
+        Format::TorchZip,
+        &torchscript::ScriptClasses::new(),
+        options.key.as_deref(),
+    )?;
+    locate::rename(&mut refs, &mut layout, &options.strip_prefixes);
+    Ok((refs, layout))
 }
 
-fn entry<'v>(entries: &'v [(Value, Value)], key: &str) -> Option<&'v Value> {
-    entries
-        .iter()
-        .find(|(k, _)| k.as_str() == Some(key))
-        .map(|(_, v)| v)
-}
-
-/// Finds the state_dict in an unpickled checkpoint.
-fn select(object: &Value, key: Option<&str>) -> Result<Vec<(String, TensorRef)>> {
-    let Value::Dict(entries) = object else {
-        bail!(
-            "the checkpoint holds a {}, not a dict of tensors",
-            object.kind()
-        );
-    };
-    if let Some(path) = key {
-        let mut current = object;
-        for part in path.split('/') {
-            let Value::Dict(entries) = current else {
-                bail!(
-                    "--key {path}: `{part}` is inside a {}, not a dict",
-                    current.kind()
-                );
-            };
-            current = entry(entries, part).with_context(|| {
-                format!("--key {path}: no entry `{part}` in {}", describe(entries))
-            })?;
-        }
-        return select(current, None).with_context(|| format!("under --key {path}"));
-    }
-    if is_state_dict(entries) {
-        return Ok(entries
-            .iter()
-            .filter_map(|(k, v)| match (k, v) {
-                (Value::Str(k), Value::Tensor(t)) => Some((k.clone(), t.clone())),
-                _ => None,
-            })
-            .collect());
-    }
-    for nested in NESTED_KEYS {
-        if let Some(inner @ Value::Dict(_)) = entry(entries, nested) {
-            if let Ok(found) = select(inner, None) {
-                return Ok(found);
-            }
-        }
-    }
-    let non_tensors: Vec<String> = entries
-        .iter()
-        .filter(|(_, v)| !matches!(v, Value::Tensor(_)))
-        .take(5)
-        .map(|(k, v)| format!("{} ({})", k.as_str().unwrap_or("?"), v.kind()))
-        .collect();
-    bail!(
-        "no state_dict found: the checkpoint is {} with non-tensor entries {non_tensors:?}; name \
-         the entry holding the weights with --key (tried {NESTED_KEYS:?})",
-        describe(entries)
-    )
-}
-
-/// Strips the wrapper prefixes (while every key has one) and the requested ones.
-fn strip_prefixes<T>(entries: &mut [(String, T)], extra: &[String]) {
-    loop {
-        let prefix = WRAPPER_PREFIXES
-            .iter()
-            .map(|p| p.to_string())
-            .chain(extra.iter().cloned())
-            .find(|p| {
-                !entries.is_empty() && entries.iter().all(|(k, _)| k.starts_with(p.as_str()))
-            });
-        let Some(prefix) = prefix else { break };
-        for (k, _) in entries.iter_mut() {
-            *k = k[prefix.len()..].to_string();
-        }
-    }
-    for prefix in extra {
-        for (k, _) in entries.iter_mut() {
-            if let Some(rest) = k.strip_prefix(prefix.as_str()) {
-                *k = rest.to_string();
-            }
-        }
-    }
-}
-
-/// Parses checkpoint bytes (torch.save zip or legacy, or safetensors) into raw tensors, without
-/// libtorch. This is the surface the fuzz target exercises.
+/// [`parse_described`] without the description.
 pub fn parse_bytes(bytes: &[u8], options: &ReadOptions) -> Result<Vec<(String, RawTensor)>> {
-    let mut entries = match formats::sniff(bytes)? {
-        Format::Safetensors => formats::read_safetensors(bytes)?,
-        Format::LibtorchArchive => bail!(formats::LIBTORCH_ARCHIVE),
-        Format::TorchZip | Format::TorchLegacy => {
-            let mut file = TorchFile::parse(bytes)?;
-            let refs = select(&file.object, options.key.as_deref())?;
-            file.tensors(refs)?
-        }
-    };
-    strip_prefixes(&mut entries, &options.strip_prefixes);
-    Ok(entries)
+    Ok(parse_described(bytes, options)?.0)
 }
 
 impl RawTensor {
@@ -198,9 +120,15 @@ impl RawTensor {
 }
 
 impl StateDict {
-    /// Reads a checkpoint: `torch.save` files (`.pth`, `.pt`, `.bin`, zip or legacy), safetensors,
-    /// or tch's `.ot`; the format is recognised from the content.
+    /// Reads a checkpoint: `torch.save` files (`.pth`, `.pt`, `.bin`, `.ckpt`, zip or legacy,
+    /// whatever else they hold), TorchScript archives, safetensors, or tch's `.ot`; the format is
+    /// recognised from the content.
     pub fn read(path: &Path, options: &ReadOptions) -> Result<Self> {
+        Ok(Self::read_described(path, options)?.0)
+    }
+
+    /// [`read`](Self::read), and where in the file the weights were.
+    pub fn read_described(path: &Path, options: &ReadOptions) -> Result<(Self, Layout)> {
         let file = std::fs::File::open(path)
             .with_context(|| format!("cannot open checkpoint {}", path.display()))?;
         let len = file.metadata()?.len();
@@ -211,26 +139,14 @@ impl StateDict {
         // another process can at worst produce wrong values, which the parsers bound-check.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("cannot map {}", path.display()))?;
-        if formats::sniff(&map).ok() == Some(Format::LibtorchArchive) {
-            return Self::read_ot(path, options);
-        }
-        let raw = parse_bytes(&map, options)
+        let (raw, layout) = parse_described(&map, options)
             .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
         drop(map);
         let entries = raw
             .into_iter()
             .map(|(k, t)| Ok((k, t.to_tensor()?)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { entries })
-    }
-
-    /// tch's `VarStore::save` format (a libtorch archive of named tensors); also the parameters of
-    /// a TorchScript module.
-    fn read_ot(path: &Path, options: &ReadOptions) -> Result<Self> {
-        let mut entries = Tensor::load_multi(path)
-            .with_context(|| format!("cannot read tch archive {}", path.display()))?;
-        strip_prefixes(&mut entries, &options.strip_prefixes);
-        Ok(Self { entries })
+        Ok((Self { entries }, layout))
     }
 
     /// Reads a safetensors file.

@@ -1,12 +1,13 @@
-//! A restricted unpickler for the files `torch.save` writes, and the pickler for the files this
-//! crate writes back.
+//! A restricted unpickler for the files `torch.save` and `torch.jit.save` write, and the pickler
+//! for the files this crate writes back.
 //!
-//! It understands the opcodes of pickle protocols 2 to 5 that hold data (no `exec`-like opcodes)
-//! and resolves only an allow-list of globals: `collections.OrderedDict`, `torch._utils`'s tensor
-//! rebuilders, the typed storage classes, and a few plain helpers. Any other global (`os.system`,
-//! `builtins.eval`, ...) fails the load with an error naming it; nothing from the file is ever
-//! executed. Persistent ids (PyTorch's storages) are handed back as values for the caller to
-//! resolve.
+//! It understands the opcodes of pickle protocols 2 to 5 that hold data and build objects, and
+//! never imports or calls anything from the file. PyTorch's tensor rebuilders, `OrderedDict` and
+//! sets are implemented in Rust ([`globals`]); any other class (`argparse.Namespace`, an
+//! `nn.Module`, a user's class) becomes an inert [`Object`] recording its class name, arguments
+//! and state, which no opcode can call; the few globals only a hostile file names (`os.system`,
+//! `builtins.eval`, ...) fail the load with an error naming them. Persistent ids (PyTorch's
+//! storages) are handed back as values for the caller to resolve.
 //!
 //! Written for this crate: no maintained crate does this restricted job while also building
 //! PyTorch's tensor records (serde-pickle refuses persistent ids and `REDUCE` of globals).
@@ -19,4 +20,4 @@ mod value;
 
 pub use pickler::pickle_state_dict;
 pub use unpickler::unpickle;
-pub use value::{StorageRef, TensorRef, Value};
+pub use value::{entry, Object, StorageRef, TensorRef, Value};

@@ -24,6 +24,46 @@ pub struct TensorRef {
     pub stride: Vec<i64>,
 }
 
+/// An instance of a class the reader does not run (`argparse.Namespace`, an `nn.Module`, a user's
+/// class): what the pickle gave it, kept as data. Nothing can call it or look anything up on it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Object {
+    /// `module.qualname`, as the pickle names the class.
+    pub class: String,
+    /// Positional arguments of its construction (`REDUCE`, `NEWOBJ`, `NEWOBJ_EX`, `INST`, `OBJ`).
+    pub args: Vec<Value>,
+    /// Keyword arguments of its construction (`NEWOBJ_EX`).
+    pub kwargs: Vec<(Value, Value)>,
+    /// What `BUILD` gave it: its `__dict__` (updates merged) or its `__setstate__` argument.
+    pub state: Option<Value>,
+    /// Items appended to it (`APPEND`, `APPENDS`, `ADDITEMS`): a list or set subclass.
+    pub items: Vec<Value>,
+    /// Entries set on it (`SETITEM`, `SETITEMS`): a dict subclass, in insertion order.
+    pub entries: Vec<(Value, Value)>,
+}
+
+impl Object {
+    pub fn new(class: String, args: Vec<Value>) -> Self {
+        Self {
+            class,
+            args,
+            ..Self::default()
+        }
+    }
+
+    /// Its `__dict__`, where `BUILD` gave it one.
+    pub fn attributes(&self) -> Option<&[(Value, Value)]> {
+        match &self.state {
+            Some(Value::Dict(attributes)) => Some(attributes),
+            _ => None,
+        }
+    }
+
+    pub fn attribute(&self, name: &str) -> Option<&Value> {
+        entry(self.attributes()?, name)
+    }
+}
+
 /// A value of the restricted pickle language.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -36,17 +76,27 @@ pub enum Value {
     Str(String),
     Bytes(Vec<u8>),
     Tuple(Vec<Value>),
+    /// Lists, and sets and frozensets in the order the pickle lists their members.
     List(Vec<Value>),
     /// Dicts and OrderedDicts, in insertion order.
     Dict(Vec<(Value, Value)>),
-    /// An allowed global not yet called (a class or function).
+    /// A global (`module`, `qualname`) not yet called: one of the functions the reader implements
+    /// (tensor rebuilders, `OrderedDict`, ...) or any other name, which calling only records.
     Global(String, String),
     /// A persistent id not yet resolved.
     PersistentId(Box<Value>),
     Storage(StorageRef),
     Tensor(TensorRef),
-    /// `torch.Size`, `torch.device` and similar plain records, kept as their arguments.
-    Object(String, Vec<Value>),
+    /// An instance of a class the reader does not run (`torch.Size`, `argparse.Namespace`, ...).
+    Object(Box<Object>),
+}
+
+/// The value under the string key `key`.
+pub fn entry<'v>(entries: &'v [(Value, Value)], key: &str) -> Option<&'v Value> {
+    entries
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .map(|(_, v)| v)
 }
 
 impl Value {
@@ -57,7 +107,7 @@ impl Value {
         }
     }
 
-    pub(super) fn as_int(&self) -> Option<i64> {
+    pub(crate) fn as_int(&self) -> Option<i64> {
         match self {
             Value::Int(i) => Some(*i),
             Value::Bool(b) => Some(*b as i64),
@@ -65,27 +115,38 @@ impl Value {
         }
     }
 
-    pub(super) fn ints(&self, what: &str) -> Result<Vec<i64>> {
+    /// A tuple or list of integers, or a `torch.Size` of one.
+    pub(crate) fn ints(&self, what: &str) -> Result<Vec<i64>> {
         match self {
-            Value::Tuple(items) | Value::List(items) | Value::Object(_, items) => items
+            Value::Tuple(items) | Value::List(items) => items
                 .iter()
                 .map(|v| {
                     v.as_int()
                         .with_context(|| format!("{what}: not an integer: {v:?}"))
                 })
                 .collect(),
+            Value::Object(o) if o.class == "torch.Size" && o.args.len() == 1 => {
+                o.args[0].ints(what)
+            }
             other => bail!("{what}: expected a tuple of integers, got {other:?}"),
         }
     }
 
-    /// The values this one holds directly (a dict's keys and values, a tuple's items, ...).
+    /// The values this one holds directly (a dict's keys and values, an object's arguments and
+    /// state, ...).
     pub fn children(&self) -> Box<dyn Iterator<Item = &Value> + '_> {
         match self {
-            Value::Tuple(items) | Value::List(items) | Value::Object(_, items) => {
-                Box::new(items.iter())
-            }
+            Value::Tuple(items) | Value::List(items) => Box::new(items.iter()),
             Value::Dict(entries) => Box::new(entries.iter().flat_map(|(k, v)| [k, v])),
             Value::PersistentId(inner) => Box::new(std::iter::once(inner.as_ref())),
+            Value::Object(o) => Box::new(
+                o.args
+                    .iter()
+                    .chain(o.kwargs.iter().flat_map(|(k, v)| [k, v]))
+                    .chain(o.state.iter())
+                    .chain(o.items.iter())
+                    .chain(o.entries.iter().flat_map(|(k, v)| [k, v])),
+            ),
             _ => Box::new(std::iter::empty()),
         }
     }
@@ -107,6 +168,16 @@ impl Value {
             Value::Storage(_) => "storage",
             Value::Tensor(_) => "tensor",
             Value::Object(..) => "object",
+        }
+    }
+
+    /// [`kind`](Self::kind), with the class of an object (`argparse.Namespace`) and the name of a
+    /// global.
+    pub fn type_name(&self) -> String {
+        match self {
+            Value::Object(o) => o.class.clone(),
+            Value::Global(module, name) => format!("{module}.{name}"),
+            other => other.kind().to_string(),
         }
     }
 }
