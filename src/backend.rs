@@ -141,9 +141,7 @@ pub fn cuda_device_name(index: usize) -> Option<String> {
 }
 
 /// The reduced precision CUDA autocast uses.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AutocastDtype {
     Fp16,

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use serde::Serialize;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -198,6 +199,14 @@ pub fn read_labels(path: &Path) -> Result<Vec<String>> {
 /// The ImageNet-1k class names (torchvision's order), shipped with the crate.
 pub const IMAGENET_CLASSES: &str = include_str!("../data/imagenet_classes.txt");
 
+/// The class names in `path` (see [`read_labels`]), or without one the ImageNet-1k classes.
+pub fn labels(path: Option<&Path>) -> Result<Vec<String>> {
+    match path {
+        Some(path) => read_labels(path),
+        None => Ok(IMAGENET_CLASSES.lines().map(str::to_string).collect()),
+    }
+}
+
 /// `(index, probability)` of the `k` most likely classes of `logits` `[num_classes]`.
 pub fn top_k(logits: &Tensor, k: i64) -> Result<Vec<(i64, f64)>> {
     let probs = logits.to_kind(Kind::Float).softmax(-1, Kind::Float);
@@ -205,5 +214,30 @@ pub fn top_k(logits: &Tensor, k: i64) -> Result<Vec<(i64, f64)>> {
     let (values, indices) = probs.topk(k, -1, true, true);
     Ok((0..k)
         .map(|i| (indices.int64_value(&[i]), values.double_value(&[i])))
+        .collect())
+}
+
+/// One of the most likely classes of an input.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    pub index: i64,
+    /// The class name, or `class N` where `labels` has none.
+    pub label: String,
+    pub probability: f64,
+}
+
+/// The `k` most likely classes of `logits` `[num_classes]`, named from `labels`.
+pub fn predictions(logits: &Tensor, k: i64, labels: &[String]) -> Result<Vec<Prediction>> {
+    Ok(top_k(logits, k)?
+        .into_iter()
+        .map(|(index, probability)| Prediction {
+            index,
+            label: usize::try_from(index)
+                .ok()
+                .and_then(|i| labels.get(i))
+                .cloned()
+                .unwrap_or_else(|| format!("class {index}")),
+            probability,
+        })
         .collect())
 }

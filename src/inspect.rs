@@ -2,17 +2,24 @@
 //!
 //! The architecture is read off the key names and shapes (block kind and stage depths, groups and
 //! width, shortcut option, norm layer, classes; the ConvSDS and SiD sizes), then confirmed by
-//! building that model and loading the checkpoint into it strictly.
+//! building that model and loading the checkpoint into it strictly. When nothing fits,
+//! [`NoMatch`] says why.
 
 use std::collections::BTreeSet;
+use std::fmt;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 use tch::nn::VarStore;
-use tch::{Device, Tensor};
+use tch::Device;
 
-use crate::checkpoint::{load_state_dict, StateDict};
+use crate::checkpoint::{load_state_dict, ReadOptions, StateDict};
 use crate::config::ModelConfig;
+use crate::models::cifar::CifarResNetConfig;
+use crate::models::conv_sds::ConvSdsHeadConfig;
+use crate::models::layers::NormKind;
+use crate::models::resnet::{Architecture, BlockKind, ResNetConfig, ShortcutKind, TORCHVISION};
+use crate::models::sid::SidConfig;
 
 /// One tensor of the checkpoint.
 #[derive(Debug, Serialize)]
@@ -33,10 +40,128 @@ pub struct Summary {
     pub bytes: i64,
     pub dtypes: Vec<String>,
     /// The config that loads this checkpoint strictly, if one was found.
-    pub config: Option<serde_json::Value>,
+    #[serde(serialize_with = "sorted_keys")]
+    pub config: Option<ModelConfig>,
     pub architecture: Option<String>,
+    /// Why no config was found (absent when one was).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_match: Option<NoMatch>,
     pub entries: Vec<Entry>,
 }
+
+/// A config as a JSON object with sorted keys, the form `inspect` has always printed.
+fn sorted_keys<S: Serializer>(config: &Option<ModelConfig>, s: S) -> Result<S::Ok, S::Error> {
+    config
+        .as_ref()
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(serde::ser::Error::custom)?
+        .serialize(s)
+}
+
+/// A config that loads a checkpoint strictly, and the architecture in words.
+#[derive(Debug, Clone)]
+pub struct Identified {
+    pub config: ModelConfig,
+    pub description: String,
+}
+
+/// The families `inspect` recognises: the key that marks one, its name, and how its config is
+/// read off the keys (tried in this order).
+type Guess = fn(&Keys) -> Result<Identified, NoMatch>;
+const FAMILIES: [(&str, &str, Guess); 3] = [
+    ("convs.0.conv1.weight", "ConvSDSHead", guess_conv_sds),
+    (SID_OFFSETS, "SiD classifier", guess_sid),
+    ("conv1.weight", "ResNet", guess_resnet),
+];
+
+const SID_OFFSETS: &str = "model.embeddings.categorical_embedding_offsets";
+
+/// Why a checkpoint fits no architecture `inspect` knows.
+#[derive(Debug)]
+pub enum NoMatch {
+    /// None of the keys that mark a family.
+    UnknownLayout,
+    /// A key the family's config is read from is absent.
+    MissingKey { family: &'static str, key: String },
+    /// A key the config is read from has a shape it cannot be read from.
+    BadTensor {
+        family: &'static str,
+        key: String,
+        shape: Vec<i64>,
+        expected: String,
+    },
+    /// The sizes read off the keys make no config of the family.
+    Invalid {
+        family: &'static str,
+        error: anyhow::Error,
+    },
+    /// GroupNorm keeps no statistics and its group count is not in the weights.
+    GroupNorm,
+    /// The config read off the keys is invalid, or the checkpoint does not load into it strictly.
+    Rejected {
+        description: String,
+        config: Box<ModelConfig>,
+        error: anyhow::Error,
+    },
+}
+
+impl fmt::Display for NoMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NoMatch::UnknownLayout => {
+                let marks: Vec<String> = FAMILIES
+                    .iter()
+                    .map(|(key, family, _)| format!("{key}: {family}"))
+                    .collect();
+                write!(
+                    f,
+                    "none of the keys that mark a known family ({})",
+                    marks.join("; ")
+                )
+            }
+            NoMatch::MissingKey { family, key } => {
+                write!(f, "{family} keys, but no `{key}`")
+            }
+            NoMatch::BadTensor {
+                family,
+                key,
+                shape,
+                expected,
+            } => write!(
+                f,
+                "{family} keys, but `{key}` has shape {shape:?}, expected {expected}"
+            ),
+            NoMatch::Invalid { family, error } => {
+                write!(
+                    f,
+                    "the {family} sizes read off the keys make no config: {error:#}"
+                )
+            }
+            NoMatch::GroupNorm => write!(
+                f,
+                "ResNet with GroupNorm (no running statistics): the group count is not in the \
+                 weights; give \"norm\": {{\"group_norm\": {{\"num_groups\": G}}}} in a config"
+            ),
+            NoMatch::Rejected {
+                description,
+                config,
+                error,
+            } => {
+                let config = serde_json::to_value(config).map_err(|_| fmt::Error)?;
+                write!(f, "read as {description} ({config}), but: {error:#}")
+            }
+        }
+    }
+}
+
+impl Serialize for NoMatch {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl std::error::Error for NoMatch {}
 
 fn is_buffer(key: &str) -> bool {
     [
@@ -73,9 +198,9 @@ pub fn summarize(state: &StateDict) -> Summary {
             }
         })
         .collect();
-    let (config, architecture) = match identify(state) {
-        Some((config, description)) => (serde_json::to_value(&config).ok(), Some(description)),
-        None => (None, None),
+    let (config, architecture, no_match) = match identify(state) {
+        Ok(found) => (Some(found.config), Some(found.description), None),
+        Err(why) => (None, None, Some(why)),
     };
     Summary {
         tensors: state.len(),
@@ -85,180 +210,264 @@ pub fn summarize(state: &StateDict) -> Summary {
         dtypes: dtypes.into_iter().collect(),
         config,
         architecture,
+        no_match,
         entries,
     }
 }
 
-fn shape(state: &StateDict, key: &str) -> Option<Vec<i64>> {
-    state.get(key).map(Tensor::size)
+/// The keys of one family, read with errors that name the key.
+struct Keys<'a> {
+    state: &'a StateDict,
+    family: &'static str,
 }
 
-/// Number of `prefix.{i}.` groups (`layer1.0.`, `layer1.1.`, ...).
-fn count_indexed(state: &StateDict, prefix: &str) -> i64 {
-    (0..)
-        .take_while(|i| {
-            state
-                .keys()
-                .any(|k| k.starts_with(&format!("{prefix}.{i}.")))
-        })
-        .count() as i64
+impl Keys<'_> {
+    fn has(&self, key: &str) -> bool {
+        self.state.get(key).is_some()
+    }
+
+    /// The shape of `key`, which must have `rank` dimensions.
+    fn shape(&self, key: &str, rank: usize) -> Result<Vec<i64>, NoMatch> {
+        let t = self.state.get(key).ok_or_else(|| NoMatch::MissingKey {
+            family: self.family,
+            key: key.to_string(),
+        })?;
+        let shape = t.size();
+        if shape.len() != rank {
+            return Err(NoMatch::BadTensor {
+                family: self.family,
+                key: key.to_string(),
+                shape,
+                expected: format!("rank {rank}"),
+            });
+        }
+        Ok(shape)
+    }
+
+    /// Dimension 0 of `key`.
+    fn len(&self, key: &str) -> Result<i64, NoMatch> {
+        Ok(self.shape(key, 1)?[0])
+    }
+
+    /// Dimension 0 of the matrix `key`.
+    fn rows(&self, key: &str) -> Result<i64, NoMatch> {
+        Ok(self.shape(key, 2)?[0])
+    }
+
+    /// Number of `prefix.{i}.` groups (`layer1.0.`, `layer1.1.`, ...).
+    fn count_indexed(&self, prefix: &str) -> i64 {
+        (0..)
+            .take_while(|i| {
+                let group = format!("{prefix}.{i}.");
+                self.state.keys().any(|k| k.starts_with(&group))
+            })
+            .count() as i64
+    }
 }
 
-/// A config that the checkpoint's keys and shapes suggest, with a description.
-fn guess(state: &StateDict) -> Option<(serde_json::Value, String)> {
-    if let Some(c1) = shape(state, "convs.0.conv1.weight") {
-        let hidden = shape(state, "convs.0.layer_norm.weight")?[0];
-        let labels = shape(state, "classifier.weight")?[0];
-        let n = count_indexed(state, "convs");
-        let config = serde_json::json!({"arch": "conv_sds_head", "n_layers": n, "input_size": c1[1],
-                                        "hidden_size": hidden, "num_labels": labels});
-        return Some((
-            config,
-            format!(
-                "ConvSDSHead, {n} layers over {} tokens of width {hidden}",
-                c1[1]
-            ),
-        ));
-    }
-    if state
-        .get("model.embeddings.categorical_embedding_offsets")
-        .is_some()
-    {
-        return guess_sid(state);
-    }
-    let conv1 = shape(state, "conv1.weight")?;
-    let in_channels = conv1[1];
-    let norm = if state.get("bn1.running_mean").is_none() {
-        None // GroupNorm: the group count is not in the weights
-    } else if state.get("bn1.num_batches_tracked").is_none() {
-        Some("frozen_batch_norm")
-    } else {
-        Some("batch_norm")
+/// The config that the checkpoint's keys and shapes suggest, with a description.
+fn guess(state: &StateDict) -> Result<Identified, NoMatch> {
+    let (_, family, guess) = FAMILIES
+        .iter()
+        .find(|(key, _, _)| state.get(key).is_some())
+        .ok_or(NoMatch::UnknownLayout)?;
+    guess(&Keys { state, family })
+}
+
+fn guess_conv_sds(keys: &Keys) -> Result<Identified, NoMatch> {
+    let c1 = keys.shape("convs.0.conv1.weight", 3)?;
+    let config = ConvSdsHeadConfig {
+        n_layers: keys.count_indexed("convs"),
+        input_size: c1[1],
+        hidden_size: keys.len("convs.0.layer_norm.weight")?,
+        num_labels: keys.rows("classifier.weight")?,
     };
-    let fc = shape(state, "fc.weight");
-    let blocks: Vec<i64> = (1..=4)
-        .map(|i| count_indexed(state, &format!("layer{i}")))
-        .collect();
-    let bottleneck = state.get("layer1.0.conv3.weight").is_some();
-    let downsampled = state
+    let description = format!(
+        "ConvSDSHead, {} layers over {} tokens of width {}",
+        config.n_layers, config.input_size, config.hidden_size
+    );
+    Ok(Identified {
+        config: ModelConfig::ConvSdsHead(config),
+        description,
+    })
+}
+
+fn guess_resnet(keys: &Keys) -> Result<Identified, NoMatch> {
+    let conv1 = keys.shape("conv1.weight", 4)?;
+    let in_channels = conv1[1];
+    let norm = if !keys.has("bn1.running_mean") {
+        return Err(NoMatch::GroupNorm);
+    } else if !keys.has("bn1.num_batches_tracked") {
+        NormKind::FrozenBatchNorm
+    } else {
+        NormKind::BatchNorm
+    };
+    let num_classes = keys
+        .has("fc.weight")
+        .then(|| keys.rows("fc.weight"))
+        .transpose()?;
+    let blocks: [i64; 4] = [1, 2, 3, 4].map(|i| keys.count_indexed(&format!("layer{i}")));
+    let downsampled = keys
+        .state
         .keys()
         .filter(|k| k.ends_with("downsample.0.weight"))
         .count() as i64;
-    let total: i64 = blocks.iter().sum();
     let (shortcut, shortcut_note) = match downsampled {
-        0 => ("A", " (shortcut A, or plain: same weights)"),
-        d if d == total => ("C", " (shortcut C)"),
-        _ => ("B", ""),
+        0 => (ShortcutKind::A, " (shortcut A, or plain: same weights)"),
+        d if d == blocks.iter().sum::<i64>() => (ShortcutKind::C, " (shortcut C)"),
+        _ => (ShortcutKind::B, ""),
     };
-    let mut config = serde_json::json!({"shortcut": shortcut, "in_channels": in_channels});
-    if let Some(norm) = norm {
-        config["norm"] = serde_json::json!(norm);
-    }
-    if let Some(fc) = &fc {
-        config["num_classes"] = serde_json::json!(fc[0]);
-    } else {
-        config["include_fc"] = serde_json::json!(false);
-    }
     if conv1[0] == 16 && blocks[3] == 0 && blocks[2] > 0 {
         let depth = 6 * blocks[0] + 2;
-        let mut cifar = serde_json::json!({"arch": "cifar_resnet", "depth": depth, "shortcut": shortcut,
-                                           "in_channels": in_channels});
-        if let Some(fc) = &fc {
-            cifar["num_classes"] = serde_json::json!(fc[0]);
-        }
-        return Some((cifar, format!("CIFAR ResNet-{depth}{shortcut_note}")));
+        let config = CifarResNetConfig {
+            depth,
+            num_classes: num_classes.ok_or_else(|| NoMatch::MissingKey {
+                family: keys.family,
+                key: "fc.weight".into(),
+            })?,
+            shortcut,
+            plain: false,
+            in_channels,
+        };
+        return Ok(Identified {
+            config: ModelConfig::CifarResnet(config),
+            description: format!("CIFAR ResNet-{depth}{shortcut_note}"),
+        });
     }
-    let conv2 = shape(state, "layer1.0.conv2.weight")?;
-    let (width, groups) = (conv2[0], conv2[0] / conv2[1].max(1));
+    let conv2 = keys.shape("layer1.0.conv2.weight", 4)?;
+    let bottleneck = keys.has("layer1.0.conv3.weight");
+    let block = if bottleneck {
+        BlockKind::Bottleneck
+    } else {
+        BlockKind::Basic
+    };
+    let groups = conv2[0] / conv2[1].max(1);
     let width_per_group = if bottleneck {
-        width / groups.max(1)
+        conv2[0] / groups.max(1)
     } else {
         64
     };
-    let block = if bottleneck { "bottleneck" } else { "basic" };
-    let layers: [i64; 4] = blocks.clone().try_into().ok()?;
-    let named = crate::models::resnet::TORCHVISION.iter().find(|c| {
-        let a = c.architecture;
-        (a.block == crate::models::resnet::BlockKind::Bottleneck) == bottleneck
-            && a.layers == layers
-            && a.groups == groups
-            && a.width_per_group == width_per_group
-    });
-    let name = match named.map(|c| c.name) {
-        Some(arch) => {
-            config["arch"] = serde_json::json!(arch);
-            format!("torchvision {arch}")
-        }
-        None => {
-            config["arch"] = serde_json::json!("resnet");
-            config["block"] = serde_json::json!(block);
-            config["layers"] = serde_json::json!(layers);
-            config["groups"] = serde_json::json!(groups);
-            config["width_per_group"] = serde_json::json!(width_per_group);
-            format!("ResNet ({block}, layers {layers:?}, groups {groups}, width/group {width_per_group})")
-        }
+    let config = ResNetConfig {
+        num_classes: num_classes.unwrap_or(ResNetConfig::default().num_classes),
+        include_fc: num_classes.is_some(),
+        norm,
+        shortcut,
+        in_channels,
+        ..ResNetConfig::default()
     };
-    let classes = fc.map_or_else(
-        || "no classifier".to_string(),
-        |fc| format!("{} classes", fc[0]),
-    );
+    let (config, name) = match torchvision(block, blocks, groups, width_per_group, &config) {
+        Some((config, arch)) => (config, format!("torchvision {arch}")),
+        None => (
+            ModelConfig::Resnet(ResNetConfig {
+                block: Some(block),
+                layers: Some(blocks.to_vec()),
+                groups: Some(groups),
+                width_per_group: Some(width_per_group),
+                ..config
+            }),
+            format!(
+                "ResNet ({}, layers {blocks:?}, groups {groups}, width/group {width_per_group})",
+                if bottleneck { "bottleneck" } else { "basic" }
+            ),
+        ),
+    };
+    let classes =
+        num_classes.map_or_else(|| "no classifier".to_string(), |n| format!("{n} classes"));
     let norm_note = match norm {
-        Some("frozen_batch_norm") => ", FrozenBatchNorm",
-        None => ", GroupNorm (give num_groups in the config)",
+        NormKind::FrozenBatchNorm => ", FrozenBatchNorm",
         _ => "",
     };
-    Some((
+    Ok(Identified {
         config,
-        format!("{name}, {classes}{shortcut_note}{norm_note}"),
-    ))
+        description: format!("{name}, {classes}{shortcut_note}{norm_note}"),
+    })
 }
 
-fn guess_sid(state: &StateDict) -> Option<(serde_json::Value, String)> {
-    let offsets: Vec<i64> = Vec::try_from(
-        state
-            .get("model.embeddings.categorical_embedding_offsets")?
-            .view([-1]),
-    )
-    .ok()?;
-    let table = shape(state, "model.embeddings.categorical_embeddings.weight")?;
-    let mut counts: Vec<i64> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
-    counts.push(table[0] - offsets.last()?);
-    let text = count_indexed(state, "model.embeddings.text_projections");
-    let text_shape = shape(state, "model.embeddings.text_projections.0.weight")?;
-    let layers = count_indexed(state, "model.layers");
-    let projection = shape(state, "model.layers.0.projection.weight")?;
-    let ff = shape(state, "model.layers.0.transform.0.feedforward.0.weight")?;
-    let attention_blocks = count_indexed(state, "model.layers.1.attention")
-        .saturating_sub(1)
-        .max(0);
-    let config = serde_json::json!({
-        "arch": "sid_classifier",
-        "num_categories_list": counts,
-        "num_numerical_features": shape(state, "model.embeddings.numerical_direction")?[0],
-        "num_text_features": text,
-        "text_input_size": text_shape[1],
+/// The torchvision constructor with this block, stage depths, groups and width, as a config with
+/// the settings of `config`, and its name.
+fn torchvision(
+    block: BlockKind,
+    layers: [i64; 4],
+    groups: i64,
+    width_per_group: i64,
+    config: &ResNetConfig,
+) -> Option<(ModelConfig, &'static str)> {
+    let wanted = Architecture {
+        block,
+        layers,
+        groups,
+        width_per_group,
+    };
+    let constructor = TORCHVISION.iter().find(|c| c.architecture == wanted)?;
+    let config = ModelConfig::torchvision(constructor.name, config.clone())?;
+    Some((config, constructor.name))
+}
+
+fn guess_sid(keys: &Keys) -> Result<Identified, NoMatch> {
+    // PyTorch keeps the offsets as a [1, n] buffer.
+    let offsets = keys.state.get(SID_OFFSETS).map(|t| t.reshape([-1]));
+    let offsets: Vec<i64> = offsets
+        .and_then(|t| Vec::try_from(&t).ok())
+        .unwrap_or_default();
+    let Some(&last) = offsets.last() else {
+        return Err(NoMatch::BadTensor {
+            family: keys.family,
+            key: SID_OFFSETS.into(),
+            shape: keys
+                .state
+                .get(SID_OFFSETS)
+                .map(|t| t.size())
+                .unwrap_or_default(),
+            expected: "at least one offset".into(),
+        });
+    };
+    let table = keys.shape("model.embeddings.categorical_embeddings.weight", 2)?;
+    let mut num_categories_list: Vec<i64> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
+    num_categories_list.push(table[0] - last);
+    let layers = keys.count_indexed("model.layers");
+    let hidden_size = keys.rows("model.layers.0.projection.weight")?;
+    let attention_blocks = (keys.count_indexed("model.layers.1.attention") - 1).max(0);
+    let sizes = serde_json::json!({
+        "num_categories_list": num_categories_list,
+        "num_numerical_features": keys.rows("model.embeddings.numerical_direction")?,
+        "num_text_features": keys.count_indexed("model.embeddings.text_projections"),
+        "text_input_size": keys.shape("model.embeddings.text_projections.0.weight", 2)?[1],
         "embedding_size": table[1],
-        "hidden_size": projection[0],
-        "intermediate_size": ff[0],
+        "hidden_size": hidden_size,
+        "intermediate_size": keys.rows("model.layers.0.transform.0.feedforward.0.weight")?,
         "num_hidden_layers": layers,
-        "num_transform_blocks": count_indexed(state, "model.layers.0.transform"),
+        "num_transform_blocks": keys.count_indexed("model.layers.0.transform"),
         "num_attention_blocks": if layers > 1 { attention_blocks } else { 1 },
-        "num_labels": shape(state, "classifier.weight")?[0],
+        "num_labels": keys.rows("classifier.weight")?,
     });
-    Some((
-        config,
-        format!("SiD classifier, {layers} layers, hidden {}", projection[0]),
-    ))
+    // Dropout rates and the init scale are not in the weights: serde fills SidConfig's defaults.
+    let config: SidConfig = serde_json::from_value(sizes).map_err(|e| NoMatch::Invalid {
+        family: keys.family,
+        error: e.into(),
+    })?;
+    Ok(Identified {
+        config: ModelConfig::SidClassifier(config),
+        description: format!("SiD classifier, {layers} layers, hidden {hidden_size}"),
+    })
 }
 
-/// The config guessed from `state`, confirmed by a strict load.
-pub fn identify(state: &StateDict) -> Option<(ModelConfig, String)> {
-    let (value, description) = guess(state)?;
-    let config = ModelConfig::from_value(value).ok()?;
-    let vs = VarStore::new(Device::Cpu);
-    config.build(vs.root()).ok()?;
-    load_state_dict(&vs, state, true).ok()?;
-    Some((config, description))
+/// The config guessed from `state`, confirmed by a strict load; or why there is none.
+pub fn identify(state: &StateDict) -> Result<Identified, NoMatch> {
+    let found = guess(state)?;
+    let confirmed = (|| -> Result<()> {
+        let vs = VarStore::new(Device::Cpu);
+        found.config.build(vs.root())?;
+        load_state_dict(&vs, state, true)?;
+        Ok(())
+    })();
+    match confirmed {
+        Ok(()) => Ok(found),
+        Err(error) => Err(NoMatch::Rejected {
+            description: found.description,
+            config: Box::new(found.config),
+            error,
+        }),
+    }
 }
 
 /// The summary as text.
@@ -291,19 +500,170 @@ pub fn format_summary(s: &Summary, all_keys: bool) -> String {
         s.bytes as f64 / 1e6,
         s.dtypes.join(", ")
     );
-    out += &match (&s.architecture, &s.config) {
-        (Some(a), Some(c)) => format!("matches: {a}\nconfig: {c}\n"),
-        _ => "matches: no known architecture (give --config to `residual infer`)\n".to_string(),
-    };
+    match (&s.architecture, &s.config) {
+        (Some(a), Some(c)) => {
+            let c = serde_json::to_value(c).unwrap_or_default();
+            out += &format!("matches: {a}\nconfig: {c}\n");
+        }
+        _ => {
+            out += "matches: no known architecture (give --config to `residual infer`)\n";
+            if let Some(why) = &s.no_match {
+                out += &format!("why: {why}\n");
+            }
+        }
+    }
     out
 }
 
 /// Reads a checkpoint and summarises it.
-pub fn inspect(
-    path: &std::path::Path,
-    options: &crate::checkpoint::ReadOptions,
-) -> Result<Summary> {
+pub fn inspect(path: &std::path::Path, options: &ReadOptions) -> Result<Summary> {
     let state = StateDict::read(path, options)
         .with_context(|| format!("cannot inspect {}", path.display()))?;
     Ok(summarize(&state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state_dict of the model `config` builds, freshly initialised.
+    fn state_of(config: &str) -> StateDict {
+        let vs = VarStore::new(Device::Cpu);
+        ModelConfig::from_json(config)
+            .unwrap()
+            .build(vs.root())
+            .unwrap();
+        StateDict::from_var_store(&vs)
+    }
+
+    fn identified(config: &str) -> Identified {
+        identify(&state_of(config)).unwrap_or_else(|why| panic!("{config}: {why}"))
+    }
+
+    #[test]
+    fn identifies_what_it_builds() {
+        for (config, description) in [
+            (
+                r#"{"arch": "resnet18", "num_classes": 10}"#,
+                "torchvision resnet18, 10 classes",
+            ),
+            (
+                r#"{"arch": "resnext50_32x4d", "num_classes": 10}"#,
+                "torchvision resnext50_32x4d, 10 classes",
+            ),
+            (
+                r#"{"arch": "resnet", "block": "bottleneck", "layers": [1, 2, 1, 1], "groups": 2,
+                    "width_per_group": 32, "num_classes": 7}"#,
+                "ResNet (bottleneck, layers [1, 2, 1, 1], groups 2, width/group 32), 7 classes",
+            ),
+            (
+                r#"{"arch": "resnet18", "norm": "frozen_batch_norm", "include_fc": false,
+                    "in_channels": 1}"#,
+                "torchvision resnet18, no classifier, FrozenBatchNorm",
+            ),
+            (
+                r#"{"arch": "resnet18", "num_classes": 10, "shortcut": "C"}"#,
+                "torchvision resnet18, 10 classes (shortcut C)",
+            ),
+            (
+                r#"{"arch": "cifar_resnet", "depth": 20, "shortcut": "B", "in_channels": 1}"#,
+                "CIFAR ResNet-20",
+            ),
+            (
+                r#"{"arch": "conv_sds_head", "n_layers": 2, "input_size": 17, "hidden_size": 33,
+                    "num_labels": 3}"#,
+                "ConvSDSHead, 2 layers over 17 tokens of width 33",
+            ),
+            (
+                r#"{"arch": "sid_classifier", "num_categories_list": [3, 7, 5],
+                    "num_numerical_features": 4, "num_text_features": 2, "text_input_size": 24,
+                    "embedding_size": 16, "hidden_size": 48, "intermediate_size": 80,
+                    "num_hidden_layers": 3, "num_transform_blocks": 2, "num_labels": 5}"#,
+                "SiD classifier, 3 layers, hidden 48",
+            ),
+        ] {
+            let found = identified(config);
+            assert_eq!(found.config, ModelConfig::from_json(config).unwrap());
+            assert_eq!(found.description, description);
+        }
+    }
+
+    #[test]
+    fn plain_nets_read_as_shortcut_a() {
+        let found = identified(r#"{"arch": "resnet18", "num_classes": 10, "plain": true}"#);
+        let a = r#"{"arch": "resnet18", "num_classes": 10, "shortcut": "A"}"#;
+        assert_eq!(found.config, ModelConfig::from_json(a).unwrap());
+        assert_eq!(
+            found.description,
+            "torchvision resnet18, 10 classes (shortcut A, or plain: same weights)"
+        );
+    }
+
+    #[test]
+    fn says_why_nothing_matches() {
+        let why = |state: &StateDict| identify(state).unwrap_err();
+        assert!(matches!(
+            why(&StateDict { entries: vec![] }),
+            NoMatch::UnknownLayout
+        ));
+        let group_norm = r#"{"arch": "resnet18", "norm": {"group_norm": {"num_groups": 32}}}"#;
+        assert!(matches!(why(&state_of(group_norm)), NoMatch::GroupNorm));
+        let layer = state_of(r#"{"arch": "conv_sds_layer", "input_size": 64, "hidden_dim": 96}"#);
+        assert_eq!(
+            why(&layer).to_string(),
+            "ResNet keys, but `conv1.weight` has shape [128, 64, 3], expected rank 4"
+        );
+
+        let mut resnet = state_of(r#"{"arch": "resnet18", "num_classes": 10}"#);
+        resnet.entries.retain(|(k, _)| k != "layer4.1.bn2.weight");
+        let message = why(&resnet).to_string();
+        assert!(
+            message.starts_with("read as torchvision resnet18, 10 classes ({\"arch\":\"resnet18\"")
+                && message.contains("missing keys (1): layer4.1.bn2.weight"),
+            "{message}"
+        );
+        for (key, t) in &mut resnet.entries {
+            if key == "fc.weight" {
+                *t = t.flatten(0, -1);
+            }
+        }
+        assert_eq!(
+            why(&resnet).to_string(),
+            "ResNet keys, but `fc.weight` has shape [5120], expected rank 2"
+        );
+        let mut resnet = state_of(r#"{"arch": "resnet18", "num_classes": 10}"#);
+        resnet.entries.retain(|(k, _)| k != "layer1.0.conv2.weight");
+        assert_eq!(
+            why(&resnet).to_string(),
+            "ResNet keys, but no `layer1.0.conv2.weight`"
+        );
+    }
+
+    #[test]
+    fn summary_shows_the_config_or_why_not() {
+        let summary = summarize(&state_of(r#"{"arch": "cifar_resnet", "depth": 8}"#));
+        let json = serde_json::to_value(&summary).unwrap();
+        // Keys sorted, as inspect has always printed them; no `no_match` when matched.
+        assert_eq!(
+            json["config"].to_string(),
+            r#"{"arch":"cifar_resnet","depth":8,"in_channels":3,"num_classes":10,"plain":false,"shortcut":"A"}"#
+        );
+        assert!(json.get("no_match").is_none());
+        let text = format_summary(&summary, false);
+        assert!(text.contains("matches: CIFAR ResNet-8 (shortcut A, or plain: same weights)\nconfig: {\"arch\":\"cifar_resnet\",\"depth\":8,"), "{text}");
+
+        let none = summarize(&StateDict { entries: vec![] });
+        let json = serde_json::to_value(&none).unwrap();
+        assert!(json["config"].is_null() && json["architecture"].is_null());
+        assert!(json["no_match"]
+            .as_str()
+            .unwrap()
+            .starts_with("none of the keys"));
+        assert!(format_summary(&none, false).ends_with(
+            "matches: no known architecture (give --config to `residual infer`)\nwhy: none of \
+             the keys that mark a known family (convs.0.conv1.weight: ConvSDSHead; \
+             model.embeddings.categorical_embedding_offsets: SiD classifier; conv1.weight: \
+             ResNet)\n"
+        ));
+    }
 }

@@ -177,3 +177,61 @@ fn parity_table_and_failures() {
         "{stderr}"
     );
 }
+
+/// Library enums are read by their serde names; a wrong one is clap's usage error (exit 2) that
+/// lists them.
+#[test]
+fn enum_options_take_their_serde_names() {
+    for (args, choices) in [
+        (
+            &[
+                "train",
+                "--config",
+                "c.json",
+                "--out",
+                "o",
+                "--schedule",
+                "nope",
+            ][..],
+            "[possible values: step, cosine]",
+        ),
+        (
+            &["eval", "--run", "r", "--format", "Cifar10"][..],
+            "[possible values: idx, cifar10, cifar100]",
+        ),
+        (
+            &["bench-train", "--amp", "fp32"][..],
+            "[possible values: fp16, bf16]",
+        ),
+    ] {
+        let out = residual(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("invalid value") && stderr.contains(choices),
+            "{args:?}: {stderr}"
+        );
+    }
+    // A valid name gets past parsing: this run fails on its missing folder instead.
+    let out = residual(&[
+        "eval",
+        "--run",
+        "/nonexistent-run",
+        "--format",
+        "cifar100",
+        "--device",
+        "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent-run has no checkpoint"),
+        "{stderr}"
+    );
+    let help = residual(&["train", "--help"]);
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("[default: step] [possible values: step, cosine]"),
+        "{help}"
+    );
+}

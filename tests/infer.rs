@@ -291,6 +291,15 @@ fn inspect_and_convert() {
     );
     assert_eq!(summary["parameters"], 25_557_032);
     assert_eq!(summary["tensors"], 320);
+    assert_eq!(
+        summary["config"],
+        serde_json::json!({
+            "arch": "resnet50", "num_classes": 1000, "in_channels": 3, "include_fc": true,
+            "norm": "batch_norm", "shortcut": "B", "plain": false, "zero_init_residual": false,
+            "replace_stride_with_dilation": [false, false, false],
+        })
+    );
+    assert!(summary.get("no_match").is_none(), "{stdout}");
     let (ok, stdout, _) = residual(&[
         "inspect",
         s(&fx.join("resnet50_lightning.ckpt")),
@@ -299,6 +308,23 @@ fn inspect_and_convert() {
     ]);
     assert!(
         ok && stdout.contains("matches: torchvision resnet50"),
+        "{stdout}"
+    );
+
+    // Not a model: said so, and why.
+    let (ok, stdout, _) = residual(&["inspect", s(&fx.join("layouts.pth"))]);
+    assert!(
+        ok && stdout.contains("matches: no known architecture")
+            && stdout.contains("why: none of the keys that mark a known family"),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = residual(&["inspect", s(&fx.join("layouts.pth")), "--json"]);
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(ok && summary["config"].is_null(), "{stdout}");
+    assert!(
+        summary["no_match"]
+            .as_str()
+            .is_some_and(|why| why.starts_with("none of the keys")),
         "{stdout}"
     );
 

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::options::TrainOptions;
 
 /// Learning-rate schedules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     /// Multiply by `gamma` (0.1) at each milestone epoch (default: 50% and 75% of the run, as

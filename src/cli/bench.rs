@@ -1,0 +1,117 @@
+//! `residual bench-train` and `bench-infer`: the Rust half of python_ref/bench_train.py and
+//! bench_gpu.py.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use residual::backend::{AutocastDtype, Switches};
+use residual::device::{device_name, parse_device};
+use residual::train::BenchSettings;
+
+use super::serde_enum;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// `cifar_resnetN` (1x28x28 inputs) or a torchvision constructor (`resnet50`).
+    #[arg(long, default_value = "cifar_resnet20")]
+    arch: String,
+    #[arg(long, default_value_t = 128)]
+    batch_size: i64,
+    /// Input image side (28 for the CIFAR-style nets on Fashion-MNIST, 224 for ImageNet nets).
+    #[arg(long, default_value_t = 28)]
+    image_size: i64,
+    #[arg(long, default_value_t = 30)]
+    steps: u64,
+    #[arg(long, default_value_t = 5)]
+    warmup: u64,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, value_parser = serde_enum::<AutocastDtype>())]
+    amp: Option<AutocastDtype>,
+    #[arg(long)]
+    channels_last: bool,
+    /// Allow TF32 in cuDNN and cuBLAS (off by default, as in python_ref/bench_gpu.py).
+    #[arg(long)]
+    tf32: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+/// What a benchmark times.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Timed {
+    /// Forward, loss, backward and SGD step, in images per second.
+    Training,
+    /// Eval-mode forward, in ms per batch.
+    Inference,
+}
+
+impl Args {
+    pub fn run(&self, timed: Timed) -> Result<ExitCode> {
+        let device = parse_device(&self.device)?;
+        // The switches python_ref/bench_gpu.py and bench_train.py set on the PyTorch side: TF32 as
+        // asked (off by default), cuDNN benchmark on, cuDNN free to choose nondeterministic
+        // algorithms. Set on every device (harmless on the CPU) and reported with the result, so
+        // the scripts can check that both sides ran with the same ones.
+        Switches {
+            tf32_cudnn: self.tf32,
+            tf32_cublas: self.tf32,
+            deterministic_algorithms: false,
+            deterministic_cudnn: false,
+            benchmark_cudnn: true,
+            ..Switches::current()?
+        }
+        .apply()?;
+        let config = residual::train::bench_config(&self.arch)?;
+        let channels = if self.arch.starts_with("cifar_resnet") {
+            1
+        } else {
+            3
+        };
+        let settings = BenchSettings {
+            shape: [self.batch_size, channels, self.image_size, self.image_size],
+            steps: self.steps,
+            warmup: self.warmup,
+            device,
+            amp: self.amp,
+            channels_last: self.channels_last,
+        };
+        let (key, value) = match timed {
+            Timed::Training => (
+                "images_per_second",
+                residual::train::benchmark(&config, &settings)?,
+            ),
+            Timed::Inference => (
+                "ms_per_batch",
+                residual::train::bench_inference(&config, &settings)?,
+            ),
+        };
+        if self.json {
+            let now = Switches::current()?;
+            let switches = serde_json::json!({
+                "tf32_cudnn": now.tf32_cudnn,
+                "tf32_cublas": now.tf32_cublas,
+                "cudnn_benchmark": now.benchmark_cudnn,
+                "cudnn_deterministic": now.deterministic_cudnn,
+                "deterministic_algorithms": now.deterministic_algorithms,
+                // What runs under autocast with --amp (null without).
+                "autocast": self.amp.map(|_| match timed {
+                    Timed::Training => "forward and loss",
+                    Timed::Inference => "forward",
+                }),
+            });
+            println!(
+                "{}",
+                serde_json::json!({
+                    key: value,
+                    "threads": tch::get_num_threads(),
+                    "device": device_name(device),
+                    "switches": switches,
+                })
+            );
+        } else {
+            println!("{} batch {}: {value:.3} {key}", self.arch, self.batch_size);
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}

@@ -1,0 +1,47 @@
+//! The subcommands, one file each: an `Args` struct (clap) and its `run`. Shared here: where the
+//! weights are inside a checkpoint, library enums parsed by their serde names, Ctrl-C.
+
+pub mod bench;
+pub mod convert;
+pub mod doctor;
+pub mod eval;
+pub mod experiment;
+pub mod infer;
+pub mod inspect;
+pub mod parity;
+pub mod train;
+
+mod serde_enum;
+
+use residual::checkpoint::ReadOptions;
+pub use serde_enum::serde_enum;
+
+/// Where the weights are inside a checkpoint.
+#[derive(clap::Args)]
+pub struct WeightOptions {
+    /// The entry holding the state_dict in a nested checkpoint (`a/b` for deeper ones); by default
+    /// the file itself, then state_dict, model_state_dict, model, module, ema, ...
+    #[arg(long)]
+    key: Option<String>,
+    /// A key prefix to strip, e.g. `model.` for Lightning checkpoints (`module.` and `_orig_mod.`
+    /// are always stripped when every key has them). Repeatable.
+    #[arg(long = "strip-prefix")]
+    strip_prefix: Vec<String>,
+}
+
+impl WeightOptions {
+    pub fn read_options(&self) -> ReadOptions {
+        ReadOptions {
+            key: self.key.clone(),
+            strip_prefixes: self.strip_prefix.clone(),
+        }
+    }
+}
+
+/// First Ctrl-C: checkpoint at the next batch and stop.
+pub fn install_ctrl_c() {
+    // The handler is a convenience: failing to install it cannot fail the run.
+    let _ = ctrlc::set_handler(|| {
+        residual::train::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst)
+    });
+}

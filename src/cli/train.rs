@@ -1,0 +1,169 @@
+//! `residual train`, and the data and optimisation settings it shares with `experiment`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use residual::backend::AutocastDtype;
+use residual::data::{Augment, DataFormat};
+use residual::device::parse_device;
+use residual::train::{Outcome, RunData, Schedule, TrainOptions, Trainer};
+use residual::ModelConfig;
+
+use super::serde_enum;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model config (JSON with "arch"); not needed with --resume.
+    #[arg(long, required_unless_present = "resume")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: Settings,
+    /// Run folder: model.json, run.json, metrics.jsonl, checkpoints/.
+    #[arg(long, required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint (--epochs may extend it).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+}
+
+impl Args {
+    pub fn run(&self) -> Result<ExitCode> {
+        super::install_ctrl_c();
+        let device = parse_device(&self.settings.device)?;
+        let mut trainer = match (&self.resume, &self.config, &self.out) {
+            (Some(dir), _, _) => Trainer::resume(dir, device, self.settings.epochs)?,
+            (None, Some(config), Some(out)) => Trainer::create(
+                out,
+                ModelConfig::from_file(config)?,
+                self.settings.options(),
+                device,
+            )?,
+            _ => bail!("give --config and --out for a new run, or --resume RUN_DIR"),
+        };
+        trainer.quiet = self.settings.quiet;
+        let data = self.settings.data(&trainer.options, device)?;
+        if trainer.run(&data)? == Outcome::Interrupted {
+            return Ok(ExitCode::from(130));
+        }
+        println!(
+            "finished {} epochs; metrics in {}, weights in {}",
+            trainer.options.epochs,
+            trainer.run.metrics().display(),
+            residual::train::latest_weights(&trainer.run.path)?.display()
+        );
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// The data and optimisation settings shared by `train` and `experiment`.
+#[derive(clap::Args, Clone)]
+pub struct Settings {
+    /// Data folder (IDX: MNIST / Fashion-MNIST files; or CIFAR-10/100 binaries).
+    #[arg(long, default_value = residual::data::FASHION_MNIST_DIR)]
+    data: PathBuf,
+    /// Data format (default: detected from the files): idx (`train-images-idx3-ubyte[.gz]`,
+    /// `t10k-*`), cifar10 (`data_batch_{1..5}.bin`, `test_batch.bin`) or cifar100 (`train.bin`,
+    /// `test.bin`; fine labels).
+    #[arg(long, value_parser = serde_enum::<DataFormat>())]
+    format: Option<DataFormat>,
+    /// Epochs (default 10; with --resume, extends the run to this many).
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    #[arg(long, default_value_t = 128)]
+    batch_size: i64,
+    #[arg(long, default_value_t = 0.1)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    weight_decay: f64,
+    /// No weight decay on norm weights and biases.
+    #[arg(long)]
+    no_decay_norm_bias: bool,
+    /// Learning-rate schedule: step (divided by 10 at each milestone) or cosine (decays to zero
+    /// over the run).
+    #[arg(long, value_parser = serde_enum::<Schedule>(), default_value = "step")]
+    schedule: Schedule,
+    /// Epochs where the step schedule divides the rate by 10 (default: 50% and 75% of the run).
+    #[arg(long, value_delimiter = ',')]
+    milestones: Vec<u64>,
+    /// Linear warmup from 0, in epochs (default 0; 1 for experiments).
+    #[arg(long)]
+    pub warmup: Option<f64>,
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// CUDA mixed precision.
+    #[arg(long, value_parser = serde_enum::<AutocastDtype>())]
+    amp: Option<AutocastDtype>,
+    /// Let CUDA convolutions and matmuls use TF32 (faster on Ampere and later; without it fp32
+    /// is IEEE fp32, while PyTorch's default lets convolutions use TF32).
+    #[arg(long)]
+    tf32: bool,
+    #[arg(long)]
+    channels_last: bool,
+    #[arg(long)]
+    cudnn_benchmark: bool,
+    /// Deterministic algorithms (libtorch and cuDNN), for reproducible GPU runs.
+    #[arg(long)]
+    deterministic: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    subset: Option<i64>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    test_subset: Option<i64>,
+    /// Hold out the last N training images for validation.
+    #[arg(long)]
+    validation: Option<i64>,
+    /// No padding/cropping/flipping.
+    #[arg(long)]
+    no_augment: bool,
+    /// Crop augmentation without horizontal flips (digits).
+    #[arg(long)]
+    no_flip: bool,
+    /// Log lines only, no progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl Settings {
+    pub fn options(&self) -> TrainOptions {
+        TrainOptions {
+            epochs: self.epochs.unwrap_or(10),
+            batch_size: self.batch_size,
+            lr: self.lr,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            decay_norm_and_bias: !self.no_decay_norm_bias,
+            schedule: self.schedule,
+            milestones: self.milestones.clone(),
+            warmup: self.warmup.unwrap_or(0.0),
+            label_smoothing: self.label_smoothing,
+            seed: self.seed,
+            subset: self.subset,
+            test_subset: self.test_subset,
+            validation: self.validation,
+            augment: (!self.no_augment).then_some(Augment {
+                pad: 4,
+                flip: !self.no_flip,
+            }),
+            amp: self.amp,
+            tf32: self.tf32,
+            channels_last: self.channels_last,
+            cudnn_benchmark: self.cudnn_benchmark,
+            deterministic: self.deterministic,
+            eval_test: true,
+        }
+    }
+
+    pub fn data(&self, options: &TrainOptions, device: tch::Device) -> Result<RunData> {
+        let (train, test) = residual::data::load(&self.data, self.format)?;
+        RunData::prepare(train, test, options, device)
+    }
+}
