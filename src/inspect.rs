@@ -32,6 +32,10 @@ pub struct Entry {
 /// What `inspect` reports.
 #[derive(Debug, Serialize)]
 pub struct Summary {
+    /// Where the weights were found in the file and what else it holds, in words
+    /// ("torch.save file, weights under `model`; also holds optimizer (dict), args (argparse.Namespace)").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layout: Option<String>,
     pub tensors: usize,
     /// Elements of the trainable-looking tensors (everything but BatchNorm statistics and
     /// counters, and SiD's index offsets).
@@ -203,6 +207,7 @@ pub fn summarize(state: &StateDict) -> Summary {
         Err(why) => (None, None, Some(why)),
     };
     Summary {
+        layout: None,
         tensors: state.len(),
         parameters,
         buffers,
@@ -473,6 +478,9 @@ pub fn identify(state: &StateDict) -> Result<Identified, NoMatch> {
 /// The summary as text.
 pub fn format_summary(s: &Summary, all_keys: bool) -> String {
     let mut out = String::new();
+    if let Some(layout) = &s.layout {
+        out += &format!("file: {layout}\n");
+    }
     let shown = if all_keys {
         s.entries.len()
     } else {
@@ -517,9 +525,12 @@ pub fn format_summary(s: &Summary, all_keys: bool) -> String {
 
 /// Reads a checkpoint and summarises it.
 pub fn inspect(path: &std::path::Path, options: &ReadOptions) -> Result<Summary> {
-    let state = StateDict::read(path, options)
+    let (state, layout) = StateDict::read_described(path, options)
         .with_context(|| format!("cannot inspect {}", path.display()))?;
-    Ok(summarize(&state))
+    Ok(Summary {
+        layout: Some(layout.to_string()),
+        ..summarize(&state)
+    })
 }
 
 #[cfg(test)]

@@ -300,6 +300,46 @@ fn inspect_and_convert() {
         })
     );
     assert!(summary.get("no_match").is_none(), "{stdout}");
+    assert_eq!(
+        summary["layout"],
+        "torch.save file, weights under `state_dict`; also holds epoch (int), arch (str), \
+         optimizer (dict), best_acc1 (tensor); stripped `module.`"
+    );
+
+    // Where the weights are, named for each layout a training script or torch.save(model) writes.
+    for (file, layout, matches) in [
+        (
+            "tv_train.pth",
+            "torch.save file, weights under `model`; also holds optimizer (dict), lr_scheduler (dict), \
+             epoch (int), args (argparse.Namespace)",
+            "matches: CIFAR ResNet-8",
+        ),
+        (
+            "lightning.ckpt",
+            "weights under `state_dict`",
+            "matches: CIFAR ResNet-8",
+        ),
+        (
+            "resnet18_module.pth",
+            "torch.save file (a pickled nn.Module of class torchvision.models.resnet.ResNet)",
+            "matches: torchvision resnet18, 1000 classes",
+        ),
+        (
+            "resnet18_scripted.pt",
+            "TorchScript archive (module class __torch__.torchvision.models.resnet.ResNet)",
+            "matches: torchvision resnet18, 1000 classes",
+        ),
+    ] {
+        let (ok, stdout, stderr) = residual(&["inspect", s(&fx.join(file))]);
+        assert!(ok, "{file}: {stderr}");
+        assert!(
+            stdout.starts_with("file: ") && stdout.contains(layout) && stdout.contains(matches),
+            "{file}: {stdout}"
+        );
+    }
+    let (_, stdout, _) = residual(&["inspect", s(&fx.join("lightning.ckpt"))]);
+    assert!(stdout.contains("; stripped `model.`"), "{stdout}");
+
     let (ok, stdout, _) = residual(&[
         "inspect",
         s(&fx.join("resnet50_lightning.ckpt")),
