@@ -23,8 +23,8 @@ pub struct WeightOptions {
     /// the file itself, then state_dict, model_state_dict, model, module, ema, ...
     #[arg(long)]
     key: Option<String>,
-    /// A key prefix to strip, e.g. `model.` for Lightning checkpoints (`module.` and `_orig_mod.`
-    /// are always stripped when every key has them). Repeatable.
+    /// A key prefix to strip, e.g. `net.` (`module.`, `_orig_mod.` and a Lightning checkpoint's
+    /// `model.` are stripped without asking when every key has them). Repeatable.
     #[arg(long = "strip-prefix")]
     strip_prefix: Vec<String>,
 }
