@@ -65,6 +65,15 @@ int residual_autocast_cuda_dtype() {
   }
 }
 
+// 1 when CUDA autocast is on in this thread, 0 when off, -1 on failure.
+int residual_autocast_cuda_enabled() {
+  try {
+    return at::autocast::is_autocast_enabled(at::kCUDA) ? 1 : 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
 // The libtorch version these headers belong to, e.g. "2.11.0".
 const char* residual_torch_header_version() { return TORCH_VERSION; }
 

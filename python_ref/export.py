@@ -1,6 +1,9 @@
 """Writes the parity references that the Rust tests and `residual parity` compare against.
 
-Usage: python python_ref/export.py [--out target/python_ref] [--only NAME ...]
+Usage: python python_ref/export.py [--out target/python_ref] [--only PATTERN ... [--merge]]
+
+`--only` exports the cases whose names match a pattern (`shape_*`); with `--merge` their entries
+replace or join those of the existing OUT/manifest.json, whose other cases and fixtures stay.
 
 For every case, into OUT/<case>/:
   module.pt               the module as TorchScript (torch.jit.script; trace only where scripting fails)
@@ -30,6 +33,7 @@ import shutil
 import tempfile
 import time
 import zlib
+from fnmatch import fnmatch
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -40,6 +44,7 @@ from safetensors.torch import save_file
 
 import reference as R
 import resnet_cases
+import shape_cases
 from checkpoints import export_checkpoints
 
 # Relative fp32 tolerances, max|Δ| / max|reference| per tensor, by the device the Rust side runs on
@@ -218,7 +223,7 @@ def cases() -> List[Case]:
         sid_case("sid_classifier_small_eval", sid_config(), batch=3),
         sid_case("sid_classifier_small_train_nodrop", sid_config(**no_dropout), batch=3, mode="train"),
         sid_case("sid_classifier_default", default_sid, batch=4),
-    ] + resnet_cases.cases(Case)
+    ] + resnet_cases.cases(Case) + shape_cases.cases(Case)
 
 
 def sgd_param_groups(model: torch.nn.Module, decay_norm_and_bias: bool) -> List[Dict]:
@@ -366,15 +371,19 @@ def export_case(case: Case, out_dir: str) -> Dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="target/python_ref")
-    parser.add_argument("--only", nargs="*", help="export only these cases")
+    parser.add_argument("--only", nargs="*", help="export only the cases matching these patterns")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --only: keep the other cases and fixtures of OUT/manifest.json")
     args = parser.parse_args()
+    if args.merge and not args.only:
+        parser.error("--merge needs --only")
 
     torch.use_deterministic_algorithms(True)
     os.makedirs(args.out, exist_ok=True)
     started = time.monotonic()
     entries = []
     for case in cases():
-        if args.only and case.name not in args.only:
+        if args.only and not any(fnmatch(case.name, p) for p in args.only):
             continue
         print(f"exporting {case.name}", flush=True)
         entries.append(export_case(case, args.out))
@@ -387,6 +396,13 @@ def main():
     if not args.only:
         print("exporting checkpoint fixtures", flush=True)
         manifest["fixtures"] = export_checkpoints(args.out)
+    elif args.merge:
+        with open(os.path.join(args.out, "manifest.json")) as f:
+            previous = json.load(f)
+        exported = {e["name"] for e in entries}
+        manifest["cases"] = [e for e in previous["cases"] if e["name"] not in exported] + entries
+        if "fixtures" in previous:
+            manifest["fixtures"] = previous["fixtures"]
     fd, tmp = tempfile.mkstemp(dir=args.out, prefix=".manifest-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(manifest, f, indent=1)

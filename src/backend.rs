@@ -11,6 +11,7 @@ extern "C" {
     fn residual_torch_header_version() -> *const std::os::raw::c_char;
     fn residual_set_autocast_cuda_dtype(dtype: i32) -> i32;
     fn residual_autocast_cuda_dtype() -> i32;
+    fn residual_autocast_cuda_enabled() -> i32;
     fn residual_cuda_device_name(index: i32, buf: *mut std::os::raw::c_char, len: i32) -> i32;
 }
 
@@ -159,6 +160,12 @@ pub fn set_autocast_dtype(dtype: AutocastDtype) -> Result<()> {
         bail!("libtorch refused to set the autocast dtype to {dtype:?}");
     }
     Ok(())
+}
+
+/// Whether CUDA autocast is on here (`tch::autocast(true, ..)`); false when libtorch cannot say.
+pub fn autocast_enabled() -> bool {
+    // SAFETY: plain C function; it catches every C++ exception.
+    unsafe { residual_autocast_cuda_enabled() == 1 }
 }
 
 /// The dtype CUDA autocast currently uses.

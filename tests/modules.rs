@@ -164,12 +164,51 @@ fn wrong_sequence_length_is_a_clear_error() {
     );
     let msg = error_of(model.forward_named(&inputs, false));
     assert!(
-        msg.contains("floating-point") && msg.contains("Int64"),
+        msg.contains("expected Float, the model's dtype, got Int64"),
         "{msg}"
     );
+    inputs.insert(
+        "input".into(),
+        Tensor::zeros([2, 8, 6], (Kind::Double, Device::Cpu)),
+    );
+    let msg = error_of(model.forward_named(&inputs, false));
+    assert!(msg.contains("got Double"), "{msg}");
+    inputs.insert(
+        "input".into(),
+        Tensor::zeros([1, 2, 8, 6], (Kind::Float, Device::Cpu)),
+    );
+    let msg = error_of(model.forward_named(&inputs, false));
+    assert!(msg.contains("expected shape [B, 8, 6] or [8, 6]"), "{msg}");
 
     let msg = error_of(model.forward_named(&Inputs::new(), false));
     assert!(msg.contains("missing input `input`"), "{msg}");
+}
+
+/// `nn.Conv1d` takes an unbatched `[L, H]`, and so do ConvSDSLayer and ConvSDSHead: the result is
+/// the batched one without its batch dimension.
+#[test]
+fn conv_sds_takes_unbatched_sequences_like_conv1d() {
+    for json in [
+        r#"{"arch": "conv_sds_head", "n_layers": 2, "input_size": 8, "hidden_size": 6, "num_labels": 3}"#,
+        r#"{"arch": "conv_sds_layer", "input_size": 8, "hidden_dim": 6}"#,
+    ] {
+        let vs = VarStore::new(Device::Cpu);
+        let model = ModelConfig::from_json(json)
+            .unwrap()
+            .build(vs.root())
+            .unwrap();
+        let x = Tensor::randn([8, 6], (Kind::Float, Device::Cpu));
+        let run = |x: Tensor| {
+            let mut inputs = Inputs::new();
+            inputs.insert("input".into(), x);
+            model.forward_named(&inputs, false).unwrap()
+        };
+        let unbatched = run(x.shallow_clone());
+        let batched = run(x.unsqueeze(0));
+        assert_eq!(unbatched.dim(), 2, "{json}");
+        assert_eq!(unbatched, batched.squeeze_dim(0), "{json}");
+        assert_eq!(run(x.unsqueeze(0).repeat([0, 1, 1])).size()[0], 0, "{json}");
+    }
 }
 
 #[test]
@@ -264,6 +303,60 @@ fn sid_rejects_bad_inputs_by_name() {
     );
     let msg = error_of(model.forward_named(&inputs, false));
     assert!(msg.contains("`text`: expected shape [2, 2, 24]"), "{msg}");
+
+    // PyTorch's dtypes: `numerical` is only multiplied by a weight, so anything that promotes to
+    // float32 works; `text` meets an einsum and must be float32; indices any integer or bool.
+    let categorical = Tensor::from_slice(&[0i64, 6, 4, 2, 0, 1]).view([2, 3]);
+    let numerical = Tensor::from_slice(&[0i64, 3, -2, 1, 5, 0, 1, 2]).view([2, 4]);
+    let text = Tensor::randn([2, 2, 24], (Kind::Float, Device::Cpu));
+    let forward = |categorical: &Tensor, numerical: &Tensor, text: &Tensor| {
+        let mut inputs = Inputs::new();
+        inputs.insert("categorical".into(), categorical.shallow_clone());
+        inputs.insert("numerical".into(), numerical.shallow_clone());
+        inputs.insert("text".into(), text.shallow_clone());
+        model.forward_named(&inputs, false)
+    };
+    let expected = forward(&categorical, &numerical.to_kind(Kind::Float), &text).unwrap();
+    for kind in [Kind::Int, Kind::Uint8, Kind::Int16] {
+        let got = forward(&categorical.to_kind(kind), &numerical, &text).unwrap();
+        assert_eq!(got, expected, "categorical {kind:?}");
+    }
+    let flags = categorical.remainder(2);
+    let got = forward(&flags.to_kind(Kind::Bool), &numerical, &text).unwrap();
+    assert_eq!(
+        got,
+        forward(&flags, &numerical, &text).unwrap(),
+        "categorical Bool"
+    );
+    for kind in [Kind::Bool, Kind::Half, Kind::BFloat16] {
+        let numerical = numerical.to_kind(kind);
+        let got = forward(&categorical, &numerical, &text).unwrap();
+        let want = forward(&categorical, &numerical.to_kind(Kind::Float), &text).unwrap();
+        assert_eq!(got, want, "numerical {kind:?}");
+    }
+    let msg = error_of(forward(
+        &categorical,
+        &numerical.to_kind(Kind::Double),
+        &text,
+    ));
+    assert!(
+        msg.contains("`numerical`: expected a dtype that promotes to the model's Float"),
+        "{msg}"
+    );
+    let msg = error_of(forward(&categorical, &numerical, &text.to_kind(Kind::Half)));
+    assert!(msg.contains("`text`: expected Float"), "{msg}");
+    let msg = error_of(forward(
+        &categorical.to_kind(Kind::Float),
+        &numerical,
+        &text,
+    ));
+    assert!(
+        msg.contains("`categorical`: expected an integer or bool"),
+        "{msg}"
+    );
+    let empty = |t: &Tensor| t.narrow(0, 0, 0);
+    let none = forward(&empty(&categorical), &empty(&numerical), &empty(&text)).unwrap();
+    assert_eq!(none.size(), vec![0, 5]);
 }
 
 #[test]

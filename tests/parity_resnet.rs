@@ -1,5 +1,6 @@
 //! The ResNet family against torchvision 0.26 (ImageNet constructors) and python_ref/resnet_ref.py
-//! (plain, shortcut A/C, CIFAR), forward, gradients, and one training step with BatchNorm.
+//! (plain, shortcut A/C, CIFAR), forward, gradients, and one training step with BatchNorm; on
+//! images of any size PyTorch accepts (python_ref/shape_cases.py).
 
 mod common;
 
@@ -22,6 +23,52 @@ fn torchvision_resnets_match_on_cpu() {
         outcomes.iter().any(|o| o.forward_torchscript.is_some()),
         "no torchvision case compared against TorchScript"
     );
+    // A Fashion-MNIST-style net (resnet18(num_classes=10), 1-channel stem, 28x28 images): the very
+    // logits PyTorch computes, on the same kernels.
+    let case = "shape_tv_resnet18_1ch_28x28_b4_eval";
+    let fashion = outcomes.iter().find(|o| o.case == case);
+    let fashion = fashion.unwrap_or_else(|| panic!("{case} missing from the manifest"));
+    assert_eq!(fashion.forward().abs, 0.0, "{case}: logits differ");
+}
+
+/// The shape grid of python_ref/shape_cases.py: each ResNet family runs (and is compared above) on
+/// images of 1x1, 2x2, 7x7, 28x28 and odd non-square sizes, batch 1 and more, eval and train.
+#[test]
+fn shape_grid_covers_every_resnet_family() {
+    let manifest = common::manifest();
+    let dilated = |c: &CaseSpec| {
+        let d = &c.config["replace_stride_with_dilation"];
+        d.as_array().is_some_and(|d| d.contains(&true.into()))
+    };
+    let bottleneck = |c: &CaseSpec| c.config["block"] == "bottleneck";
+    type Member<'a> = &'a dyn Fn(&CaseSpec) -> bool;
+    let families: [(&str, Member); 4] = [
+        ("basic", &|c| c.config["arch"] == "resnet18"),
+        ("bottleneck", &|c| bottleneck(c) && !dilated(c)),
+        ("dilated", &|c| bottleneck(c) && dilated(c)),
+        ("cifar", &|c| c.module == "CifarResNet"),
+    ];
+    for (family, member) in families {
+        let cases: Vec<&CaseSpec> = manifest.cases.iter().filter(|c| member(c)).collect();
+        let has = |what: &str, f: &dyn Fn(&[i64], bool) -> bool| {
+            let found = cases.iter().any(|c| f(&c.inputs[0].shape, c.train()));
+            assert!(found, "{family}: no case with {what}");
+        };
+        has("batch 1", &|s, _| s[0] == 1);
+        has("batch > 1 in training mode", &|s, train| s[0] > 1 && train);
+        has("an odd, non-square image", &|s, _| {
+            s[2] != s[3] && s[2] % 2 == 1
+        });
+        has("a side under 8", &|s, _| s[2] < 8 || s[3] < 8);
+        match family {
+            "dilated" => has("2x2", &|s, _| s[2..] == [2, 2]),
+            _ => has("1x1", &|s, _| s[2..] == [1, 1]),
+        }
+        if family != "dilated" && family != "bottleneck" {
+            has("7x7", &|s, _| s[2..] == [7, 7]);
+            has("28x28", &|s, _| s[2..] == [28, 28]);
+        }
+    }
 }
 
 #[test]

@@ -188,38 +188,121 @@ fn batch_norm_counts_training_batches_only() {
     assert_ne!(vars["bn1.running_mean"], mean_before);
 }
 
+/// Every H, W >= 1 and every batch size PyTorch accepts runs (parity of the numbers:
+/// python_ref/shape_cases.py); strides round up, as in PyTorch.
 #[test]
-fn bad_images_name_the_expected_shape() {
-    let (_, model) = build(r#"{"arch": "resnet18"}"#);
-    let msg = format!(
-        "{:#}",
-        run(model.as_ref(), image(1, 1, 64), false).unwrap_err()
+fn any_image_size_pytorch_accepts_runs() {
+    let dilated = r#"{"arch": "resnet50", "replace_stride_with_dilation": [false, true, true]}"#;
+    let cifar = r#"{"arch": "cifar_resnet", "depth": 8, "num_classes": 7}"#;
+    for (json, classes) in [
+        (r#"{"arch": "resnet18"}"#, 1000),
+        (dilated, 1000),
+        (cifar, 7),
+    ] {
+        let (_, model) = build(json);
+        for [b, h, w] in [
+            [1, 1, 1],
+            [1, 2, 2],
+            [2, 5, 5],
+            [1, 1, 7],
+            [3, 28, 28],
+            [0, 8, 8],
+        ] {
+            let x = Tensor::randn([b, 3, h, w], (Kind::Float, Device::Cpu));
+            let y = run(model.as_ref(), x, false).unwrap();
+            assert_eq!(y.size(), vec![b, classes], "{json} at {b}x{h}x{w}");
+            assert!(
+                y.isfinite().all().int64_value(&[]) == 1,
+                "{json} at {b}x{h}x{w}"
+            );
+        }
+        // Training mode needs two values per channel at every BatchNorm: a batch of 2 suffices.
+        let y = run(model.as_ref(), image(2, 3, 1), true).unwrap();
+        assert_eq!(y.size(), vec![2, classes], "{json}");
+    }
+    let (_, model) = resnet(
+        "resnet18",
+        serde_json::json!({"num_classes": 10, "in_channels": 1}),
     );
+    let stages: Vec<Vec<i64>> = model
+        .forward_stages(&image(1, 1, 28), false)
+        .unwrap()
+        .iter()
+        .map(|t| t.size())
+        .collect();
+    assert_eq!(
+        stages,
+        vec![
+            vec![1, 64, 7, 7],
+            vec![1, 128, 4, 4],
+            vec![1, 256, 2, 2],
+            vec![1, 512, 1, 1]
+        ]
+    );
+}
+
+/// What PyTorch refuses is an error naming the problem, never a libtorch abort.
+#[test]
+fn inputs_pytorch_refuses_are_clear_errors() {
+    let (_, model) = build(r#"{"arch": "resnet18"}"#);
+    let error =
+        |x: Tensor, train: bool| format!("{:#}", run(model.as_ref(), x, train).unwrap_err());
+    let msg = error(image(1, 1, 64), false);
     assert!(
         msg.contains("expected shape [B, 3, H, W]") && msg.contains("[1, 1, 64, 64]"),
         "{msg}"
     );
-    let msg = format!(
-        "{:#}",
-        run(model.as_ref(), image(1, 3, 16), false).unwrap_err()
-    );
-    assert!(msg.contains("H, W >= 32"), "{msg}");
-    let msg = format!(
-        "{:#}",
-        run(
-            model.as_ref(),
-            Tensor::zeros([3, 64, 64], (Kind::Float, Device::Cpu)),
-            false
-        )
-        .unwrap_err()
+    let msg = error(
+        Tensor::zeros([3, 64, 64], (Kind::Float, Device::Cpu)),
+        false,
     );
     assert!(msg.contains("expected shape [B, 3, H, W]"), "{msg}");
+    let msg = error(
+        Tensor::zeros([2, 3, 0, 5], (Kind::Float, Device::Cpu)),
+        false,
+    );
+    assert!(
+        msg.contains("H, W >= 1") && msg.contains("[2, 3, 0, 5]"),
+        "{msg}"
+    );
+    for kind in [Kind::Double, Kind::Half, Kind::Int64] {
+        let msg = error(image(1, 3, 8).to_kind(kind), false);
+        assert!(
+            msg.contains("expected Float, the model's dtype") && msg.contains(&format!("{kind:?}")),
+            "{msg}"
+        );
+    }
+    // One value per channel in training mode: at the stem for 1x1, at layer2 for 5x5, at layer4
+    // for 32x32 (torchvision's messages: input size [1, 64, 1, 1], [1, 128, 1, 1], [1, 512, 1, 1]).
+    for (size, layer, shape) in [
+        (1, "bn1", "[1, 64, 1, 1]"),
+        (5, "layer2.0", "[1, 128, 1, 1]"),
+        (32, "layer4.0", "[1, 512, 1, 1]"),
+    ] {
+        let msg = error(image(1, 3, size), true);
+        assert!(
+            msg.starts_with(&format!(
+                "{layer}: BatchNorm2d in training mode needs more than 1 value per channel"
+            )) && msg.contains(shape),
+            "{msg}"
+        );
+    }
+    // GroupNorm refuses one value per group in any mode (64 groups of the stem's 64 channels).
+    let (_, grouped) = build(r#"{"arch": "resnet50", "norm": {"group_norm": {"num_groups": 64}}}"#);
+    let msg = format!(
+        "{:#}",
+        run(grouped.as_ref(), image(1, 3, 2), false).unwrap_err()
+    );
+    assert!(
+        msg.contains("GroupNorm needs more than 1 value per group"),
+        "{msg}"
+    );
+    assert_eq!(
+        run(grouped.as_ref(), image(2, 3, 2), false).unwrap().size(),
+        vec![2, 1000]
+    );
 
     let (_, cifar) = build(r#"{"arch": "cifar_resnet", "depth": 20, "in_channels": 1}"#);
-    assert_eq!(
-        run(cifar.as_ref(), image(2, 1, 28), false).unwrap().size(),
-        vec![2, 10]
-    );
     let msg = format!(
         "{:#}",
         run(cifar.as_ref(), image(2, 3, 28), false).unwrap_err()
@@ -227,9 +310,9 @@ fn bad_images_name_the_expected_shape() {
     assert!(msg.contains("expected shape [B, 1, H, W]"), "{msg}");
     let msg = format!(
         "{:#}",
-        run(cifar.as_ref(), image(2, 1, 2), false).unwrap_err()
+        run(cifar.as_ref(), image(1, 1, 1), true).unwrap_err()
     );
-    assert!(msg.contains("H, W >= 4"), "{msg}");
+    assert!(msg.contains("bn1: BatchNorm2d in training mode"), "{msg}");
 }
 
 #[test]

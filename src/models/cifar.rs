@@ -1,18 +1,18 @@
 //! The CIFAR networks of the ResNet paper (§4.2): `6n + 2` layers (n = 3, 5, 7, 9, 18 gives
 //! ResNet-20/32/44/56/110). A 3x3 conv to 16 channels, three stages of `n` basic blocks with
 //! 16, 32 and 64 filters (stride 2 at the start of stages 2 and 3), global average pooling and a
-//! linear classifier; `[B, in_channels, H, W] -> [B, num_classes]`. The paper uses shortcut option
-//! A (parameter-free); B and C are selectable, and `plain` removes the shortcuts (the paper's plain
-//! nets). Weights are initialised like torchvision's ResNet (Kaiming normal, fan-out).
+//! linear classifier; `[B, in_channels, H, W] -> [B, num_classes]` for any `H, W >= 1`. The paper
+//! uses shortcut option A (parameter-free); B and C are selectable, and `plain` removes the
+//! shortcuts (the paper's plain nets). Weights are initialised like torchvision's ResNet (Kaiming
+//! normal, fan-out).
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use tch::{nn, Device, Tensor};
+use tch::{nn, Tensor};
 
 use super::layers::{self, conv3x3, BiasInit, Norm2d, NormKind};
 use super::resnet::{
-    check_image, global_pool, run_stage, Block, BlockKind, BlockSettings, ShortcutKind,
-    StageBuilder,
+    global_pool, run_stages, stem, Block, BlockKind, BlockSettings, ShortcutKind, StageBuilder,
 };
 use super::{input, Inputs, Model};
 use crate::validate::at_least;
@@ -73,12 +73,7 @@ pub struct CifarResNet {
     pub layer2: Vec<Block>,
     pub layer3: Vec<Block>,
     pub fc: nn::Linear,
-    pub in_channels: i64,
-    device: Device,
 }
-
-/// Inputs smaller than the total stride (4) would leave the last stage without a pixel of its own.
-const MIN_SIZE: i64 = 4;
 
 impl CifarResNet {
     pub fn new(path: nn::Path, c: &CifarResNetConfig) -> Result<Self> {
@@ -103,21 +98,14 @@ impl CifarResNet {
             layer2,
             layer3,
             fc: layers::linear(&path / "fc", 64, c.num_classes, Some(BiasInit::Uniform)),
-            in_channels: c.in_channels,
-            device: path.device(),
         })
     }
 
     /// The outputs of `layer1` .. `layer3`.
     pub fn forward_stages(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        check_image(x, self.in_channels, MIN_SIZE, self.device)?;
-        let mut h = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
-        let mut stages = Vec::with_capacity(3);
-        for layer in [&self.layer1, &self.layer2, &self.layer3] {
-            h = run_stage(layer, h, train);
-            stages.push(h.shallow_clone());
-        }
-        Ok(stages)
+        let h = stem(&self.conv1, &self.bn1, x, train)?;
+        let layers = [&self.layer1, &self.layer2, &self.layer3];
+        run_stages(&layers.map(Vec::as_slice), h, train)
     }
 
     /// Pooled features `[B, 64]`.

@@ -10,14 +10,15 @@
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use tch::{nn, Device, Kind, Reduction, Tensor};
+use tch::{nn, Kind, Reduction, Tensor};
 
-use super::{input, layers, Expect, Inputs, Model};
+use super::{input, layers, Dtype, Expect, Inputs, Model};
 use crate::validate::at_least;
 
 /// `ConvSDSLayer(input_size, hidden_dim)`:
-/// `layer_norm(x + relu(conv2(conv1(x))))`, `[B, L, H] -> [B, L, H]` with `L = input_size`,
-/// `H = hidden_dim`; conv1 is `L -> 2L` channels, k=3, pad=1; conv2 is `2L -> L`, k=1.
+/// `layer_norm(x + relu(conv2(conv1(x))))`, `[B, L, H] -> [B, L, H]` (or unbatched `[L, H]`, as
+/// `nn.Conv1d` takes it) with `L = input_size`, `H = hidden_dim`; conv1 is `L -> 2L` channels,
+/// k=3, pad=1; conv2 is `2L -> L`, k=1.
 #[derive(Debug)]
 pub struct ConvSdsLayer {
     pub conv1: nn::Conv1D,
@@ -25,7 +26,6 @@ pub struct ConvSdsLayer {
     pub layer_norm: nn::LayerNorm,
     pub input_size: i64,
     pub hidden_dim: i64,
-    device: Device,
 }
 
 impl ConvSdsLayer {
@@ -36,12 +36,11 @@ impl ConvSdsLayer {
             layer_norm: layers::layer_norm(&path / "layer_norm", hidden_dim),
             input_size,
             hidden_dim,
-            device: path.device(),
         }
     }
 
-    fn expect(&self) -> Expect<'static> {
-        expect_sequence(self.input_size, self.hidden_dim, self.device)
+    fn expect(&self) -> Expect<'_> {
+        expect_sequence(self.input_size, self.hidden_dim, &self.conv1.ws)
     }
 }
 
@@ -64,14 +63,15 @@ impl Model for ConvSdsLayer {
     }
 }
 
-/// A float `[B, input_size, hidden]` input on `device`.
-fn expect_sequence(input_size: i64, hidden: i64, device: Device) -> Expect<'static> {
+/// `[B, input_size, hidden]` or `[input_size, hidden]` in the dtype and on the device of `weight`.
+fn expect_sequence(input_size: i64, hidden: i64, weight: &Tensor) -> Expect<'_> {
     Expect {
         name: "input",
         dims: vec![None, Some(input_size), Some(hidden)],
         labels: &["B", "L", "H"],
-        floating: true,
-        device,
+        unbatched: true,
+        dtype: Dtype::Model,
+        weight,
     }
 }
 
@@ -143,13 +143,12 @@ impl ConvSdsLayerConfig {
 }
 
 /// `ConvSDSHead(n_layers, input_size, hidden_size, num_labels)`:
-/// `classifier(convs(x))`, `[B, L, H] -> [B, L, num_labels]`.
+/// `classifier(convs(x))`, `[B, L, H] -> [B, L, num_labels]` (or `[L, H] -> [L, num_labels]`).
 #[derive(Debug)]
 pub struct ConvSdsHead {
     pub convs: Vec<ConvSdsLayer>,
     pub classifier: nn::Linear,
     pub config: ConvSdsHeadConfig,
-    device: Device,
 }
 
 impl ConvSdsHead {
@@ -167,18 +166,18 @@ impl ConvSdsHead {
                 Some(layers::BiasInit::Uniform),
             ),
             config: config.clone(),
-            device: path.device(),
         }
     }
 
-    /// Checked forward: `[B, L, H] -> [B, L, num_labels]`.
+    /// Checked forward: `[B, L, H] -> [B, L, num_labels]` (or unbatched).
     pub fn try_forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.features(x)?.apply(&self.classifier))
     }
 
-    /// The hidden states after the conv layers, `[B, L, H]`.
+    /// The hidden states after the conv layers, `[B, L, H]` (or unbatched).
     pub fn features(&self, x: &Tensor) -> Result<Tensor> {
-        expect_sequence(self.config.input_size, self.config.hidden_size, self.device).check(x)?;
+        let c = &self.config;
+        expect_sequence(c.input_size, c.hidden_size, &self.classifier.ws).check(x)?;
         Ok(self.run_convs(x))
     }
 

@@ -1,6 +1,7 @@
 //! Layer builders with PyTorch's initialisation (tch's defaults differ: its Linear/Conv weights use
 //! a ReLU-gain Kaiming bound of sqrt(6 / fan_in) where PyTorch uses 1 / sqrt(fan_in)).
 
+use anyhow::{bail, Result};
 use tch::nn::{self, Init};
 use tch::Tensor;
 
@@ -192,9 +193,11 @@ impl Norm2d {
     }
 }
 
-impl nn::ModuleT for Norm2d {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        match self {
+impl Norm2d {
+    /// `[B, C, H, W] -> [B, C, H, W]`. Refuses what `F.batch_norm` (training mode) and
+    /// `F.group_norm` refuse: one value per normalised group, whose variance is undefined.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(match self {
             Norm2d::Batch {
                 weight,
                 bias,
@@ -203,6 +206,7 @@ impl nn::ModuleT for Norm2d {
                 num_batches_tracked,
             } => {
                 if train {
+                    more_than_one_value("BatchNorm2d in training mode", "channel", xs, 1)?;
                     tch::no_grad(|| {
                         let mut n = num_batches_tracked.shallow_clone();
                         let _ = n.f_add_scalar_(1);
@@ -235,7 +239,24 @@ impl nn::ModuleT for Norm2d {
                 num_groups,
                 weight,
                 bias,
-            } => xs.group_norm(*num_groups, Some(weight), Some(bias), NORM_EPS, true),
-        }
+            } => {
+                let per_group = xs.size().get(1).map_or(1, |c| c / num_groups);
+                more_than_one_value("GroupNorm", "group", xs, per_group)?;
+                xs.group_norm(*num_groups, Some(weight), Some(bias), NORM_EPS, true)
+            }
+        })
     }
+}
+
+/// PyTorch's `_verify_batch_size`: fails when `B * channels_per_group * H * W` is 1.
+fn more_than_one_value(norm: &str, per: &str, xs: &Tensor, channels_per_group: i64) -> Result<()> {
+    let size = xs.size();
+    let values = size.iter().skip(2).product::<i64>() * size.first().unwrap_or(&1);
+    if values * channels_per_group == 1 {
+        bail!(
+            "{norm} needs more than 1 value per {per}, got input of size {size:?} (PyTorch \
+             refuses it too)"
+        );
+    }
+    Ok(())
 }

@@ -14,7 +14,7 @@ pub mod sid;
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Named input tensors (`input`; SiD: `categorical`, `numerical`, `text`).
 pub type Inputs = BTreeMap<String, Tensor>;
@@ -42,6 +42,19 @@ pub fn input<'a>(inputs: &'a Inputs, name: &str) -> Result<&'a Tensor> {
     })
 }
 
+/// Which dtypes an input may have, as the PyTorch twin's first ops decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    /// The model's own (it meets a weight in a conv, linear or einsum); under CUDA autocast also
+    /// float16 and bfloat16 for a float32 model, which autocast casts.
+    Model,
+    /// Any that PyTorch's type promotion turns into the model's (bool, integers, narrower floats):
+    /// an input only multiplied by a weight.
+    PromotesToModel,
+    /// Integer or bool indices.
+    Index,
+}
+
 /// What an input must look like: each dimension fixed (`Some`) or free (`None`).
 #[derive(Debug, Clone)]
 pub struct Expect<'a> {
@@ -49,8 +62,11 @@ pub struct Expect<'a> {
     pub dims: Vec<Option<i64>>,
     /// Names for the dimensions, used in messages (`["B", "L", "H"]`).
     pub labels: &'a [&'a str],
-    pub floating: bool,
-    pub device: Device,
+    /// Whether the first dimension (the batch) may be missing, as PyTorch's convolutions allow.
+    pub unbatched: bool,
+    pub dtype: Dtype,
+    /// A weight of the model, whose dtype and device the input must fit.
+    pub weight: &'a Tensor,
 }
 
 impl Expect<'_> {
@@ -61,16 +77,26 @@ impl Expect<'_> {
             .zip(self.labels)
             .map(|(d, l)| d.map_or_else(|| l.to_string(), |v| v.to_string()))
             .collect();
-        format!("[{}]", dims.join(", "))
+        let batched = format!("[{}]", dims.join(", "));
+        if self.unbatched {
+            format!("{batched} or [{}]", dims[1..].join(", "))
+        } else {
+            batched
+        }
     }
 
-    /// Checks rank, fixed sizes, dtype class and device of `t`.
+    /// Checks rank, fixed sizes, dtype and device of `t`.
     pub fn check(&self, t: &Tensor) -> Result<()> {
         let shape = t.size();
-        let fits = shape.len() == self.dims.len()
+        let dims = if self.unbatched && shape.len() + 1 == self.dims.len() {
+            &self.dims[1..]
+        } else {
+            &self.dims[..]
+        };
+        let fits = shape.len() == dims.len()
             && shape
                 .iter()
-                .zip(&self.dims)
+                .zip(dims)
                 .all(|(s, d)| d.is_none_or(|d| d == *s));
         if !fits {
             bail!(
@@ -80,27 +106,51 @@ impl Expect<'_> {
                 shape
             );
         }
-        let kind = t.kind();
-        if self.floating && !t.is_floating_point() {
-            bail!(
-                "input `{}`: expected a floating-point tensor, got {kind:?}",
-                self.name
-            );
+        let (kind, model) = (t.kind(), self.weight.kind());
+        let fits = match self.dtype {
+            Dtype::Model => {
+                kind == model
+                    || (model == Kind::Float
+                        && matches!(kind, Kind::Half | Kind::BFloat16)
+                        && t.device().is_cuda()
+                        && crate::backend::autocast_enabled())
+            }
+            Dtype::PromotesToModel => promotes_to(kind, model),
+            Dtype::Index => is_index(kind),
+        };
+        if !fits {
+            let expected = match self.dtype {
+                Dtype::Model => format!("{model:?}, the model's dtype"),
+                Dtype::PromotesToModel => format!("a dtype that promotes to the model's {model:?}"),
+                Dtype::Index => "an integer or bool tensor".to_string(),
+            };
+            bail!("input `{}`: expected {expected}, got {kind:?}", self.name);
         }
-        if !self.floating && kind != Kind::Int64 {
-            bail!(
-                "input `{}`: expected an int64 tensor, got {kind:?}",
-                self.name
-            );
-        }
-        if t.device() != self.device {
+        if t.device() != self.weight.device() {
             bail!(
                 "input `{}` is on {} but the model is on {}",
                 self.name,
                 crate::device::device_name(t.device()),
-                crate::device::device_name(self.device)
+                crate::device::device_name(self.weight.device())
             );
         }
         Ok(())
     }
+}
+
+fn is_index(kind: Kind) -> bool {
+    use Kind::*;
+    matches!(kind, Bool | Uint8 | Int8 | Int16 | Int | Int64)
+}
+
+/// Whether PyTorch's `promote_types(kind, model)` is `model`, for a floating `model`.
+fn promotes_to(kind: Kind, model: Kind) -> bool {
+    use Kind::*;
+    kind == model
+        || is_index(kind)
+        || match kind {
+            Half | BFloat16 => matches!(model, Float | Double),
+            Float => model == Double,
+            _ => false,
+        }
 }

@@ -7,16 +7,17 @@
 //!   subsample (no parameters); option B, a 1x1 projection + norm where the shape changes
 //!   (torchvision's choice); option C, a projection on every block. `plain` removes the shortcut.
 //! * [`ResNet`]: 7x7/2 stem, 3x3/2 max-pool, four stages, global average pool, `fc`;
-//!   `[B, C, H, W] -> [B, num_classes]`.
+//!   `[B, C, H, W] -> [B, num_classes]` for any `H, W >= 1`, as in PyTorch (every stride rounds
+//!   up, so a 1x1 image reaches `fc` as 1x1 features).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tch::{nn, nn::ModuleT, Device, Tensor};
+use tch::{nn, Tensor};
 
 use super::layers::{
     self, conv1x1, conv2d_no_bias, conv3x3, BiasInit, Conv2dSpec, Norm2d, NormKind,
 };
-use super::{input, Expect, Inputs, Model};
+use super::{input, Dtype, Expect, Inputs, Model};
 use crate::validate::at_least;
 
 /// Which residual block a network stacks.
@@ -115,9 +116,9 @@ impl Downsample {
         }
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        match self {
-            Downsample::Projection { conv, norm } => x.apply(conv).apply_t(norm, train),
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(match self {
+            Downsample::Projection { conv, norm } => norm.forward_t(&x.apply(conv), train)?,
             Downsample::Pad {
                 stride,
                 front,
@@ -130,7 +131,7 @@ impl Downsample {
                 };
                 x.constant_pad_nd([0, 0, 0, 0, *front, *back])
             }
-        }
+        })
     }
 }
 
@@ -141,15 +142,15 @@ fn join(
     downsample: &Option<Downsample>,
     plain: bool,
     train: bool,
-) -> Tensor {
+) -> Result<Tensor> {
     if plain {
-        return out.relu();
+        return Ok(out.relu());
     }
     let identity = match downsample {
-        Some(d) => d.forward_t(x, train),
+        Some(d) => d.forward_t(x, train)?,
         None => x.shallow_clone(),
     };
-    (out + identity).relu()
+    Ok((out + identity).relu())
 }
 
 /// torchvision's `BasicBlock`: `relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`,
@@ -237,18 +238,19 @@ pub fn bottleneck_width(planes: i64, width_per_group: i64, groups: i64) -> i64 {
     ((planes as f64) * (width_per_group as f64 / 64.0)) as i64 * groups
 }
 
-impl ModuleT for Block {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+impl Block {
+    /// `[B, inplanes, H, W] -> [B, planes * expansion, H', W']`, `H' = ceil(H / stride)`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {
             Block::Basic(b) => {
-                let out = x.apply(&b.conv1).apply_t(&b.bn1, train).relu();
-                let out = out.apply(&b.conv2).apply_t(&b.bn2, train);
+                let out = b.bn1.forward_t(&x.apply(&b.conv1), train)?.relu();
+                let out = b.bn2.forward_t(&out.apply(&b.conv2), train)?;
                 join(out, x, &b.downsample, b.plain, train)
             }
             Block::Bottleneck(b) => {
-                let out = x.apply(&b.conv1).apply_t(&b.bn1, train).relu();
-                let out = out.apply(&b.conv2).apply_t(&b.bn2, train).relu();
-                let out = out.apply(&b.conv3).apply_t(&b.bn3, train);
+                let out = b.bn1.forward_t(&x.apply(&b.conv1), train)?.relu();
+                let out = b.bn2.forward_t(&out.apply(&b.conv2), train)?.relu();
+                let out = b.bn3.forward_t(&out.apply(&b.conv3), train)?;
                 join(out, x, &b.downsample, b.plain, train)
             }
         }
@@ -315,9 +317,24 @@ pub fn zero_init_residual<'a>(blocks: impl Iterator<Item = &'a Block>) {
     });
 }
 
-/// Runs `blocks` in order.
-pub fn run_stage(blocks: &[Block], x: Tensor, train: bool) -> Tensor {
-    blocks.iter().fold(x, |h, b| h.apply_t(b, train))
+/// The stem of a network: `relu(bn1(conv1(x)))` on a checked image batch; errors name the layer.
+pub fn stem(conv1: &nn::Conv2D, bn1: &Norm2d, x: &Tensor, train: bool) -> Result<Tensor> {
+    check_image(x, conv1)?;
+    Ok(bn1.forward_t(&x.apply(conv1), train).context("bn1")?.relu())
+}
+
+/// Runs `layer1`, `layer2`, ... from `h` and returns each one's output; errors name the block.
+pub fn run_stages(layers: &[&[Block]], mut h: Tensor, train: bool) -> Result<Vec<Tensor>> {
+    let mut outputs = Vec::with_capacity(layers.len());
+    for (s, blocks) in layers.iter().enumerate() {
+        for (i, block) in blocks.iter().enumerate() {
+            h = block
+                .forward_t(&h, train)
+                .with_context(|| format!("layer{}.{i}", s + 1))?;
+        }
+        outputs.push(h.shallow_clone());
+    }
+    Ok(outputs)
 }
 
 /// The configuration of an ImageNet-style ResNet, torchvision's constructor arguments plus the
@@ -545,10 +562,6 @@ pub struct ResNet {
     pub layer4: Vec<Block>,
     /// `None` when built without a classifier (`include_fc: false`).
     pub fc: Option<nn::Linear>,
-    pub in_channels: i64,
-    /// The smallest input side: the network's total stride.
-    pub min_size: i64,
-    device: Device,
 }
 
 impl ResNet {
@@ -569,12 +582,6 @@ impl ResNet {
         let layer3 = builder.stage(&(&path / "layer3"), 256, a.layers[2], 2, d3);
         let layer4 = builder.stage(&(&path / "layer4"), 512, a.layers[3], 2, d4);
         let features = 512 * a.block.expansion();
-        let dilated = c
-            .replace_stride_with_dilation
-            .iter()
-            .filter(|d| **d)
-            .count() as u32;
-        let min_size = 32 / 2i64.pow(dilated);
         let model = Self {
             conv1: conv2d_no_bias(
                 &path / "conv1",
@@ -601,9 +608,6 @@ impl ResNet {
                     Some(BiasInit::Uniform),
                 )
             }),
-            in_channels: c.in_channels,
-            min_size,
-            device: path.device(),
         };
         if c.zero_init_residual {
             zero_init_residual(model.blocks());
@@ -620,22 +624,13 @@ impl ResNet {
             .chain(&self.layer4)
     }
 
-    fn check(&self, x: &Tensor) -> Result<()> {
-        check_image(x, self.in_channels, self.min_size, self.device)
-    }
-
     /// The outputs of `layer1` .. `layer4` (strides 4, 8, 16, 32 without dilation), for detection
     /// and segmentation heads.
     pub fn forward_stages(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        self.check(x)?;
-        let x = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
-        let mut h = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
-        let mut stages = Vec::with_capacity(4);
-        for layer in [&self.layer1, &self.layer2, &self.layer3, &self.layer4] {
-            h = run_stage(layer, h, train);
-            stages.push(h.shallow_clone());
-        }
-        Ok(stages)
+        let h = stem(&self.conv1, &self.bn1, x, train)?;
+        let h = h.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        let layers = [&self.layer1, &self.layer2, &self.layer3, &self.layer4];
+        run_stages(&layers.map(Vec::as_slice), h, train)
     }
 
     /// The pooled features before `fc`: `[B, 512 * expansion]`.
@@ -659,21 +654,25 @@ pub fn global_pool(x: &Tensor) -> Tensor {
     x.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
 }
 
-/// Checks a float `[B, channels, H, W]` image batch with `H, W >= min_size` on `device`.
-pub fn check_image(x: &Tensor, channels: i64, min_size: i64, device: Device) -> Result<()> {
+/// Checks an image batch `[B, C, H, W]` for the stem `conv1`: as PyTorch, any `B` (0 too) and
+/// any `H, W >= 1`, `C` and dtype the stem's, on its device. (PyTorch's conv alone would take an
+/// unbatched `[C, H, W]`; torchvision's BatchNorm after it refuses it.)
+pub fn check_image(x: &Tensor, conv1: &nn::Conv2D) -> Result<()> {
+    let channels = conv1.ws.size()[1];
     Expect {
         name: "input",
         dims: vec![None, Some(channels), None, None],
         labels: &["B", "C", "H", "W"],
-        floating: true,
-        device,
+        unbatched: false,
+        dtype: Dtype::Model,
+        weight: &conv1.ws,
     }
     .check(x)?;
     let size = x.size();
-    if size[2] < min_size || size[3] < min_size {
+    if size[2] < 1 || size[3] < 1 {
         bail!(
-            "input `input`: expected shape [B, {channels}, H, W] with H, W >= {min_size} (the \
-             network's total stride), got {size:?}"
+            "input `input`: expected shape [B, {channels}, H, W] with H, W >= 1 (an empty image \
+             is smaller than any kernel; PyTorch refuses it too), got {size:?}"
         );
     }
     Ok(())

@@ -9,10 +9,10 @@
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 use super::layers::{self, BiasInit};
-use super::{input, Expect, Inputs, Model};
+use super::{input, Dtype, Expect, Inputs, Model};
 use crate::validate::{at_least, probability};
 
 /// The original `SiDConfig`, field for field, with its defaults.
@@ -288,7 +288,6 @@ pub struct SidResidualBlock {
     pub feedforward: (nn::Linear, nn::Linear),
     pub dropout: f64,
     pub hidden_size: i64,
-    device: Device,
 }
 
 /// `{"arch": "sid_residual_block", "hidden_size": H, "intermediate_size": I, ...}`: the block alone,
@@ -331,7 +330,6 @@ impl SidResidualBlock {
             ),
             dropout,
             hidden_size: hidden,
-            device: path.device(),
         }
     }
 
@@ -369,8 +367,9 @@ impl Model for SidResidualBlock {
             name: "input",
             dims: vec![None, Some(self.hidden_size)],
             labels: &["B", "H"],
-            floating: true,
-            device: self.device,
+            unbatched: false,
+            dtype: Dtype::Model,
+            weight: &self.feedforward.0.ws,
         }
         .check(h)?;
         Ok(nn::ModuleT::forward_t(self, h, train))
@@ -473,7 +472,6 @@ pub struct SidModel {
     pub layers: Vec<SidLayer>,
     pub normalization: nn::LayerNorm,
     pub config: SidConfig,
-    device: Device,
 }
 
 impl SidModel {
@@ -487,7 +485,6 @@ impl SidModel {
                 .collect(),
             normalization: layers::layer_norm(&path / "normalization", config.hidden_size),
             config: config.clone(),
-            device: path.device(),
         })
     }
 
@@ -498,20 +495,24 @@ impl SidModel {
         numerical: &Tensor,
         text: &Tensor,
     ) -> Result<()> {
-        let c = &self.config;
-        let expect =
-            |name, dims: Vec<Option<i64>>, labels: &'static [&'static str], floating| Expect {
-                name,
-                dims,
-                labels,
-                floating,
-                device: self.device,
-            };
+        let (c, e) = (&self.config, &self.embeddings);
+        // Batch sizes must agree and feature counts match exactly: PyTorch would also broadcast a
+        // single column over every feature, which is never what a caller means.
+        let expect = |name, dims, labels, dtype, weight| Expect {
+            name,
+            dims,
+            labels,
+            unbatched: false,
+            dtype,
+            weight,
+        };
+        let categories = Some(c.num_categorical_features());
         expect(
             "categorical",
-            vec![None, Some(c.num_categorical_features())],
+            vec![None, categories],
             &["B", "C"],
-            false,
+            Dtype::Index,
+            &e.categorical_embeddings.ws,
         )
         .check(categorical)?;
         let batch = Some(categorical.size()[0]);
@@ -519,14 +520,17 @@ impl SidModel {
             "numerical",
             vec![batch, Some(c.num_numerical_features)],
             &["B", "N"],
-            true,
+            Dtype::PromotesToModel,
+            &e.numerical_direction,
         )
         .check(numerical)?;
+        let text_weight = &e.text_projections[0].ws;
         expect(
             "text",
             vec![batch, Some(c.num_text_features), Some(c.text_input_size)],
             &["B", "T", "D"],
-            true,
+            Dtype::Model,
+            text_weight,
         )
         .check(text)
     }
