@@ -113,6 +113,16 @@ impl fmt::Display for Layout {
 
 type Refs = Vec<(String, TensorRef)>;
 
+/// A TorchScript class name without the `___torch_mangle_N` parts that the compiler inserts
+/// when one process scripts several classes of the same name (as PyTorch prints it).
+fn demangle(class: &str) -> String {
+    class
+        .split('.')
+        .filter(|part| !part.starts_with("___torch_mangle_"))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 /// The entries of a dict, or of an object of a dict subclass (Lightning's `AttributeDict`).
 fn dict_entries(v: &Value) -> Option<&[(Value, Value)]> {
     match v {
@@ -257,6 +267,7 @@ pub fn locate(
             bail!("--key does not apply to a TorchScript archive: it holds one module");
         }
         let (refs, class) = script_state_dict(object, classes)?;
+        let class = demangle(&class);
         return Ok((refs, Layout::new(format, Holder::TorchScript { class })));
     }
     let (path, refs, holder) = match key {
@@ -338,4 +349,16 @@ fn strip<T>(entries: &mut [(String, T)], prefix: &str) -> bool {
         }
     }
     any
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mangled_torchscript_class_names_read_as_pytorch_prints_them() {
+        assert_eq!(
+            super::demangle("__torch__.torchvision.models.resnet.___torch_mangle_169.ResNet"),
+            "__torch__.torchvision.models.resnet.ResNet"
+        );
+        assert_eq!(super::demangle("__torch__.Net"), "__torch__.Net");
+    }
 }
