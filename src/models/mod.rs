@@ -10,6 +10,7 @@ pub mod conv_sds;
 pub mod layers;
 pub mod resnet;
 pub mod sid;
+pub mod timm;
 
 use std::collections::BTreeMap;
 
