@@ -7,6 +7,7 @@
 
 pub mod cifar;
 pub mod conv_sds;
+pub mod huggingface;
 pub mod layers;
 pub mod resnet;
 pub mod sid;
