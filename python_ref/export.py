@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 
 import reference as R
 import resnet_cases
+import timm_hf_cases
 from checkpoints import export_checkpoints
 
 # Relative fp32 tolerances, max|Δ| / max|reference| per tensor, by the device the Rust side runs on
@@ -107,6 +108,12 @@ class Case:
     condition: Optional[Tuple[int, ...]] = None
     # Stored compactly (see the module docstring); None: when the model exceeds COMPACT_PARAMS.
     compact: Optional[bool] = None
+    # Also saves the model (with the state_dict's values) into the case folder, as a library's
+    # own save path writes it: save(model, case_dir).
+    save: Optional[Callable[[torch.nn.Module, str], None]] = None
+    # Key names of the state_dict, TorchScript parameters and gradients: "pytorch" (the Rust
+    # model's) or "huggingface" (mapped by src/models/huggingface.rs).
+    layout: str = "pytorch"
 
 
 def conv_sds_head_case(name, n_layers, input_size, hidden_size, num_labels, batch, mode="eval"):
@@ -218,7 +225,7 @@ def cases() -> List[Case]:
         sid_case("sid_classifier_small_eval", sid_config(), batch=3),
         sid_case("sid_classifier_small_train_nodrop", sid_config(**no_dropout), batch=3, mode="train"),
         sid_case("sid_classifier_default", default_sid, batch=4),
-    ] + resnet_cases.cases(Case)
+    ] + resnet_cases.cases(Case) + timm_hf_cases.cases(Case)
 
 
 def sgd_param_groups(model: torch.nn.Module, decay_norm_and_bias: bool) -> List[Dict]:
@@ -275,6 +282,8 @@ def export_case(case: Case, out_dir: str) -> Dict:
         scripted, script_method = to_script(model, list(inputs.values()))
         scripted.save(os.path.join(case_dir, "module.pt"))
     state = OrderedDict((k, v.clone()) for k, v in model.state_dict().items())
+    if case.save is not None:
+        case.save(model, case_dir)
 
     def forward_backward():
         leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
@@ -360,6 +369,7 @@ def export_case(case: Case, out_dir: str) -> Dict:
         "magnitude": magnitudes,
         "parameter_count": n_params,
         "seeded_weights": seeded,
+        "layout": case.layout,
     }
 
 
@@ -383,6 +393,7 @@ def main():
         "torch_version": torch.__version__,
         "generated_by": "python_ref/export.py",
         "cases": entries,
+        "timm_keys": timm_hf_cases.export_timm_keys(args.out),
     }
     if not args.only:
         print("exporting checkpoint fixtures", flush=True)

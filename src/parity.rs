@@ -97,6 +97,31 @@ pub struct CaseSpec {
     /// Compact cases: the state_dict entries not stored but regenerated with [`hashed_weight`].
     #[serde(default)]
     pub seeded_weights: BTreeMap<String, SeededWeight>,
+    /// The key names of the exported state_dict, TorchScript parameters and gradients.
+    #[serde(default)]
+    pub layout: KeyLayout,
+}
+
+/// Whose key names a case's references use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyLayout {
+    /// The Rust model's own (PyTorch's state_dict names).
+    #[default]
+    Pytorch,
+    /// Hugging Face's, mapped by [`crate::models::huggingface::torchvision_key`].
+    Huggingface,
+}
+
+impl KeyLayout {
+    /// The Rust variable a reference's `key` names.
+    pub fn rust_key(self, key: &str) -> Result<String> {
+        match self {
+            KeyLayout::Pytorch => Ok(key.to_string()),
+            KeyLayout::Huggingface => crate::models::huggingface::torchvision_key(key)
+                .with_context(|| format!("`{key}` is not a Hugging Face ResNet key")),
+        }
+    }
 }
 
 /// How export.py made a weight it did not store: `hashed_uniform(numel, seed) * std`, reshaped;
@@ -561,6 +586,9 @@ pub fn run_case(manifest: &Manifest, case: &CaseSpec, device: Device) -> Result<
     let vs = VarStore::new(device);
     let model = config.build(vs.root())?;
     let mut state = StateDict::read_safetensors(&dir.join("state_dict.safetensors"))?;
+    for (key, _) in state.entries.iter_mut() {
+        *key = case.layout.rust_key(key)?;
+    }
     let vars = vs.variables();
     for (key, spec) in &case.seeded_weights {
         let var = vars.get(key).with_context(|| {
@@ -593,7 +621,11 @@ pub fn run_case(manifest: &Manifest, case: &CaseSpec, device: Device) -> Result<
     let mut torchscript_params = Diff::default();
     let mut rust_only = Vec::new();
     if let Some(scripted) = &scripted {
-        let ts_params = scripted.named_parameters()?;
+        let ts_params = scripted
+            .named_parameters()?
+            .into_iter()
+            .map(|(name, t)| Ok((case.layout.rust_key(&name)?, t)))
+            .collect::<Result<Vec<_>>>()?;
         for (name, value) in &ts_params {
             match vars.get(name) {
                 Some(var) => {
@@ -615,7 +647,18 @@ pub fn run_case(manifest: &Manifest, case: &CaseSpec, device: Device) -> Result<
     let inputs_cpu = read_named(&dir.join("inputs.safetensors"))?;
     let outputs = read_named(&dir.join("outputs.safetensors"))?;
     let loss_inputs = read_named(&dir.join("loss.safetensors"))?;
-    let grads = read_named(&dir.join("grads.safetensors"))?;
+    let grads = read_named(&dir.join("grads.safetensors"))?
+        .into_iter()
+        .map(|(key, t)| {
+            let key = match key.split_once('.') {
+                Some((kind @ ("param" | "param_rows"), name)) => {
+                    format!("{kind}.{}", case.layout.rust_key(name)?)
+                }
+                _ => key,
+            };
+            Ok((key, t))
+        })
+        .collect::<Result<BTreeMap<_, _>>>()?;
     let mut inputs = Inputs::new();
     for name in model.input_names() {
         let t = named(&inputs_cpu, name, "inputs.safetensors")?.to_device(device);
@@ -710,7 +753,10 @@ pub fn run_case(manifest: &Manifest, case: &CaseSpec, device: Device) -> Result<
                 Ok(())
             };
             sgd_steps(&vs, sgd, again)?;
-            let expected = read_named(&dir.join("after_step.safetensors"))?;
+            let expected = read_named(&dir.join("after_step.safetensors"))?
+                .into_iter()
+                .map(|(key, t)| Ok((case.layout.rust_key(&key)?, t)))
+                .collect::<Result<BTreeMap<_, _>>>()?;
             Some(state_diff(&vs, &expected, &mut cmp)?)
         }
         None => None,
