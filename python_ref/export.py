@@ -40,8 +40,13 @@ from safetensors.torch import save_file
 
 import reference as R
 import resnet_cases
-import timm_hf_cases
 from checkpoints import export_checkpoints
+
+try:
+    import timm_hf_cases
+except ImportError as missing:  # a bare PyTorch (the GPU bundle's host) lacks timm / transformers
+    timm_hf_cases = None
+    TIMM_HF_MISSING = f"{type(missing).__name__}: {missing}"
 
 # Relative fp32 tolerances, max|Δ| / max|reference| per tensor, by the device the Rust side runs on
 # (CUDA runs compare to these CPU references, TF32 off). The CPU runs the very kernels PyTorch ran,
@@ -225,7 +230,7 @@ def cases() -> List[Case]:
         sid_case("sid_classifier_small_eval", sid_config(), batch=3),
         sid_case("sid_classifier_small_train_nodrop", sid_config(**no_dropout), batch=3, mode="train"),
         sid_case("sid_classifier_default", default_sid, batch=4),
-    ] + resnet_cases.cases(Case) + timm_hf_cases.cases(Case)
+    ] + resnet_cases.cases(Case) + (timm_hf_cases.cases(Case) if timm_hf_cases else [])
 
 
 def sgd_param_groups(model: torch.nn.Module, decay_norm_and_bias: bool) -> List[Dict]:
@@ -393,8 +398,12 @@ def main():
         "torch_version": torch.__version__,
         "generated_by": "python_ref/export.py",
         "cases": entries,
-        "timm_keys": timm_hf_cases.export_timm_keys(args.out),
     }
+    if timm_hf_cases is None:
+        print(f"no timm / transformers cases: {TIMM_HF_MISSING}", flush=True)
+        manifest["missing"] = {"timm_hf_cases": TIMM_HF_MISSING}
+    else:
+        manifest["timm_keys"] = timm_hf_cases.export_timm_keys(args.out)
     if not args.only:
         print("exporting checkpoint fixtures", flush=True)
         manifest["fixtures"] = export_checkpoints(args.out)

@@ -44,7 +44,7 @@ TIMM_NAMES = [
     "seresnext101_32x4d", "seresnext101_32x8d", "seresnext101d_32x8d", "seresnext101_64x4d",
 ]
 
-# One SGD step of the small timm net, saved by CheckpointSaver.
+# The small timm net's training-step case: two torch.optim.SGD steps (the second uses momentum).
 SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "decay_norm_and_bias": True, "steps": 2}
 
 
@@ -69,9 +69,14 @@ def timm_named(Case, name, config_name, mode="eval", **kwargs):
 def save_timm_checkpoint(model, case_dir):
     """What timm's train.py writes at the end of an epoch: CheckpointSaver.save_checkpoint with
     an EMA copy, the optimizer (after one step: momentum buffers) and the parsed arguments. The
-    weights saved are the case's state_dict (the step runs on a copy)."""
+    weights saved are the case's state_dict (the step runs on a copy); the EMA copy's floating
+    point entries are those halved, so that a reader's choice between the two shows."""
     trained = copy.deepcopy(model)
     ema = ModelEmaV3(model, decay=0.999)
+    with torch.no_grad():
+        for t in ema.module.state_dict().values():
+            if t.is_floating_point():
+                t.mul_(0.5)
     optimizer = torch.optim.SGD(trained.parameters(), lr=0.1, momentum=0.9)
     trained(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()
