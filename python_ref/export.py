@@ -47,6 +47,12 @@ import resnet_cases
 import shape_cases
 from checkpoints import export_checkpoints
 
+try:
+    import timm_hf_cases
+except ImportError as missing:  # a bare PyTorch (the GPU bundle's host) lacks timm / transformers
+    timm_hf_cases = None
+    TIMM_HF_MISSING = f"{type(missing).__name__}: {missing}"
+
 # Relative fp32 tolerances, max|Δ| / max|reference| per tensor, by the device the Rust side runs on
 # (CUDA runs compare to these CPU references, TF32 off). The CPU runs the very kernels PyTorch ran,
 # so it is held to a few ulps; see the README's parity section for the CUDA figures.
@@ -112,6 +118,12 @@ class Case:
     condition: Optional[Tuple[int, ...]] = None
     # Stored compactly (see the module docstring); None: when the model exceeds COMPACT_PARAMS.
     compact: Optional[bool] = None
+    # Also saves the model (with the state_dict's values) into the case folder, as a library's
+    # own save path writes it: save(model, case_dir).
+    save: Optional[Callable[[torch.nn.Module, str], None]] = None
+    # Key names of the state_dict, TorchScript parameters and gradients: "pytorch" (the Rust
+    # model's) or "huggingface" (mapped by src/models/huggingface.rs).
+    layout: str = "pytorch"
 
 
 def conv_sds_head_case(name, n_layers, input_size, hidden_size, num_labels, batch, mode="eval"):
@@ -223,7 +235,9 @@ def cases() -> List[Case]:
         sid_case("sid_classifier_small_eval", sid_config(), batch=3),
         sid_case("sid_classifier_small_train_nodrop", sid_config(**no_dropout), batch=3, mode="train"),
         sid_case("sid_classifier_default", default_sid, batch=4),
-    ] + resnet_cases.cases(Case) + shape_cases.cases(Case)
+    ] + resnet_cases.cases(Case) + shape_cases.cases(Case) + (
+        timm_hf_cases.cases(Case) if timm_hf_cases else []
+    )
 
 
 def sgd_param_groups(model: torch.nn.Module, decay_norm_and_bias: bool) -> List[Dict]:
@@ -280,6 +294,8 @@ def export_case(case: Case, out_dir: str) -> Dict:
         scripted, script_method = to_script(model, list(inputs.values()))
         scripted.save(os.path.join(case_dir, "module.pt"))
     state = OrderedDict((k, v.clone()) for k, v in model.state_dict().items())
+    if case.save is not None:
+        case.save(model, case_dir)
 
     def forward_backward():
         leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
@@ -365,6 +381,7 @@ def export_case(case: Case, out_dir: str) -> Dict:
         "magnitude": magnitudes,
         "parameter_count": n_params,
         "seeded_weights": seeded,
+        "layout": case.layout,
     }
 
 
@@ -393,6 +410,11 @@ def main():
         "generated_by": "python_ref/export.py",
         "cases": entries,
     }
+    if timm_hf_cases is None:
+        print(f"no timm / transformers cases: {TIMM_HF_MISSING}", flush=True)
+        manifest["missing"] = {"timm_hf_cases": TIMM_HF_MISSING}
+    else:
+        manifest["timm_keys"] = timm_hf_cases.export_timm_keys(args.out)
     if not args.only:
         print("exporting checkpoint fixtures", flush=True)
         manifest["fixtures"] = export_checkpoints(args.out)

@@ -4,10 +4,12 @@
 //! {"arch": "conv_sds_head", "n_layers": 5, "input_size": 512, "hidden_size": 768, "num_labels": 2}
 //! {"arch": "sid_classifier", "num_categories_list": [3, 7], "num_numerical_features": 4, ...}
 //! {"arch": "resnet50", "num_classes": 10}
+//! {"arch": "timm", "name": "resnet50d", "num_classes": 10}
 //! ```
 //! A family is one variant whose config type validates itself; a torchvision constructor is one
-//! line of [`TORCHVISION`], its name the `arch` tag. Unknown fields and impossible values are
-//! rejected with a message naming the field.
+//! line of [`TORCHVISION`], its name the `arch` tag; a timm constructor one line of [`TIMM`], its
+//! name the `name` of `"arch": "timm"`. Unknown fields and impossible values are rejected with a
+//! message naming the field.
 
 use std::path::Path;
 
@@ -20,10 +22,12 @@ use crate::models::cifar::{CifarResNet, CifarResNetConfig};
 use crate::models::conv_sds::{ConvSdsHead, ConvSdsHeadConfig, ConvSdsLayer, ConvSdsLayerConfig};
 use crate::models::resnet::{Constructor, ResNet, ResNetConfig, TORCHVISION};
 use crate::models::sid::{SidClassifier, SidConfig, SidResidualBlock, SidResidualBlockConfig};
+use crate::models::timm::{self, TIMM};
 use crate::models::Model;
 
 /// Every buildable model. serde reads and writes it through the impls below, which handle the
-/// torchvision constructors and leave every other `arch` to the derived code (`remote = "Self"`).
+/// torchvision and timm constructors and leave every other `arch` to the derived code
+/// (`remote = "Self"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(remote = "Self", tag = "arch", rename_all = "snake_case")]
 pub enum ModelConfig {
@@ -45,6 +49,13 @@ pub enum ModelConfig {
         constructor: &'static Constructor,
         config: ResNetConfig,
     },
+    /// A timm constructor (`{"arch": "timm", "name": "resnet50d", ...}`) with its keyword
+    /// arguments.
+    #[serde(skip)]
+    Timm {
+        constructor: &'static Constructor,
+        config: ResNetConfig,
+    },
 }
 
 impl<'de> Deserialize<'de> for ModelConfig {
@@ -63,11 +74,36 @@ impl<'de> Deserialize<'de> for ModelConfig {
                 config,
             });
         }
+        if arch.as_deref() == Some("timm") {
+            fields.remove("arch");
+            let name = match fields.remove("name") {
+                Some(serde_json::Value::String(name)) => name,
+                Some(other) => {
+                    return Err(D::Error::custom(format!(
+                        "name: expected a timm model name, got {other}"
+                    )))
+                }
+                None => return Err(D::Error::missing_field("name")),
+            };
+            let constructor = timm::named(&name).ok_or_else(|| {
+                let names: Vec<&str> = TIMM.iter().map(|c| c.name).collect();
+                D::Error::custom(format!(
+                    "name: unknown timm ResNet `{name}`, expected one of: {}",
+                    names.join(", ")
+                ))
+            })?;
+            let config = ResNetConfig::deserialize(serde_json::Value::Object(fields))
+                .map_err(D::Error::custom)?;
+            return Ok(Self::Timm {
+                constructor,
+                config,
+            });
+        }
         ModelConfig::deserialize(serde_json::Value::Object(fields)).map_err(|e| {
             let names: Vec<&str> = TORCHVISION.iter().map(|c| c.name).collect();
             match e.to_string() {
                 m if m.starts_with("unknown variant") => D::Error::custom(format!(
-                    "{m}, or a torchvision constructor: {}",
+                    "{m}, `timm` (with a `name`), or a torchvision constructor: {}",
                     names.join(", ")
                 )),
                 m => D::Error::custom(m),
@@ -81,6 +117,8 @@ impl Serialize for ModelConfig {
         #[derive(Serialize)]
         struct Tagged<'a> {
             arch: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            name: Option<&'a str>,
             #[serde(flatten)]
             config: &'a ResNetConfig,
         }
@@ -90,6 +128,16 @@ impl Serialize for ModelConfig {
                 config,
             } => Tagged {
                 arch: constructor.name,
+                name: None,
+                config,
+            }
+            .serialize(serializer),
+            Self::Timm {
+                constructor,
+                config,
+            } => Tagged {
+                arch: "timm",
+                name: Some(constructor.name),
                 config,
             }
             .serialize(serializer),
@@ -128,6 +176,14 @@ impl ModelConfig {
         })
     }
 
+    /// The timm constructor `name` with `config` as its keyword arguments.
+    pub fn timm(name: &str, config: ResNetConfig) -> Option<Self> {
+        timm::named(name).map(|constructor| Self::Timm {
+            constructor,
+            config,
+        })
+    }
+
     /// The `arch` tag.
     pub fn arch(&self) -> &'static str {
         match self {
@@ -138,13 +194,16 @@ impl ModelConfig {
             Self::Resnet(_) => "resnet",
             Self::CifarResnet(_) => "cifar_resnet",
             Self::Torchvision { constructor, .. } => constructor.name,
+            Self::Timm { .. } => "timm",
         }
     }
 
     /// The ImageNet-style ResNet config, for every ResNet arch.
     pub fn resnet(&self) -> Option<&ResNetConfig> {
         match self {
-            Self::Torchvision { config, .. } | Self::Resnet(config) => Some(config),
+            Self::Torchvision { config, .. } | Self::Timm { config, .. } | Self::Resnet(config) => {
+                Some(config)
+            }
             _ => None,
         }
     }
@@ -161,9 +220,16 @@ impl ModelConfig {
             Self::Torchvision {
                 constructor,
                 config,
+            }
+            | Self::Timm {
+                constructor,
+                config,
             } => config.resolve(Some(constructor)).map(drop),
         }
-        .with_context(|| format!("bad {} config", self.arch()))
+        .with_context(|| match self {
+            Self::Timm { constructor, .. } => format!("bad timm {} config", constructor.name),
+            _ => format!("bad {} config", self.arch()),
+        })
     }
 
     /// Builds the model under `path`, its variables named like PyTorch's state_dict keys.
@@ -177,6 +243,10 @@ impl ModelConfig {
             Self::Resnet(c) => Box::new(ResNet::new(path, &c.resolve(None)?)),
             Self::CifarResnet(c) => Box::new(CifarResNet::new(path, c)?),
             Self::Torchvision {
+                constructor,
+                config,
+            }
+            | Self::Timm {
                 constructor,
                 config,
             } => Box::new(ResNet::new(path, &config.resolve(Some(constructor))?)),
@@ -204,6 +274,48 @@ mod tests {
             config,
             ModelConfig::torchvision("wide_resnet50_2", ResNetConfig::default()).unwrap()
         );
+    }
+
+    #[test]
+    fn timm_configs_name_their_constructor() {
+        let text = r#"{"arch":"timm","name":"resnet50d","num_classes":10,"zero_init_residual":false,"replace_stride_with_dilation":[false,false,false],"norm":"batch_norm","shortcut":"B","plain":false,"in_channels":3,"include_fc":true}"#;
+        let config = ModelConfig::from_json(text).unwrap();
+        assert_eq!(serde_json::to_string(&config).unwrap(), text);
+        assert_eq!(config.arch(), "timm");
+        let args = ResNetConfig {
+            num_classes: 10,
+            ..Default::default()
+        };
+        assert_eq!(config, ModelConfig::timm("resnet50d", args).unwrap());
+        // Repeating what the constructor fixes is allowed, changing it is not.
+        ModelConfig::from_json(r#"{"arch": "timm", "name": "resnet26t", "stem_type": "deep_tiered", "avg_down": true}"#)
+            .unwrap();
+        for (json, expected) in [
+            (r#"{"arch": "timm"}"#, "missing field `name`"),
+            (
+                r#"{"arch": "timm", "name": "ecaresnet50d"}"#,
+                "unknown timm ResNet `ecaresnet50d`",
+            ),
+            (
+                r#"{"arch": "timm", "name": 50}"#,
+                "name: expected a timm model name",
+            ),
+            (
+                r#"{"arch": "timm", "name": "resnet50d", "stem_width": 64}"#,
+                "bad timm resnet50d config: stem_width: resnet50d fixes it to 32",
+            ),
+            (
+                r#"{"arch": "timm", "name": "seresnet50", "attn_layer": "none"}"#,
+                "attn_layer: seresnet50 fixes it to \"se\"",
+            ),
+            (
+                r#"{"arch": "timm", "name": "resnet50", "depth": 50}"#,
+                "unknown field `depth`",
+            ),
+        ] {
+            let msg = format!("{:#}", ModelConfig::from_json(json).unwrap_err());
+            assert!(msg.contains(expected), "{json}: {msg}");
+        }
     }
 
     #[test]

@@ -397,12 +397,7 @@ fn torchvision(
     width_per_group: i64,
     config: &ResNetConfig,
 ) -> Option<(ModelConfig, &'static str)> {
-    let wanted = Architecture {
-        block,
-        layers,
-        groups,
-        width_per_group,
-    };
+    let wanted = Architecture::torchvision(block, layers, groups, width_per_group);
     let constructor = TORCHVISION.iter().find(|c| c.architecture == wanted)?;
     let config = ModelConfig::torchvision(constructor.name, config.clone())?;
     Some((config, constructor.name))

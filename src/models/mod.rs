@@ -7,9 +7,11 @@
 
 pub mod cifar;
 pub mod conv_sds;
+pub mod huggingface;
 pub mod layers;
 pub mod resnet;
 pub mod sid;
+pub mod timm;
 
 use std::collections::BTreeMap;
 

@@ -9,6 +9,9 @@
 //! * [`ResNet`]: 7x7/2 stem, 3x3/2 max-pool, four stages, global average pool, `fc`;
 //!   `[B, C, H, W] -> [B, num_classes]` for any `H, W >= 1`, as in PyTorch (every stride rounds
 //!   up, so a 1x1 image reaches `fc` as 1x1 features).
+//! * Options for the networks of timm ([`super::timm`]: deep stems, average-pool shortcuts,
+//!   squeeze-and-excitation) and Hugging Face ([`super::huggingface`]: the stride on the
+//!   bottleneck's first 1x1 conv, a strided first stage), and free stage widths (`channels`).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -17,6 +20,7 @@ use tch::{nn, Tensor};
 use super::layers::{
     self, conv1x1, conv2d_no_bias, conv3x3, BiasInit, Conv2dSpec, Norm2d, NormKind,
 };
+use super::timm::{shortcut_conv, AttnLayer, DeepStem, ShortcutPool, SqueezeExcite, StemType};
 use super::{input, Dtype, Expect, Inputs, Model};
 use crate::validate::at_least;
 
@@ -62,35 +66,74 @@ pub struct BlockSettings {
     pub plain: bool,
 }
 
+/// The block variations of timm and Hugging Face, shared by every block of a network.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BlockVariant {
+    /// Shortcut projections pool first, then apply an unstrided 1x1 conv (timm's `avg_down`).
+    pub avg_down: bool,
+    /// What closes the residual branch, after its last norm (timm's `attn_layer`).
+    pub attn_layer: AttnLayer,
+    /// A bottleneck's stride sits on its first 1x1 conv, not on the 3x3 (ResNet v1; Hugging
+    /// Face's `downsample_in_bottleneck`).
+    pub stride_in_1x1: bool,
+}
+
+/// Where a block sits: its channels, its stride and dilations.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockPlace {
+    pub inplanes: i64,
+    pub planes: i64,
+    pub stride: i64,
+    /// The dilation of the block's strided 3x3 conv (the previous stage's for a stage's first
+    /// block, as torchvision and timm do).
+    pub dilation: i64,
+    /// The stage's dilation, which an average-pool shortcut follows.
+    pub stage_dilation: i64,
+}
+
 /// The shortcut branch (`downsample` in torchvision) of a block that does not use the identity.
 #[derive(Debug)]
 pub enum Downsample {
     /// `downsample.0` (1x1 conv, strided) and `downsample.1` (norm).
     Projection { conv: nn::Conv2D, norm: Norm2d },
+    /// timm's average-pool shortcut: `downsample.0` (pool, no parameters), `downsample.1` (1x1
+    /// conv), `downsample.2` (norm).
+    AvgProjection {
+        pool: ShortcutPool,
+        conv: nn::Conv2D,
+        norm: Norm2d,
+    },
     /// Option A: `x[:, :, ::stride, ::stride]` with `front` zero channels before and `back` after.
     Pad { stride: i64, front: i64, back: i64 },
 }
 
 impl Downsample {
     /// The shortcut a block from `inplanes` to `outplanes` channels at `stride` gets, if not the
-    /// identity.
+    /// identity; projections pool first with `pool` when given (timm's `avg_down`).
     fn new(
         path: &nn::Path,
         s: &BlockSettings,
         inplanes: i64,
         outplanes: i64,
         stride: i64,
+        pool: Option<ShortcutPool>,
     ) -> Option<Self> {
         if s.plain {
             return None;
         }
         let changes = stride != 1 || inplanes != outplanes;
         let sub = path / "downsample";
+        let projection = || match pool {
+            Some(pool) => Downsample::AvgProjection {
+                pool,
+                conv: shortcut_conv(&sub / 1, inplanes, outplanes),
+                norm: Norm2d::new(&sub / 2, s.norm, outplanes),
+            },
+            None => Self::projection(&sub, s.norm, inplanes, outplanes, stride),
+        };
         match s.shortcut {
-            ShortcutKind::C => Some(Self::projection(&sub, s.norm, inplanes, outplanes, stride)),
-            ShortcutKind::B if changes => {
-                Some(Self::projection(&sub, s.norm, inplanes, outplanes, stride))
-            }
+            ShortcutKind::C => Some(projection()),
+            ShortcutKind::B if changes => Some(projection()),
             ShortcutKind::A if changes => {
                 let front = (outplanes - inplanes) / 2;
                 Some(Downsample::Pad {
@@ -119,6 +162,9 @@ impl Downsample {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         Ok(match self {
             Downsample::Projection { conv, norm } => norm.forward_t(&x.apply(conv), train)?,
+            Downsample::AvgProjection { pool, conv, norm } => {
+                norm.forward_t(&pool.forward(x).apply(conv), train)?
+            }
             Downsample::Pad {
                 stride,
                 front,
@@ -132,6 +178,14 @@ impl Downsample {
                 x.constant_pad_nd([0, 0, 0, 0, *front, *back])
             }
         })
+    }
+}
+
+/// `se(out)`, or `out` without squeeze-and-excitation.
+fn excite(se: &Option<SqueezeExcite>, out: Tensor) -> Tensor {
+    match se {
+        Some(se) => out.apply(se),
+        None => out,
     }
 }
 
@@ -161,6 +215,8 @@ pub struct BasicBlock {
     pub bn1: Norm2d,
     pub conv2: nn::Conv2D,
     pub bn2: Norm2d,
+    /// timm's squeeze-and-excitation after `bn2`.
+    pub se: Option<SqueezeExcite>,
     pub downsample: Option<Downsample>,
     pub plain: bool,
 }
@@ -175,6 +231,8 @@ pub struct Bottleneck {
     pub bn2: Norm2d,
     pub conv3: nn::Conv2D,
     pub bn3: Norm2d,
+    /// timm's squeeze-and-excitation after `bn3`.
+    pub se: Option<SqueezeExcite>,
     pub downsample: Option<Downsample>,
     pub plain: bool,
 }
@@ -189,34 +247,48 @@ pub enum Block {
 
 impl Block {
     /// Builds block `path` (e.g. `layer2.0`) from `inplanes` to `planes * expansion` channels.
-    pub fn new(
-        path: &nn::Path,
-        s: &BlockSettings,
-        inplanes: i64,
-        planes: i64,
-        stride: i64,
-        dilation: i64,
-    ) -> Self {
+    pub fn new(path: &nn::Path, s: &BlockSettings, v: &BlockVariant, at: BlockPlace) -> Self {
+        let BlockPlace {
+            inplanes,
+            planes,
+            stride,
+            dilation,
+            stage_dilation,
+        } = at;
         let out = planes * s.kind.expansion();
-        let downsample = Downsample::new(path, s, inplanes, out, stride);
+        let pool = v
+            .avg_down
+            .then(|| ShortcutPool::new(stride, stage_dilation));
+        let downsample = Downsample::new(path, s, inplanes, out, stride, pool);
+        let se = match v.attn_layer {
+            AttnLayer::Se => Some(SqueezeExcite::new(&(path / "se"), out)),
+            AttnLayer::None => None,
+        };
         match s.kind {
             BlockKind::Basic => Block::Basic(BasicBlock {
                 conv1: conv3x3(path / "conv1", inplanes, planes, stride, 1, 1),
                 bn1: Norm2d::new(path / "bn1", s.norm, planes),
                 conv2: conv3x3(path / "conv2", planes, planes, 1, 1, 1),
                 bn2: Norm2d::new(path / "bn2", s.norm, planes),
+                se,
                 downsample,
                 plain: s.plain,
             }),
             BlockKind::Bottleneck => {
                 let width = bottleneck_width(planes, s.width_per_group, s.groups);
+                let (stride1, stride3) = if v.stride_in_1x1 {
+                    (stride, 1)
+                } else {
+                    (1, stride)
+                };
                 Block::Bottleneck(Bottleneck {
-                    conv1: conv1x1(path / "conv1", inplanes, width, 1),
+                    conv1: conv1x1(path / "conv1", inplanes, width, stride1),
                     bn1: Norm2d::new(path / "bn1", s.norm, width),
-                    conv2: conv3x3(path / "conv2", width, width, stride, s.groups, dilation),
+                    conv2: conv3x3(path / "conv2", width, width, stride3, s.groups, dilation),
                     bn2: Norm2d::new(path / "bn2", s.norm, width),
                     conv3: conv1x1(path / "conv3", width, out, 1),
                     bn3: Norm2d::new(path / "bn3", s.norm, out),
+                    se,
                     downsample,
                     plain: s.plain,
                 })
@@ -244,13 +316,13 @@ impl Block {
         match self {
             Block::Basic(b) => {
                 let out = b.bn1.forward_t(&x.apply(&b.conv1), train)?.relu();
-                let out = b.bn2.forward_t(&out.apply(&b.conv2), train)?;
+                let out = excite(&b.se, b.bn2.forward_t(&out.apply(&b.conv2), train)?);
                 join(out, x, &b.downsample, b.plain, train)
             }
             Block::Bottleneck(b) => {
                 let out = b.bn1.forward_t(&x.apply(&b.conv1), train)?.relu();
                 let out = b.bn2.forward_t(&out.apply(&b.conv2), train)?.relu();
-                let out = b.bn3.forward_t(&out.apply(&b.conv3), train)?;
+                let out = excite(&b.se, b.bn3.forward_t(&out.apply(&b.conv3), train)?);
                 join(out, x, &b.downsample, b.plain, train)
             }
         }
@@ -262,6 +334,8 @@ impl Block {
 #[derive(Debug, Clone, Copy)]
 pub struct StageBuilder {
     pub settings: BlockSettings,
+    /// timm's and Hugging Face's variations (none by default).
+    pub variant: BlockVariant,
     pub inplanes: i64,
     pub dilation: i64,
 }
@@ -270,6 +344,7 @@ impl StageBuilder {
     pub fn new(settings: BlockSettings, inplanes: i64) -> Self {
         Self {
             settings,
+            variant: BlockVariant::default(),
             inplanes,
             dilation: 1,
         }
@@ -300,7 +375,14 @@ impl StageBuilder {
                 } else {
                     (1, self.dilation)
                 };
-                let block = Block::new(&(path / i), &self.settings, self.inplanes, planes, st, dil);
+                let at = BlockPlace {
+                    inplanes: self.inplanes,
+                    planes,
+                    stride: st,
+                    dilation: dil,
+                    stage_dilation: self.dilation,
+                };
+                let block = Block::new(&(path / i), &self.settings, &self.variant, at);
                 self.inplanes = planes * self.settings.kind.expansion();
                 block
             })
@@ -338,8 +420,9 @@ pub fn run_stages(layers: &[&[Block]], mut h: Tensor, train: bool) -> Result<Vec
 }
 
 /// The configuration of an ImageNet-style ResNet, torchvision's constructor arguments plus the
-/// paper's options. A torchvision constructor (`{"arch": "resnet50"}`) fixes `block`, `layers`,
-/// `groups` and `width_per_group`; `{"arch": "resnet"}` takes them from the config.
+/// paper's options and the architecture options of timm and Hugging Face. A named constructor
+/// (`{"arch": "resnet50"}`, `{"arch": "timm", "name": "resnet50d"}`) fixes every field of
+/// [`Architecture`]; `{"arch": "resnet"}` takes them from the config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResNetConfig {
@@ -351,6 +434,22 @@ pub struct ResNetConfig {
     pub groups: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub width_per_group: Option<i64>,
+    /// Planes of each stage (default `[64, 128, 256, 512]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<[i64; 4]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stem_type: Option<StemType>,
+    /// Default 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stem_width: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avg_down: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_layer: Option<AttnLayer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stride_in_1x1: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downsample_in_first_stage: Option<bool>,
     #[serde(default = "d_num_classes")]
     pub num_classes: i64,
     #[serde(default)]
@@ -365,7 +464,7 @@ pub struct ResNetConfig {
     pub plain: bool,
     #[serde(default = "d_in_channels")]
     pub in_channels: i64,
-    /// `false` drops `fc`: the model returns the pooled features (`[B, 512 * expansion]`).
+    /// `false` drops `fc`: the model returns the pooled features (`[B, channels[3] * expansion]`).
     #[serde(default = "d_true")]
     pub include_fc: bool,
 }
@@ -386,17 +485,76 @@ impl Default for ResNetConfig {
     }
 }
 
-/// What a torchvision constructor fixes: `ResNet(block, layers, groups=, width_per_group=)`.
+/// torchvision's stage widths.
+pub const CHANNELS: [i64; 4] = [64, 128, 256, 512];
+
+/// What a named constructor fixes: torchvision's `ResNet(block, layers, groups=,
+/// width_per_group=)`, timm's `model_args`, or what a Hugging Face config implies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Architecture {
     pub block: BlockKind,
     pub layers: [i64; 4],
     pub groups: i64,
     pub width_per_group: i64,
+    /// Planes of each stage; stage `i` outputs `channels[i] * expansion` channels.
+    pub channels: [i64; 4],
+    pub stem_type: StemType,
+    /// The 7x7 stem's output channels, or the deep stems' base width (timm's `stem_width`).
+    pub stem_width: i64,
+    /// See [`BlockVariant`].
+    pub avg_down: bool,
+    pub attn_layer: AttnLayer,
+    pub stride_in_1x1: bool,
+    /// The first stage strides by 2 as well (Hugging Face's `downsample_in_first_stage`).
+    pub downsample_in_first_stage: bool,
 }
 
-/// A named constructor of torchvision's `models/resnet.py` (`resnet50()` is
-/// `ResNet(Bottleneck, [3, 4, 6, 3])`); its name is the config's `arch`.
+impl Architecture {
+    /// torchvision's `ResNet(block, layers, groups=groups, width_per_group=width_per_group)`.
+    pub const fn torchvision(
+        block: BlockKind,
+        layers: [i64; 4],
+        groups: i64,
+        width_per_group: i64,
+    ) -> Self {
+        Self {
+            block,
+            layers,
+            groups,
+            width_per_group,
+            channels: CHANNELS,
+            stem_type: StemType::Default,
+            stem_width: 64,
+            avg_down: false,
+            attn_layer: AttnLayer::None,
+            stride_in_1x1: false,
+            downsample_in_first_stage: false,
+        }
+    }
+
+    /// The stem's output channels.
+    pub fn stem_channels(&self) -> i64 {
+        self.stem_type.out_channels(self.stem_width)
+    }
+
+    /// The channels of the features `fc` reads.
+    pub fn features(&self) -> i64 {
+        self.channels[3] * self.block.expansion()
+    }
+
+    /// The block variations every block shares.
+    pub fn variant(&self) -> BlockVariant {
+        BlockVariant {
+            avg_down: self.avg_down,
+            attn_layer: self.attn_layer,
+            stride_in_1x1: self.stride_in_1x1,
+        }
+    }
+}
+
+/// A named constructor: one of torchvision's `models/resnet.py` (`resnet50()` is
+/// `ResNet(Bottleneck, [3, 4, 6, 3])`; its name is the config's `arch`) or of timm's
+/// ([`super::timm::TIMM`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Constructor {
     pub name: &'static str,
@@ -412,12 +570,7 @@ const fn tv(
 ) -> Constructor {
     Constructor {
         name,
-        architecture: Architecture {
-            block,
-            layers,
-            groups,
-            width_per_group: width,
-        },
+        architecture: Architecture::torchvision(block, layers, groups, width),
     }
 }
 
@@ -452,6 +605,21 @@ pub struct ResolvedResNet {
     pub config: ResNetConfig,
 }
 
+/// A field's name, its value in a config (if given) and in an architecture, as JSON.
+type FieldValues = (&'static str, Option<serde_json::Value>, serde_json::Value);
+
+fn field<G: Serialize, F: Serialize>(
+    name: &'static str,
+    given: Option<&G>,
+    fixed: &F,
+) -> FieldValues {
+    (name, given.map(to_json), to_json(fixed))
+}
+
+fn to_json<T: Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).expect("plain data serialises")
+}
+
 impl ResNetConfig {
     /// Settles the architecture, `constructor`'s or (`None`, `{"arch": "resnet"}`) the config's
     /// own, and checks every value.
@@ -467,27 +635,66 @@ impl ResNetConfig {
         })
     }
 
-    /// `c`'s architecture; the config may repeat what `c` fixes but not change it.
-    fn fixed_by(&self, c: &Constructor) -> Result<Architecture> {
-        let (arch, a) = (c.name, c.architecture);
-        for (field, given, fixed) in [
-            ("groups", self.groups, a.groups),
-            ("width_per_group", self.width_per_group, a.width_per_group),
-        ] {
-            if given.is_some_and(|g| g != fixed) {
-                bail!("{field}: {arch} fixes it to {fixed}; use \"arch\": \"resnet\" to choose");
-            }
-        }
-        if self.block.is_some_and(|b| b != a.block)
-            || self.layers.as_ref().is_some_and(|l| l[..] != a.layers)
-        {
-            bail!("block/layers: {arch} fixes them; use \"arch\": \"resnet\" to choose");
-        }
-        Ok(a)
+    /// The config with every architecture field set to `a`'s, as `{"arch": "resnet"}` gives it.
+    pub fn with_architecture(mut self, a: &Architecture) -> Self {
+        self.block = Some(a.block);
+        self.layers = Some(a.layers.to_vec());
+        self.groups = Some(a.groups);
+        self.width_per_group = Some(a.width_per_group);
+        self.channels = Some(a.channels);
+        self.stem_type = Some(a.stem_type);
+        self.stem_width = Some(a.stem_width);
+        self.avg_down = Some(a.avg_down);
+        self.attn_layer = Some(a.attn_layer);
+        self.stride_in_1x1 = Some(a.stride_in_1x1);
+        self.downsample_in_first_stage = Some(a.downsample_in_first_stage);
+        self
     }
 
-    /// The architecture of `{"arch": "resnet"}`: `block` and `layers` given, `groups` 1 and
-    /// `width_per_group` 64 unless given.
+    /// Each architecture field: its name, the config's value if given, and `a`'s.
+    fn architecture_fields(&self, a: &Architecture) -> [FieldValues; 11] {
+        [
+            field("block", self.block.as_ref(), &a.block),
+            field("layers", self.layers.as_ref(), &a.layers),
+            field("groups", self.groups.as_ref(), &a.groups),
+            field(
+                "width_per_group",
+                self.width_per_group.as_ref(),
+                &a.width_per_group,
+            ),
+            field("channels", self.channels.as_ref(), &a.channels),
+            field("stem_type", self.stem_type.as_ref(), &a.stem_type),
+            field("stem_width", self.stem_width.as_ref(), &a.stem_width),
+            field("avg_down", self.avg_down.as_ref(), &a.avg_down),
+            field("attn_layer", self.attn_layer.as_ref(), &a.attn_layer),
+            field(
+                "stride_in_1x1",
+                self.stride_in_1x1.as_ref(),
+                &a.stride_in_1x1,
+            ),
+            field(
+                "downsample_in_first_stage",
+                self.downsample_in_first_stage.as_ref(),
+                &a.downsample_in_first_stage,
+            ),
+        ]
+    }
+
+    /// `c`'s architecture; the config may repeat what `c` fixes but not change it.
+    fn fixed_by(&self, c: &Constructor) -> Result<Architecture> {
+        for (field, given, fixed) in self.architecture_fields(&c.architecture) {
+            if given.is_some_and(|g| g != fixed) {
+                bail!(
+                    "{field}: {} fixes it to {fixed}; use \"arch\": \"resnet\" to choose",
+                    c.name
+                );
+            }
+        }
+        Ok(c.architecture)
+    }
+
+    /// The architecture of `{"arch": "resnet"}`: `block` and `layers` given, the rest as
+    /// torchvision's `ResNet` unless given.
     fn given(&self) -> Result<Architecture> {
         let block = self
             .block
@@ -499,11 +706,20 @@ impl ResNetConfig {
         let layers: [i64; 4] = layers
             .try_into()
             .map_err(|_| anyhow::anyhow!("layers: needs 4 stage depths, got {}", layers.len()))?;
+        let d = Architecture::torchvision(block, layers, 1, 64);
         Ok(Architecture {
-            block,
-            layers,
-            groups: self.groups.unwrap_or(1),
-            width_per_group: self.width_per_group.unwrap_or(64),
+            groups: self.groups.unwrap_or(d.groups),
+            width_per_group: self.width_per_group.unwrap_or(d.width_per_group),
+            channels: self.channels.unwrap_or(d.channels),
+            stem_type: self.stem_type.unwrap_or(d.stem_type),
+            stem_width: self.stem_width.unwrap_or(d.stem_width),
+            avg_down: self.avg_down.unwrap_or(d.avg_down),
+            attn_layer: self.attn_layer.unwrap_or(d.attn_layer),
+            stride_in_1x1: self.stride_in_1x1.unwrap_or(d.stride_in_1x1),
+            downsample_in_first_stage: self
+                .downsample_in_first_stage
+                .unwrap_or(d.downsample_in_first_stage),
+            ..d
         })
     }
 
@@ -511,15 +727,24 @@ impl ResNetConfig {
     fn validate(&self, a: &Architecture) -> Result<()> {
         let stages = a.layers.iter().enumerate();
         at_least(1, stages.map(|(i, n)| (format!("layers[{i}]"), *n)))?;
+        let widths = a.channels.iter().enumerate();
+        at_least(1, widths.map(|(i, c)| (format!("channels[{i}]"), *c)))?;
         at_least(
             1,
             [
                 ("groups", a.groups),
                 ("width_per_group", a.width_per_group),
+                ("stem_width", a.stem_width),
                 ("num_classes", self.num_classes),
                 ("in_channels", self.in_channels),
             ],
         )?;
+        if a.stem_type == StemType::DeepTiered && a.stem_width < 4 {
+            bail!(
+                "stem_width: deep_tiered needs at least 4, got {}",
+                a.stem_width
+            );
+        }
         let (groups, width) = (a.groups, a.width_per_group);
         if a.block == BlockKind::Basic {
             if groups != 1 || width != 64 {
@@ -528,13 +753,18 @@ impl ResNetConfig {
             if self.replace_stride_with_dilation.iter().any(|d| *d) {
                 bail!("replace_stride_with_dilation: dilation > 1 is not supported by BasicBlock");
             }
+            if a.stride_in_1x1 {
+                bail!("stride_in_1x1: BasicBlock has no 1x1 conv");
+            }
         }
-        if bottleneck_width(64, width, groups) < 1 {
+        let narrowest = a.channels.iter().min().copied().unwrap_or(1);
+        if bottleneck_width(narrowest, width, groups) < 1 {
             bail!("width_per_group: {width} gives an empty bottleneck");
         }
         if let NormKind::GroupNorm { num_groups } = self.norm {
-            let mut channels = vec![64];
-            for planes in [64, 128, 256, 512] {
+            let mut channels = vec![a.stem_channels()];
+            channels.extend(a.stem_type.deep_widths(a.stem_width).unwrap_or_default());
+            for planes in a.channels {
                 channels.push(planes * a.block.expansion());
                 if a.block == BlockKind::Bottleneck {
                     channels.push(bottleneck_width(planes, width, groups));
@@ -551,10 +781,38 @@ impl ResNetConfig {
     }
 }
 
-/// torchvision's `ResNet`, with the paper's shortcut options and plain variant.
+/// The stem's convolutions (`conv1`): torchvision's 7x7/2 conv or timm's deep stem.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per network; boxing would only add indirection
+pub enum Stem {
+    Conv(nn::Conv2D),
+    Deep(DeepStem),
+}
+
+impl Stem {
+    /// The first convolution: its weight fixes the input's channels and dtype.
+    pub fn first_conv(&self) -> &nn::Conv2D {
+        match self {
+            Stem::Conv(conv) => conv,
+            Stem::Deep(stem) => &stem.conv0,
+        }
+    }
+
+    /// `conv1(x)` on a checked image batch `[B, C, H, W]`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        check_image(x, self.first_conv())?;
+        match self {
+            Stem::Conv(conv) => Ok(x.apply(conv)),
+            Stem::Deep(stem) => stem.forward_t(x, train).context("conv1"),
+        }
+    }
+}
+
+/// torchvision's `ResNet`, with the paper's shortcut options and plain variant, and timm's and
+/// Hugging Face's architecture options.
 #[derive(Debug)]
 pub struct ResNet {
-    pub conv1: nn::Conv2D,
+    pub conv1: Stem,
     pub bn1: Norm2d,
     pub layer1: Vec<Block>,
     pub layer2: Vec<Block>,
@@ -575,18 +833,28 @@ impl ResNet {
             shortcut: c.shortcut,
             plain: c.plain,
         };
-        let mut builder = StageBuilder::new(s, 64);
+        let stem_channels = a.stem_channels();
+        let mut builder = StageBuilder::new(s, stem_channels);
+        builder.variant = a.variant();
         let [d2, d3, d4] = c.replace_stride_with_dilation;
-        let layer1 = builder.stage(&(&path / "layer1"), 64, a.layers[0], 1, false);
-        let layer2 = builder.stage(&(&path / "layer2"), 128, a.layers[1], 2, d2);
-        let layer3 = builder.stage(&(&path / "layer3"), 256, a.layers[2], 2, d3);
-        let layer4 = builder.stage(&(&path / "layer4"), 512, a.layers[3], 2, d4);
-        let features = 512 * a.block.expansion();
-        let model = Self {
-            conv1: conv2d_no_bias(
+        let first_stride = if a.downsample_in_first_stage { 2 } else { 1 };
+        let [c1, c2, c3, c4] = a.channels;
+        let layer1 = builder.stage(&(&path / "layer1"), c1, a.layers[0], first_stride, false);
+        let layer2 = builder.stage(&(&path / "layer2"), c2, a.layers[1], 2, d2);
+        let layer3 = builder.stage(&(&path / "layer3"), c3, a.layers[2], 2, d3);
+        let layer4 = builder.stage(&(&path / "layer4"), c4, a.layers[3], 2, d4);
+        let features = a.features();
+        let conv1 = match a.stem_type.deep_widths(a.stem_width) {
+            Some(widths) => Stem::Deep(DeepStem::new(
+                &(&path / "conv1"),
+                c.in_channels,
+                widths,
+                c.norm,
+            )),
+            None => Stem::Conv(conv2d_no_bias(
                 &path / "conv1",
                 c.in_channels,
-                64,
+                stem_channels,
                 Conv2dSpec {
                     kernel: 7,
                     stride: 2,
@@ -594,8 +862,11 @@ impl ResNet {
                     groups: 1,
                     dilation: 1,
                 },
-            ),
-            bn1: Norm2d::new(&path / "bn1", c.norm, 64),
+            )),
+        };
+        let model = Self {
+            conv1,
+            bn1: Norm2d::new(&path / "bn1", c.norm, stem_channels),
             layer1,
             layer2,
             layer3,
@@ -627,13 +898,14 @@ impl ResNet {
     /// The outputs of `layer1` .. `layer4` (strides 4, 8, 16, 32 without dilation), for detection
     /// and segmentation heads.
     pub fn forward_stages(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        let h = stem(&self.conv1, &self.bn1, x, train)?;
+        let h = self.conv1.forward_t(x, train)?;
+        let h = self.bn1.forward_t(&h, train).context("bn1")?.relu();
         let h = h.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         let layers = [&self.layer1, &self.layer2, &self.layer3, &self.layer4];
         run_stages(&layers.map(Vec::as_slice), h, train)
     }
 
-    /// The pooled features before `fc`: `[B, 512 * expansion]`.
+    /// The pooled features before `fc`: `[B, channels[3] * expansion]`.
     pub fn forward_features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let last = self.forward_stages(x, train)?.pop().context("no stages")?;
         Ok(global_pool(&last))

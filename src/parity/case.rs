@@ -8,7 +8,9 @@ use anyhow::{bail, Context, Result};
 use tch::{nn::VarStore, CModule, Device, Tensor};
 
 use super::diff::{all_finite, max_abs_diff, Comparer, Side};
-use super::{hashed_weight, CaseOutcome, CaseSpec, Diff, Loss, Manifest, SgdSpec, TorchScript};
+use super::{
+    hashed_weight, CaseOutcome, CaseSpec, Diff, KeyLayout, Loss, Manifest, SgdSpec, TorchScript,
+};
 use crate::checkpoint::{load_state_dict, LoadReport, StateDict};
 use crate::config::ModelConfig;
 use crate::models::conv_sds::{span_loss, split_span_logits};
@@ -26,11 +28,11 @@ pub fn run_case(manifest: &Manifest, case: &CaseSpec, device: Device) -> Result<
     let vars = vs.variables();
     let scripted = load_torchscript(case, &dir, device)?;
     let params = match &scripted {
-        Some(scripted) => compare_parameters(scripted, &vars, &mut cmp)?,
+        Some(scripted) => compare_parameters(scripted, case.layout, &vars, &mut cmp)?,
         None => ParameterMatch::default(),
     };
 
-    let refs = References::read(&dir)?;
+    let refs = References::read(&dir, case.layout)?;
     let inputs = leaf_inputs(model.as_ref(), &refs.inputs, device)?;
     let forward = compare_forward(
         case,
@@ -50,7 +52,8 @@ pub fn run_case(manifest: &Manifest, case: &CaseSpec, device: Device) -> Result<
                 case_loss(case, &output, &refs.loss)?.backward();
                 Ok(())
             })?;
-            let expected = Reference::read(&dir, "after_step.safetensors")?;
+            let expected = Reference::read(&dir, "after_step.safetensors")?
+                .rename(|key| case.layout.rust_key(key))?;
             Some(state_diff(&vs, &expected, &mut cmp)?)
         }
         None => None,
@@ -93,6 +96,16 @@ impl Reference {
         })
     }
 
+    /// The same tensors under the names `rename` gives.
+    fn rename(self, rename: impl Fn(&str) -> Result<String>) -> Result<Self> {
+        let tensors = self
+            .tensors
+            .into_iter()
+            .map(|(key, t)| Ok((rename(&key)?, t)))
+            .collect::<Result<_>>()?;
+        Ok(Reference { tensors, ..self })
+    }
+
     fn get(&self, key: &str) -> Result<&Tensor> {
         self.tensors.get(key).with_context(|| {
             format!(
@@ -114,12 +127,19 @@ struct References {
 }
 
 impl References {
-    fn read(dir: &Path) -> Result<Self> {
+    fn read(dir: &Path, layout: KeyLayout) -> Result<Self> {
         Ok(References {
             inputs: Reference::read(dir, "inputs.safetensors")?,
             outputs: Reference::read(dir, "outputs.safetensors")?,
             loss: Reference::read(dir, "loss.safetensors")?,
-            grads: Reference::read(dir, "grads.safetensors")?,
+            grads: Reference::read(dir, "grads.safetensors")?.rename(|key| {
+                Ok(match key.split_once('.') {
+                    Some((kind @ ("param" | "param_rows"), name)) => {
+                        format!("{kind}.{}", layout.rust_key(name)?)
+                    }
+                    _ => key.to_string(),
+                })
+            })?,
         })
     }
 }
@@ -140,6 +160,9 @@ fn load_model(case: &CaseSpec, dir: &Path, device: Device) -> Result<Loaded> {
     let vs = VarStore::new(device);
     let model = config.build(vs.root())?;
     let mut state = StateDict::read_safetensors(&dir.join("state_dict.safetensors"))?;
+    for (key, _) in state.entries.iter_mut() {
+        *key = case.layout.rust_key(key)?;
+    }
     let vars = vs.variables();
     for (key, spec) in &case.seeded_weights {
         let var = vars.get(key).with_context(|| {
@@ -181,11 +204,16 @@ struct ParameterMatch {
 
 fn compare_parameters(
     scripted: &CModule,
+    layout: KeyLayout,
     vars: &HashMap<String, Tensor>,
     cmp: &mut Comparer,
 ) -> Result<ParameterMatch> {
     let mut out = ParameterMatch::default();
-    let ts_params = scripted.named_parameters()?;
+    let ts_params = scripted
+        .named_parameters()?
+        .into_iter()
+        .map(|(name, t)| Ok((layout.rust_key(&name)?, t)))
+        .collect::<Result<Vec<_>>>()?;
     for (name, value) in &ts_params {
         match vars.get(name) {
             Some(var) => {

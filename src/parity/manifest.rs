@@ -184,6 +184,31 @@ pub struct CaseSpec {
     /// [`super::hashed_weight`].
     #[serde(default)]
     pub seeded_weights: BTreeMap<String, SeededWeight>,
+    /// Whose key names the case's state_dict, TorchScript parameters and gradients use.
+    #[serde(default)]
+    pub layout: KeyLayout,
+}
+
+/// Whose key names a case's references use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyLayout {
+    /// The Rust model's own (PyTorch's state_dict names).
+    #[default]
+    Pytorch,
+    /// Hugging Face's, mapped by [`crate::models::huggingface::torchvision_key`].
+    Huggingface,
+}
+
+impl KeyLayout {
+    /// The Rust variable a reference's `key` names.
+    pub fn rust_key(self, key: &str) -> Result<String> {
+        match self {
+            KeyLayout::Pytorch => Ok(key.to_string()),
+            KeyLayout::Huggingface => crate::models::huggingface::torchvision_key(key)
+                .with_context(|| format!("`{key}` is not a Hugging Face ResNet key")),
+        }
+    }
 }
 
 impl CaseSpec {

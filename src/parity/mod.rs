@@ -27,7 +27,7 @@ use tch::Device;
 pub use case::run_case;
 pub use diff::{all_finite, max_abs_diff, tensor_diff, Diff};
 pub use manifest::{
-    CaseSpec, Dtype, Loss, Manifest, Mode, SeededWeight, SgdSpec, TensorSpec, Tolerance,
+    CaseSpec, Dtype, KeyLayout, Loss, Manifest, Mode, SeededWeight, SgdSpec, TensorSpec, Tolerance,
     Tolerances, TorchScript,
 };
 pub use outcome::CaseOutcome;
