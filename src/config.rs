@@ -20,7 +20,7 @@ use tch::nn;
 
 use crate::models::cifar::{CifarResNet, CifarResNetConfig};
 use crate::models::conv_sds::{ConvSdsHead, ConvSdsHeadConfig, ConvSdsLayer, ConvSdsLayerConfig};
-use crate::models::resnet::{Constructor, ResNet, ResNetConfig, TORCHVISION};
+use crate::models::resnet::{Architecture, Constructor, ResNet, ResNetConfig, TORCHVISION};
 use crate::models::sid::{SidClassifier, SidConfig, SidResidualBlock, SidResidualBlockConfig};
 use crate::models::timm::{self, TIMM};
 use crate::models::Model;
@@ -174,6 +174,25 @@ impl ModelConfig {
             constructor,
             config,
         })
+    }
+
+    /// The ResNet of architecture `a` with the settings of `config`: under its torchvision
+    /// constructor's name if it has one, else its timm constructor's, else given in full
+    /// (`{"arch": "resnet", ...}`).
+    pub fn named_resnet(a: &Architecture, config: ResNetConfig) -> Self {
+        if let Some(c) = TORCHVISION.iter().find(|c| c.architecture == *a) {
+            return Self::Torchvision {
+                constructor: c,
+                config,
+            };
+        }
+        match timm::TIMM.iter().find(|c| c.architecture == *a) {
+            Some(c) => Self::Timm {
+                constructor: c,
+                config,
+            },
+            None => Self::Resnet(config.with_architecture(a)),
+        }
     }
 
     /// The timm constructor `name` with `config` as its keyword arguments.

@@ -17,9 +17,11 @@ use crate::checkpoint::{load_state_dict, ReadOptions, StateDict};
 use crate::config::ModelConfig;
 use crate::models::cifar::CifarResNetConfig;
 use crate::models::conv_sds::ConvSdsHeadConfig;
+use crate::models::huggingface;
 use crate::models::layers::NormKind;
-use crate::models::resnet::{Architecture, BlockKind, ResNetConfig, ShortcutKind, TORCHVISION};
+use crate::models::resnet::{Architecture, BlockKind, ResNetConfig, ShortcutKind, CHANNELS};
 use crate::models::sid::SidConfig;
+use crate::models::timm::{AttnLayer, StemType};
 
 /// One tensor of the checkpoint.
 #[derive(Debug, Serialize)]
@@ -73,10 +75,11 @@ pub struct Identified {
 /// The families `inspect` recognises: the key that marks one, its name, and how its config is
 /// read off the keys (tried in this order).
 type Guess = fn(&Keys) -> Result<Identified, NoMatch>;
-const FAMILIES: [(&str, &str, Guess); 3] = [
+const FAMILIES: [(&str, &str, Guess); 4] = [
     ("convs.0.conv1.weight", "ConvSDSHead", guess_conv_sds),
     (SID_OFFSETS, "SiD classifier", guess_sid),
     ("conv1.weight", "ResNet", guess_resnet),
+    ("conv1.0.weight", "ResNet with a deep stem", guess_resnet),
 ];
 
 const SID_OFFSETS: &str = "model.embeddings.categorical_embedding_offsets";
@@ -298,7 +301,22 @@ fn guess_conv_sds(keys: &Keys) -> Result<Identified, NoMatch> {
 }
 
 fn guess_resnet(keys: &Keys) -> Result<Identified, NoMatch> {
-    let conv1 = keys.shape("conv1.weight", 4)?;
+    // timm's deep stems: conv1.0 / conv1.3 / conv1.6, the first narrower in the tiered one.
+    let (conv1, stem_type, stem_width) = if keys.has("conv1.0.weight") {
+        let first = keys.shape("conv1.0.weight", 4)?;
+        let second = keys.shape("conv1.3.weight", 4)?;
+        let tiered = first[0] != second[0];
+        let stem_type = if tiered {
+            StemType::DeepTiered
+        } else {
+            StemType::Deep
+        };
+        (first, stem_type, second[0])
+    } else {
+        let conv1 = keys.shape("conv1.weight", 4)?;
+        let width = conv1[0];
+        (conv1, StemType::Default, width)
+    };
     let in_channels = conv1[1];
     let norm = if !keys.has("bn1.running_mean") {
         return Err(NoMatch::GroupNorm);
@@ -312,17 +330,22 @@ fn guess_resnet(keys: &Keys) -> Result<Identified, NoMatch> {
         .then(|| keys.rows("fc.weight"))
         .transpose()?;
     let blocks: [i64; 4] = [1, 2, 3, 4].map(|i| keys.count_indexed(&format!("layer{i}")));
+    // Blocks with a projection shortcut (`downsample.0` conv, or timm's pool then `.1` conv).
     let downsampled = keys
         .state
         .keys()
-        .filter(|k| k.ends_with("downsample.0.weight"))
-        .count() as i64;
+        .filter_map(|k| k.split_once(".downsample.").map(|(block, _)| block))
+        .collect::<BTreeSet<_>>()
+        .len() as i64;
+    // timm's average-pool shortcut: a parameter-free pool at `downsample.0`, then conv and norm.
+    let avg_down =
+        keys.has("layer2.0.downsample.1.weight") && !keys.has("layer2.0.downsample.0.weight");
     let (shortcut, shortcut_note) = match downsampled {
         0 => (ShortcutKind::A, " (shortcut A, or plain: same weights)"),
         d if d == blocks.iter().sum::<i64>() => (ShortcutKind::C, " (shortcut C)"),
         _ => (ShortcutKind::B, ""),
     };
-    if conv1[0] == 16 && blocks[3] == 0 && blocks[2] > 0 {
+    if stem_type == StemType::Default && conv1[0] == 16 && blocks[3] == 0 && blocks[2] > 0 {
         let depth = 6 * blocks[0] + 2;
         let config = CifarResNetConfig {
             depth,
@@ -339,18 +362,36 @@ fn guess_resnet(keys: &Keys) -> Result<Identified, NoMatch> {
             description: format!("CIFAR ResNet-{depth}{shortcut_note}"),
         });
     }
-    let conv2 = keys.shape("layer1.0.conv2.weight", 4)?;
     let bottleneck = keys.has("layer1.0.conv3.weight");
-    let block = if bottleneck {
-        BlockKind::Bottleneck
+    let (block, last_conv) = if bottleneck {
+        (BlockKind::Bottleneck, "conv3")
     } else {
-        BlockKind::Basic
+        (BlockKind::Basic, "conv2")
     };
+    let mut channels = [0; 4];
+    for (i, c) in channels.iter_mut().enumerate() {
+        let out = keys.shape(&format!("layer{}.0.{last_conv}.weight", i + 1), 4)?;
+        *c = out[0] / block.expansion();
+    }
+    let conv2 = keys.shape("layer1.0.conv2.weight", 4)?;
     let groups = conv2[0] / conv2[1].max(1);
+    // torchvision's width: floor(planes * width_per_group / 64) * groups for the first stage.
     let width_per_group = if bottleneck {
-        conv2[0] / groups.max(1)
+        conv2[0] / groups.max(1) * 64 / channels[0].max(1)
     } else {
         64
+    };
+    let architecture = Architecture {
+        channels,
+        stem_type,
+        stem_width,
+        avg_down,
+        attn_layer: if keys.has("layer1.0.se.fc1.weight") {
+            AttnLayer::Se
+        } else {
+            AttnLayer::None
+        },
+        ..Architecture::torchvision(block, blocks, groups, width_per_group)
     };
     let config = ResNetConfig {
         num_classes: num_classes.unwrap_or(ResNetConfig::default().num_classes),
@@ -360,21 +401,32 @@ fn guess_resnet(keys: &Keys) -> Result<Identified, NoMatch> {
         in_channels,
         ..ResNetConfig::default()
     };
-    let (config, name) = match torchvision(block, blocks, groups, width_per_group, &config) {
-        Some((config, arch)) => (config, format!("torchvision {arch}")),
-        None => (
-            ModelConfig::Resnet(ResNetConfig {
-                block: Some(block),
-                layers: Some(blocks.to_vec()),
-                groups: Some(groups),
-                width_per_group: Some(width_per_group),
-                ..config
-            }),
+    let config = match ModelConfig::named_resnet(&architecture, config) {
+        ModelConfig::Resnet(c) => ModelConfig::Resnet(without_defaults(c)),
+        named => named,
+    };
+    let name = match &config {
+        ModelConfig::Torchvision { constructor, .. } => format!("torchvision {}", constructor.name),
+        ModelConfig::Timm { constructor, .. } => format!("timm {}", constructor.name),
+        _ => {
+            let mut extras = String::new();
+            if stem_type != StemType::Default {
+                extras += &format!(", {stem_type:?} stem of width {stem_width}");
+            }
+            if avg_down {
+                extras += ", average-pool shortcuts";
+            }
+            if architecture.attn_layer == AttnLayer::Se {
+                extras += ", squeeze-and-excitation";
+            }
+            if channels != CHANNELS {
+                extras += &format!(", stage widths {channels:?}");
+            }
             format!(
-                "ResNet ({}, layers {blocks:?}, groups {groups}, width/group {width_per_group})",
+                "ResNet ({}, layers {blocks:?}, groups {groups}, width/group {width_per_group}{extras})",
                 if bottleneck { "bottleneck" } else { "basic" }
-            ),
-        ),
+            )
+        }
     };
     let classes =
         num_classes.map_or_else(|| "no classifier".to_string(), |n| format!("{n} classes"));
@@ -388,19 +440,30 @@ fn guess_resnet(keys: &Keys) -> Result<Identified, NoMatch> {
     })
 }
 
-/// The torchvision constructor with this block, stage depths, groups and width, as a config with
-/// the settings of `config`, and its name.
-fn torchvision(
-    block: BlockKind,
-    layers: [i64; 4],
-    groups: i64,
-    width_per_group: i64,
-    config: &ResNetConfig,
-) -> Option<(ModelConfig, &'static str)> {
-    let wanted = Architecture::torchvision(block, layers, groups, width_per_group);
-    let constructor = TORCHVISION.iter().find(|c| c.architecture == wanted)?;
-    let config = ModelConfig::torchvision(constructor.name, config.clone())?;
-    Some((config, constructor.name))
+/// A ResNet given in full, with only the architecture fields that differ from torchvision's.
+fn without_defaults(mut c: ResNetConfig) -> ResNetConfig {
+    if c.channels == Some(CHANNELS) {
+        c.channels = None;
+    }
+    if c.stem_type == Some(StemType::Default) {
+        c.stem_type = None;
+    }
+    if c.stem_width == Some(64) {
+        c.stem_width = None;
+    }
+    if c.avg_down == Some(false) {
+        c.avg_down = None;
+    }
+    if c.attn_layer == Some(AttnLayer::None) {
+        c.attn_layer = None;
+    }
+    if c.stride_in_1x1 == Some(false) {
+        c.stride_in_1x1 = None;
+    }
+    if c.downsample_in_first_stage == Some(false) {
+        c.downsample_in_first_stage = None;
+    }
+    c
 }
 
 fn guess_sid(keys: &Keys) -> Result<Identified, NoMatch> {
@@ -518,13 +581,69 @@ pub fn format_summary(s: &Summary, all_keys: bool) -> String {
     out
 }
 
-/// Reads a checkpoint and summarises it.
+/// Reads a checkpoint (or a Hugging Face model folder) and summarises it.
 pub fn inspect(path: &std::path::Path, options: &ReadOptions) -> Result<Summary> {
+    if huggingface::is_folder(path) {
+        return inspect_folder(path);
+    }
     let (state, layout) = StateDict::read_described(path, options)
         .with_context(|| format!("cannot inspect {}", path.display()))?;
     Ok(Summary {
         layout: Some(layout.to_string()),
         ..summarize(&state)
+    })
+}
+
+/// A Hugging Face folder: its `config.json` gives the architecture (including what the weights
+/// cannot show, such as where a bottleneck strides), confirmed by a strict load.
+fn inspect_folder(dir: &std::path::Path) -> Result<Summary> {
+    let folder = huggingface::read_folder(dir)
+        .with_context(|| format!("cannot inspect {}", dir.display()))?;
+    let files: Vec<String> = folder
+        .weights
+        .iter()
+        .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    let labels = folder
+        .labels
+        .as_ref()
+        .map_or_else(String::new, |l| format!("; {} labels (id2label)", l.len()));
+    let layout = format!(
+        "Hugging Face model folder: config.json + {}, keys mapped to torchvision's{labels}",
+        files.join(" + ")
+    );
+    let summary = summarize(&folder.state);
+    let vs = VarStore::new(Device::Cpu);
+    folder.config.build(vs.root())?;
+    let loaded = load_state_dict(&vs, &folder.state, false)?;
+    let (config, architecture, no_match) = if loaded.is_clean() {
+        let named = match &folder.config {
+            ModelConfig::Torchvision { constructor, .. } => {
+                format!("as torchvision {}", constructor.name)
+            }
+            ModelConfig::Timm { constructor, .. } => format!("as timm {}", constructor.name),
+            _ => "given in full by config.json".to_string(),
+        };
+        (
+            Some(folder.config.clone()),
+            Some(format!("Hugging Face ResNet ({named})")),
+            None,
+        )
+    } else {
+        let error = anyhow::anyhow!("{loaded}");
+        let rejected = NoMatch::Rejected {
+            description: "the folder's config.json".into(),
+            config: Box::new(folder.config.clone()),
+            error,
+        };
+        (None, None, Some(rejected))
+    };
+    Ok(Summary {
+        layout: Some(layout),
+        config,
+        architecture,
+        no_match,
+        ..summary
     })
 }
 
@@ -561,6 +680,38 @@ mod tests {
                 r#"{"arch": "resnet", "block": "bottleneck", "layers": [1, 2, 1, 1], "groups": 2,
                     "width_per_group": 32, "num_classes": 7}"#,
                 "ResNet (bottleneck, layers [1, 2, 1, 1], groups 2, width/group 32), 7 classes",
+            ),
+            (
+                r#"{"arch": "timm", "name": "resnet26t", "num_classes": 10}"#,
+                "timm resnet26t, 10 classes",
+            ),
+            (
+                r#"{"arch": "timm", "name": "resnet50d", "num_classes": 10}"#,
+                "timm resnet50d, 10 classes",
+            ),
+            (
+                r#"{"arch": "timm", "name": "resnet50s", "num_classes": 10}"#,
+                "timm resnet50s, 10 classes",
+            ),
+            (
+                r#"{"arch": "timm", "name": "seresnext26d_32x4d", "num_classes": 10}"#,
+                "timm seresnext26d_32x4d, 10 classes",
+            ),
+            (
+                r#"{"arch": "timm", "name": "seresnet18", "num_classes": 10}"#,
+                "timm seresnet18, 10 classes",
+            ),
+            (
+                r#"{"arch": "timm", "name": "resnet10t", "num_classes": 10}"#,
+                "timm resnet10t, 10 classes",
+            ),
+            (
+                r#"{"arch": "resnet", "block": "basic", "layers": [2, 1, 1, 1], "groups": 1,
+                    "width_per_group": 64, "stem_type": "deep",
+                    "stem_width": 8, "avg_down": true, "attn_layer": "se",
+                    "channels": [8, 16, 24, 32], "num_classes": 3}"#,
+                "ResNet (basic, layers [2, 1, 1, 1], groups 1, width/group 64, Deep stem of width 8, \
+                 average-pool shortcuts, squeeze-and-excitation, stage widths [8, 16, 24, 32]), 3 classes",
             ),
             (
                 r#"{"arch": "resnet18", "norm": "frozen_batch_norm", "include_fc": false,
@@ -669,7 +820,7 @@ mod tests {
             "matches: no known architecture (give --config to `residual infer`)\nwhy: none of \
              the keys that mark a known family (convs.0.conv1.weight: ConvSDSHead; \
              model.embeddings.categorical_embedding_offsets: SiD classifier; conv1.weight: \
-             ResNet)\n"
+             ResNet; conv1.0.weight: ResNet with a deep stem)\n"
         ));
     }
 }

@@ -255,3 +255,55 @@ fn timm_checkpoint_saver_files_hold_the_case_weights() {
         }
     }
 }
+
+/// `residual inspect` on a Hugging Face folder and on timm's train-script checkpoint: where the
+/// weights are, and the config that loads them (for a v1 bottleneck, the folder's config.json
+/// says what the weights cannot: the stride on the 1x1).
+#[test]
+fn inspect_names_hugging_face_folders_and_timm_checkpoints() {
+    require_timm_and_transformers();
+    let manifest = common::manifest();
+    let dir = parity::default_artifacts_dir();
+    let inspect = |path: &std::path::Path| {
+        let out = std::process::Command::new(common::residual_bin())
+            .args(["inspect", "--json"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    for name in [
+        "hf_bottleneck_v1_train",
+        "hf_basic",
+        "hf_model_bottleneck_no_head",
+    ] {
+        let case = manifest.case(name).unwrap();
+        let summary = inspect(&dir.join(name).join("hf"));
+        let layout = summary["layout"].as_str().unwrap();
+        assert!(
+            layout.starts_with("Hugging Face model folder: config.json + model.safetensors"),
+            "{name}: {layout}"
+        );
+        let found = ModelConfig::from_value(summary["config"].clone()).unwrap();
+        assert_eq!(
+            found,
+            ModelConfig::from_value(case.config.clone()).unwrap(),
+            "{name}"
+        );
+    }
+    let case = manifest.case("timm_tiny_se_tiered_train").unwrap();
+    let summary = inspect(&dir.join(&case.name).join("last.pth.tar"));
+    let layout = summary["layout"].as_str().unwrap();
+    assert!(
+        layout.contains("weights under `state_dict`")
+            && layout.contains("args (argparse.Namespace)"),
+        "{layout}"
+    );
+    let found = ModelConfig::from_value(summary["config"].clone()).unwrap();
+    assert_eq!(found, ModelConfig::from_value(case.config.clone()).unwrap());
+}

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 
-use super::resnet::{Architecture, BlockKind, ResNetConfig, TORCHVISION};
+use super::resnet::{Architecture, BlockKind, ResNetConfig};
 use crate::checkpoint::{ReadOptions, StateDict};
 use crate::config::ModelConfig;
 
@@ -163,10 +163,7 @@ impl HfResNetConfig {
             include_fc: head,
             ..ResNetConfig::default()
         };
-        let config = match TORCHVISION.iter().find(|c| c.architecture == a) {
-            Some(c) => ModelConfig::torchvision(c.name, config).context("torchvision table")?,
-            None => ModelConfig::Resnet(config.with_architecture(&a)),
-        };
+        let config = ModelConfig::named_resnet(&a, config);
         config.validate()?;
         Ok(config)
     }
