@@ -301,22 +301,7 @@ fn guess_conv_sds(keys: &Keys) -> Result<Identified, NoMatch> {
 }
 
 fn guess_resnet(keys: &Keys) -> Result<Identified, NoMatch> {
-    // timm's deep stems: conv1.0 / conv1.3 / conv1.6, the first narrower in the tiered one.
-    let (conv1, stem_type, stem_width) = if keys.has("conv1.0.weight") {
-        let first = keys.shape("conv1.0.weight", 4)?;
-        let second = keys.shape("conv1.3.weight", 4)?;
-        let tiered = first[0] != second[0];
-        let stem_type = if tiered {
-            StemType::DeepTiered
-        } else {
-            StemType::Deep
-        };
-        (first, stem_type, second[0])
-    } else {
-        let conv1 = keys.shape("conv1.weight", 4)?;
-        let width = conv1[0];
-        (conv1, StemType::Default, width)
-    };
+    let (conv1, stem_type, stem_width) = read_stem(keys)?;
     let in_channels = conv1[1];
     let norm = if !keys.has("bn1.running_mean") {
         return Err(NoMatch::GroupNorm);
@@ -362,6 +347,58 @@ fn guess_resnet(keys: &Keys) -> Result<Identified, NoMatch> {
             description: format!("CIFAR ResNet-{depth}{shortcut_note}"),
         });
     }
+    let architecture = Architecture {
+        stem_type,
+        stem_width,
+        avg_down,
+        ..read_blocks(keys, blocks)?
+    };
+    let config = ResNetConfig {
+        num_classes: num_classes.unwrap_or(ResNetConfig::default().num_classes),
+        include_fc: num_classes.is_some(),
+        norm,
+        shortcut,
+        in_channels,
+        ..ResNetConfig::default()
+    };
+    let config = match ModelConfig::named_resnet(&architecture, config) {
+        ModelConfig::Resnet(c) => ModelConfig::Resnet(without_defaults(c)),
+        named => named,
+    };
+    let name = describe_resnet(&config, &architecture);
+    let classes =
+        num_classes.map_or_else(|| "no classifier".to_string(), |n| format!("{n} classes"));
+    let norm_note = match norm {
+        NormKind::FrozenBatchNorm => ", FrozenBatchNorm",
+        _ => "",
+    };
+    Ok(Identified {
+        config,
+        description: format!("{name}, {classes}{shortcut_note}{norm_note}"),
+    })
+}
+
+/// The stem's first conv weight, its type and width: torchvision's `conv1`, or timm's deep
+/// stems (`conv1.0` / `conv1.3` / `conv1.6`, the first narrower in the tiered one).
+fn read_stem(keys: &Keys) -> Result<(Vec<i64>, StemType, i64), NoMatch> {
+    if !keys.has("conv1.0.weight") {
+        let conv1 = keys.shape("conv1.weight", 4)?;
+        let width = conv1[0];
+        return Ok((conv1, StemType::Default, width));
+    }
+    let first = keys.shape("conv1.0.weight", 4)?;
+    let second = keys.shape("conv1.3.weight", 4)?;
+    let stem_type = if first[0] != second[0] {
+        StemType::DeepTiered
+    } else {
+        StemType::Deep
+    };
+    Ok((first, stem_type, second[0]))
+}
+
+/// Block kind, groups, width and stage widths read off the first block of each stage, and
+/// squeeze-and-excitation; the stem and shortcut fields are torchvision's.
+fn read_blocks(keys: &Keys, layers: [i64; 4]) -> Result<Architecture, NoMatch> {
     let bottleneck = keys.has("layer1.0.conv3.weight");
     let (block, last_conv) = if bottleneck {
         (BlockKind::Bottleneck, "conv3")
@@ -381,63 +418,47 @@ fn guess_resnet(keys: &Keys) -> Result<Identified, NoMatch> {
     } else {
         64
     };
-    let architecture = Architecture {
+    let attn_layer = if keys.has("layer1.0.se.fc1.weight") {
+        AttnLayer::Se
+    } else {
+        AttnLayer::None
+    };
+    Ok(Architecture {
         channels,
-        stem_type,
-        stem_width,
-        avg_down,
-        attn_layer: if keys.has("layer1.0.se.fc1.weight") {
-            AttnLayer::Se
-        } else {
-            AttnLayer::None
-        },
-        ..Architecture::torchvision(block, blocks, groups, width_per_group)
-    };
-    let config = ResNetConfig {
-        num_classes: num_classes.unwrap_or(ResNetConfig::default().num_classes),
-        include_fc: num_classes.is_some(),
-        norm,
-        shortcut,
-        in_channels,
-        ..ResNetConfig::default()
-    };
-    let config = match ModelConfig::named_resnet(&architecture, config) {
-        ModelConfig::Resnet(c) => ModelConfig::Resnet(without_defaults(c)),
-        named => named,
-    };
-    let name = match &config {
+        attn_layer,
+        ..Architecture::torchvision(block, layers, groups, width_per_group)
+    })
+}
+
+/// "torchvision resnet50", "timm resnet50d", or the architecture in words.
+fn describe_resnet(config: &ModelConfig, a: &Architecture) -> String {
+    match config {
         ModelConfig::Torchvision { constructor, .. } => format!("torchvision {}", constructor.name),
         ModelConfig::Timm { constructor, .. } => format!("timm {}", constructor.name),
         _ => {
             let mut extras = String::new();
-            if stem_type != StemType::Default {
-                extras += &format!(", {stem_type:?} stem of width {stem_width}");
+            if a.stem_type != StemType::Default {
+                extras += &format!(", {:?} stem of width {}", a.stem_type, a.stem_width);
             }
-            if avg_down {
+            if a.avg_down {
                 extras += ", average-pool shortcuts";
             }
-            if architecture.attn_layer == AttnLayer::Se {
+            if a.attn_layer == AttnLayer::Se {
                 extras += ", squeeze-and-excitation";
             }
-            if channels != CHANNELS {
-                extras += &format!(", stage widths {channels:?}");
+            if a.channels != CHANNELS {
+                extras += &format!(", stage widths {:?}", a.channels);
             }
+            let block = match a.block {
+                BlockKind::Bottleneck => "bottleneck",
+                BlockKind::Basic => "basic",
+            };
             format!(
-                "ResNet ({}, layers {blocks:?}, groups {groups}, width/group {width_per_group}{extras})",
-                if bottleneck { "bottleneck" } else { "basic" }
+                "ResNet ({block}, layers {:?}, groups {}, width/group {}{extras})",
+                a.layers, a.groups, a.width_per_group
             )
         }
-    };
-    let classes =
-        num_classes.map_or_else(|| "no classifier".to_string(), |n| format!("{n} classes"));
-    let norm_note = match norm {
-        NormKind::FrozenBatchNorm => ", FrozenBatchNorm",
-        _ => "",
-    };
-    Ok(Identified {
-        config,
-        description: format!("{name}, {classes}{shortcut_note}{norm_note}"),
-    })
+    }
 }
 
 /// A ResNet given in full, with only the architecture fields that differ from torchvision's.
