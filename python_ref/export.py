@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 import reference as R
 import resnet_cases
 from checkpoints import export_checkpoints
+from preprocess import export_preprocess, missing_libraries
 
 # Relative fp32 tolerances, max|Δ| / max|reference| per tensor, by the device the Rust side runs on
 # (CUDA runs compare to these CPU references, TF32 off). The CPU runs the very kernels PyTorch ran,
@@ -387,6 +388,13 @@ def main():
     if not args.only:
         print("exporting checkpoint fixtures", flush=True)
         manifest["fixtures"] = export_checkpoints(args.out)
+        missing = missing_libraries()
+        if missing:
+            # A bare PyTorch host (the GPU bundle's) lacks them; the pins have them.
+            print(f"skipping the preprocessing references: {', '.join(missing)} not installed", flush=True)
+        else:
+            print("exporting preprocessing references", flush=True)
+            manifest["fixtures"].update(export_preprocess(args.out))
     fd, tmp = tempfile.mkstemp(dir=args.out, prefix=".manifest-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(manifest, f, indent=1)
