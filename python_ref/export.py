@@ -46,6 +46,7 @@ import reference as R
 import resnet_cases
 import shape_cases
 from checkpoints import export_checkpoints
+from preprocess import export_preprocess, missing_libraries
 
 try:
     import timm_hf_cases
@@ -418,6 +419,13 @@ def main():
     if not args.only:
         print("exporting checkpoint fixtures", flush=True)
         manifest["fixtures"] = export_checkpoints(args.out)
+        missing = missing_libraries()
+        if missing:
+            # A bare PyTorch host (the GPU bundle's) lacks them; the pins have them.
+            print(f"skipping the preprocessing references: {', '.join(missing)} not installed", flush=True)
+        else:
+            print("exporting preprocessing references", flush=True)
+            manifest["fixtures"].update(export_preprocess(args.out))
     elif args.merge:
         with open(os.path.join(args.out, "manifest.json")) as f:
             previous = json.load(f)

@@ -1,5 +1,5 @@
 //! Inference from files: a model from its config and a PyTorch checkpoint, batched forward over
-//! named input tensors, and torchvision's image-classification preprocessing.
+//! named input tensors, and image classification (preprocessing in [`crate::preprocess`]).
 
 use std::path::Path;
 
@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::{load_state_dict, ReadOptions, StateDict};
 use crate::config::ModelConfig;
 use crate::models::{Inputs, Model};
+use crate::preprocess::Preprocess;
 
 /// How weights meet the model.
 #[derive(Debug, Clone, Default)]
@@ -147,42 +148,12 @@ pub fn set_cuda_tf32(allow: bool) -> Result<()> {
 
 /// torchvision's ImageNet evaluation preprocessing (`ImageClassification`): resize the shorter side
 /// to `resize` (bilinear, antialiased), center-crop `crop`, scale to [0, 1], normalise with the
-/// ImageNet mean and std. Returns `[3, crop, crop]` float.
+/// ImageNet mean and std. Returns `[3, crop, crop]` float. [`Preprocess`] has the other transforms.
 pub fn preprocess_image(path: &Path, resize: i64, crop: i64) -> Result<Tensor> {
     if resize < crop {
         bail!("--resize {resize} is smaller than the crop {crop}");
     }
-    let image = tch::vision::image::load(path)
-        .with_context(|| format!("cannot decode image {}", path.display()))?;
-    let image = match image.size()[0] {
-        3 => image,
-        1 => image.repeat([3, 1, 1]),
-        4 => image.narrow(0, 0, 3),
-        c => bail!("image {} has {c} channels", path.display()),
-    };
-    let (h, w) = (image.size()[1], image.size()[2]);
-    // torchvision: the shorter side becomes `resize`, the longer int(resize * long / short).
-    let (nh, nw) = if h <= w {
-        (resize, resize * w / h)
-    } else {
-        (resize * h / w, resize)
-    };
-    let resized = image
-        .to_kind(Kind::Float)
-        .unsqueeze(0)
-        .f_internal_upsample_bilinear2d_aa([nh, nw], false, None, None)?
-        .round()
-        .clamp(0.0, 255.0);
-    let top = ((nh - crop) as f64 / 2.0).round() as i64;
-    let left = ((nw - crop) as f64 / 2.0).round() as i64;
-    let cropped = resized
-        .narrow(2, top, crop)
-        .narrow(3, left, crop)
-        .squeeze_dim(0)
-        / 255.0;
-    let mean = Tensor::from_slice(&[0.485f32, 0.456, 0.406]).view([3, 1, 1]);
-    let std = Tensor::from_slice(&[0.229f32, 0.224, 0.225]).view([3, 1, 1]);
-    Ok((cropped - mean) / std)
+    Preprocess::torchvision(resize, crop).apply(path)
 }
 
 /// Class names, one per line.

@@ -8,6 +8,8 @@
 //! * [`backend`]: libtorch switches tch lacks (TF32, determinism), through a small C++ shim.
 //! * [`device`], [`doctor`]: device selection and the environment report.
 //! * [`fs`]: atomic file writes, shared by checkpoints, training runs and experiment reports.
+//! * [`preprocess`]: image preprocessing with the pixels of torchvision's, timm's and
+//!   transformers' evaluation transforms.
 //! * [`validate`]: config value checks whose errors name the field.
 
 pub mod backend;
@@ -22,6 +24,7 @@ pub mod infer;
 pub mod inspect;
 pub mod models;
 pub mod parity;
+pub mod preprocess;
 pub mod train;
 pub mod validate;
 

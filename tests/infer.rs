@@ -1,4 +1,6 @@
-//! Inference from files: preprocessing parity with torchvision, and `residual infer` end to end.
+//! Inference from files: preprocessing parity with torchvision, and `residual infer` end to end
+//! (`--image` with the preprocessing of timm's and Hugging Face's weights: tests/preprocess.rs has
+//! the pixel parity itself).
 //! The CPU tests pin `--device cpu` (the default, `auto`, would pick a GPU where there is one);
 //! `infer_on_cuda_matches_the_cpu_references` covers CUDA, with TF32 off.
 
@@ -276,6 +278,181 @@ fn infer_classifies_images_with_imagenet_labels() {
         ok && stdout.contains("image.png") && stdout.contains("%"),
         "{stdout}"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The preprocessing references of python_ref/preprocess.py.
+fn preprocess_references() -> PathBuf {
+    let dir = residual::parity::default_artifacts_dir().join("preprocess");
+    assert!(
+        dir.join("cases.json").exists(),
+        "{} missing: run `make artifacts`",
+        dir.display()
+    );
+    dir
+}
+
+/// Every way of stating a preprocessing on the command line (a timm config.json, a Hugging Face
+/// preprocessor_config.json, the flags alone) classifies as the model does on the tensor the
+/// Python library itself made of the image.
+#[test]
+fn infer_image_preprocessing_follows_the_weights() {
+    let fx = fixtures();
+    let pre = preprocess_references();
+    let refs =
+        StateDict::read(&pre.join("references.safetensors"), &ReadOptions::default()).unwrap();
+    let dir = temp_dir("preprocess");
+    let config = dir.join("resnet50.json");
+    std::fs::write(&config, r#"{"arch": "resnet50"}"#).unwrap();
+    let weights = fx.join("resnet50.pth");
+    let model = residual::infer::LoadedModel::load(
+        residual::ModelConfig::from_file(&config).unwrap(),
+        &weights,
+        tch::Device::Cpu,
+        &residual::infer::LoadSettings::default(),
+    )
+    .unwrap();
+    let file = |case: &str, name: &str| pre.join(case).join(name).to_str().unwrap().to_string();
+    let cases: Vec<(&str, &str, Vec<String>)> = vec![
+        (
+            "timm_bilinear_rgba_90x90",
+            "rgba_90x90",
+            vec![
+                "--preprocess".into(),
+                file("timm_bilinear_rgba_90x90", "config.json"),
+            ],
+        ),
+        (
+            "timm_bilinear_rgba_90x90",
+            "rgba_90x90",
+            "--pipeline timm --interpolation bilinear --crop-pct 0.95 --input-size 3,40,40"
+                .split(' ')
+                .map(String::from)
+                .collect(),
+        ),
+        (
+            "timm_border_gray",
+            "gray_37x61",
+            "--pipeline timm --interpolation bicubic --crop-pct 0.95 --crop-mode border \
+             --input-size 40x56 --mean 0.5 --std 0.5"
+                .split_whitespace()
+                .map(String::from)
+                .collect(),
+        ),
+        (
+            "timm_hamming",
+            "rgb_200x150",
+            "--pipeline timm --interpolation hamming --input-size 32 --mean 0.5,0.4,0.3 \
+             --std 0.2,0.25,0.3"
+                .split_whitespace()
+                .map(String::from)
+                .collect(),
+        ),
+        (
+            "hf_convnext_gray_37x61_pil",
+            "gray_37x61",
+            vec![
+                "--preprocess".into(),
+                file("hf_convnext_gray_37x61", "preprocessor_config.json"),
+                "--pipeline".into(),
+                "transformers_pil".into(),
+            ],
+        ),
+        (
+            "hf_bit",
+            "rgb_200x150",
+            vec![
+                "--preprocess".into(),
+                file("hf_bit", "preprocessor_config.json"),
+            ],
+        ),
+        (
+            "torchvision_bilinear_rgb",
+            "rgb_200x150",
+            "--resize 57 --crop 48"
+                .split(' ')
+                .map(String::from)
+                .collect(),
+        ),
+        (
+            "torchvision_bicubic_tiny",
+            "rgb_13x9",
+            "--resize 45 --crop 40 --interpolation bicubic"
+                .split(' ')
+                .map(String::from)
+                .collect(),
+        ),
+    ];
+    for (case, image, flags) in &cases {
+        let image = pre.join("images").join(format!("{image}.png"));
+        let mut args = vec!["--image", s(&image), "--topk", "5", "--json"];
+        args.extend(flags.iter().map(String::as_str));
+        let (ok, stdout, stderr) = infer(&config, &weights, &args);
+        assert!(ok, "{case} {flags:?}: {stderr}");
+        let results: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let top = results[0]["top"].as_array().unwrap();
+        let mut inputs = residual::Inputs::new();
+        let reference = refs.get(&format!("{case}.output")).unwrap();
+        inputs.insert("input".into(), reference.unsqueeze(0));
+        let logits = model.run(&inputs, None, false).unwrap();
+        let expected = residual::infer::predictions(&logits.get(0), 5, &[]).unwrap();
+        for (got, want) in top.iter().zip(&expected) {
+            assert_eq!(
+                got["index"].as_i64().unwrap(),
+                want.index,
+                "{case} {flags:?}"
+            );
+            let p = got["probability"].as_f64().unwrap();
+            assert!(
+                (p - want.probability).abs() <= 1e-9,
+                "{case} {flags:?}: {p} vs {}",
+                want.probability
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn infer_image_preprocessing_errors_name_the_problem() {
+    let fx = fixtures();
+    let pre = preprocess_references();
+    let dir = temp_dir("preprocess-errors");
+    let config = dir.join("resnet50.json");
+    std::fs::write(&config, r#"{"arch": "resnet50"}"#).unwrap();
+    let detr = dir.join("preprocessor_config.json");
+    std::fs::write(&detr, r#"{"image_processor_type": "DetrImageProcessor"}"#).unwrap();
+    let typo = dir.join("preprocess.json");
+    std::fs::write(&typo, r#"{"crop_pcct": 0.9}"#).unwrap();
+    let image = pre.join("images/rgb_13x9.png");
+    for (flags, expected) in [
+        (
+            vec!["--preprocess", s(&detr)],
+            "DetrImageProcessor is not supported",
+        ),
+        (vec!["--preprocess", s(&typo)], "unknown field `crop_pcct`"),
+        (
+            vec!["--input-size", "1,28,28"],
+            "only 3-channel (RGB) inputs",
+        ),
+        (
+            vec!["--crop-pct", "0"],
+            "crop_pct must be a positive number",
+        ),
+        (
+            vec!["--interpolation", "lanczos"],
+            "needs Pillow's resize: use the timm or transformers_pil pipeline",
+        ),
+        (
+            vec!["--crop", "300"],
+            "--resize 256 is smaller than the crop 300",
+        ),
+    ] {
+        let mut args = vec!["--image", s(&image)];
+        args.extend(flags.iter().copied());
+        let (ok, _, stderr) = infer(&config, &fx.join("resnet50.pth"), &args);
+        assert!(!ok && stderr.contains(expected), "{flags:?}: {stderr}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -8,10 +8,11 @@ use anyhow::{bail, Context, Result};
 use residual::checkpoint::{ReadOptions, StateDict};
 use residual::device::{device_name, parse_device};
 use residual::infer::{LoadSettings, LoadedModel, Prediction};
+use residual::preprocess::{CropMode, Interpolation, Pipeline, Preprocess, Resize};
 use residual::{Inputs, ModelConfig};
 use serde::Serialize;
 
-use super::WeightOptions;
+use super::{serde_enum, WeightOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -32,7 +33,8 @@ pub struct Args {
     /// Where to write the result (safetensors, tensor `output`).
     #[arg(long, requires = "input")]
     output: Option<PathBuf>,
-    /// Images to classify (torchvision's evaluation preprocessing).
+    /// Images to classify. Preprocessing: torchvision's ImageNet evaluation transform unless
+    /// --preprocess (or a model folder's config) says otherwise; the flags below override it.
     #[arg(long, num_args = 1..)]
     image: Vec<PathBuf>,
     /// Class names, one per line (default: the ImageNet-1k classes).
@@ -40,11 +42,38 @@ pub struct Args {
     labels: Option<PathBuf>,
     #[arg(long, default_value_t = 5)]
     topk: i64,
-    /// Shorter side after resizing, before the center crop.
-    #[arg(long, default_value_t = 256)]
-    resize: i64,
-    #[arg(long, default_value_t = 224)]
-    crop: i64,
+    /// Preprocessing for --image: a timm config.json (its pretrained_cfg), a Hugging Face
+    /// preprocessor_config.json, or residual's own JSON (input_size, interpolation, crop_pct,
+    /// crop_mode, resize, mean, std, rescale_factor, normalize, pipeline).
+    #[arg(long)]
+    preprocess: Option<PathBuf>,
+    /// Whose evaluation transform the pixels reproduce.
+    #[arg(long, value_parser = serde_enum::<Pipeline>())]
+    pipeline: Option<Pipeline>,
+    /// Shorter side after resizing, before the center crop [default: 256].
+    #[arg(long, conflicts_with = "crop_pct")]
+    resize: Option<i64>,
+    /// Square center crop [default: 224].
+    #[arg(long, conflicts_with = "input_size")]
+    crop: Option<i64>,
+    /// The network's input: SIZE, HxW, or C,H,W as timm writes it (C is 3); resized by
+    /// --crop-pct unless --resize is given.
+    #[arg(long, value_parser = parse_input_size)]
+    input_size: Option<[i64; 3]>,
+    #[arg(long, value_parser = serde_enum::<Interpolation>())]
+    interpolation: Option<Interpolation>,
+    /// timm's crop_pct: resize to floor(side / crop_pct), then center-crop the input size.
+    #[arg(long)]
+    crop_pct: Option<f64>,
+    /// timm's crop_mode: how the image is resized before the crop.
+    #[arg(long, value_parser = serde_enum::<CropMode>())]
+    crop_mode: Option<CropMode>,
+    /// Per-channel mean, e.g. 0.5,0.5,0.5 (one value for all channels).
+    #[arg(long, value_delimiter = ',', num_args = 1..=3)]
+    mean: Option<Vec<f64>>,
+    /// Per-channel standard deviation.
+    #[arg(long, value_delimiter = ',', num_args = 1..=3)]
+    std: Option<Vec<f64>>,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -144,10 +173,11 @@ impl Args {
 
     fn classify(&self, loaded: &LoadedModel) -> Result<ExitCode> {
         let labels = residual::infer::labels(self.labels.as_deref())?;
+        let preprocess = self.preprocess()?;
         let images = self
             .image
             .iter()
-            .map(|p| residual::infer::preprocess_image(p, self.resize, self.crop))
+            .map(|p| preprocess.apply(p))
             .collect::<Result<Vec<_>>>()?;
         let mut inputs = Inputs::new();
         inputs.insert("input".into(), tch::Tensor::stack(&images, 0));
@@ -168,5 +198,88 @@ impl Args {
             println!("{}", serde_json::to_string_pretty(&results)?);
         }
         Ok(ExitCode::SUCCESS)
+    }
+
+    /// The preprocessing for --image: --preprocess, else what a model folder given as --weights
+    /// states, else torchvision's default; then the flags.
+    fn preprocess(&self) -> Result<Preprocess> {
+        let mut p = if let Some(path) = &self.preprocess {
+            Preprocess::from_file(path)?
+        } else if self.weights.is_dir() {
+            match residual::preprocess::for_model_folder(&self.weights)? {
+                Some(p) => {
+                    eprintln!("preprocessing from {}", self.weights.display());
+                    p
+                }
+                None => Preprocess::torchvision_default(),
+            }
+        } else {
+            Preprocess::torchvision_default()
+        };
+        if let Some(pipeline) = self.pipeline {
+            p.pipeline = pipeline;
+        }
+        if let Some(interpolation) = self.interpolation {
+            p.interpolation = interpolation;
+        }
+        // crop_pct, crop_mode and the input size decide the resize unless --resize is given.
+        if let Some(crop_pct) = self.crop_pct {
+            p.crop_pct = crop_pct;
+            p.resize = None;
+        }
+        if let Some(crop_mode) = self.crop_mode {
+            p.crop_mode = crop_mode;
+            p.resize = None;
+        }
+        if let Some(input_size) = self.input_size {
+            p.input_size = input_size;
+            p.resize = None;
+        }
+        // --crop keeps the resize (torchvision's flags), --resize sets it.
+        if let Some(crop) = self.crop {
+            p.input_size = [3, crop, crop];
+        }
+        if let Some(resize) = self.resize {
+            p.resize = Some(Resize::ShorterSide(resize));
+        }
+        if let Some(mean) = &self.mean {
+            p.mean.clone_from(mean);
+        }
+        if let Some(std) = &self.std {
+            p.std.clone_from(std);
+        }
+        // As before the other flags existed: --resize and --crop refuse a resize below the crop
+        // (torchvision would pad).
+        if let (true, Some(Resize::ShorterSide(resize))) =
+            (self.resize.is_some() || self.crop.is_some(), p.resize)
+        {
+            let [_, h, w] = p.input_size;
+            if resize < h.min(w) {
+                let crop = if h == w {
+                    h.to_string()
+                } else {
+                    format!("{h}x{w}")
+                };
+                bail!("--resize {resize} is smaller than the crop {crop}");
+            }
+        }
+        p.validate().context("image preprocessing")?;
+        Ok(p)
+    }
+}
+
+/// `SIZE`, `HxW` or `C,H,W`.
+fn parse_input_size(text: &str) -> Result<[i64; 3], String> {
+    let parts: Vec<&str> = text.split([',', 'x']).map(str::trim).collect();
+    let numbers = parts
+        .iter()
+        .map(|p| p.parse::<i64>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| format!("expected SIZE, HxW or C,H,W, got `{text}`"))?;
+    match numbers.as_slice() {
+        [s] => Ok([3, *s, *s]),
+        [h, w] => Ok([3, *h, *w]),
+        [c, h, w] => Ok([*c, *h, *w]),
+        _ => Err(format!("expected SIZE, HxW or C,H,W, got `{text}`")),
     }
 }
