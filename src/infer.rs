@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{load_state_dict, ReadOptions, StateDict};
 use crate::config::ModelConfig;
+use crate::models::huggingface;
 use crate::models::{Inputs, Model};
 use crate::preprocess::Preprocess;
 
@@ -29,9 +30,12 @@ pub struct LoadedModel {
     pub model: Box<dyn Model>,
     pub config: ModelConfig,
     pub report: crate::checkpoint::LoadReport,
+    /// Class names that came with the weights (a Hugging Face folder's `id2label`).
+    pub labels: Option<Vec<String>>,
 }
 
 impl LoadedModel {
+    /// `config` with the weights of the checkpoint file `weights`.
     pub fn load(
         config: ModelConfig,
         weights: &Path,
@@ -39,6 +43,40 @@ impl LoadedModel {
         settings: &LoadSettings,
     ) -> Result<Self> {
         let state = StateDict::read(weights, &settings.read)?;
+        Self::with_state(config, state, weights, device, settings)
+    }
+
+    /// A checkpoint file with `config`, or a Hugging Face model folder, whose `config.json` gives
+    /// the config unless `config` is given and whose `id2label` gives the labels.
+    pub fn load_any(
+        config: Option<ModelConfig>,
+        weights: &Path,
+        device: Device,
+        settings: &LoadSettings,
+    ) -> Result<Self> {
+        if !huggingface::is_folder(weights) {
+            let config = config.with_context(|| {
+                format!(
+                    "{} is not a Hugging Face model folder (config.json + weights): give --config",
+                    weights.display()
+                )
+            })?;
+            return Self::load(config, weights, device, settings);
+        }
+        let folder = huggingface::read_folder(weights)?;
+        let config = config.unwrap_or(folder.config);
+        let mut loaded = Self::with_state(config, folder.state, weights, device, settings)?;
+        loaded.labels = folder.labels;
+        Ok(loaded)
+    }
+
+    fn with_state(
+        config: ModelConfig,
+        state: StateDict,
+        weights: &Path,
+        device: Device,
+        settings: &LoadSettings,
+    ) -> Result<Self> {
         let vs = VarStore::new(device);
         let model = config.build(vs.root())?;
         if settings.keep_dtype {
@@ -69,6 +107,7 @@ impl LoadedModel {
             model,
             config,
             report,
+            labels: None,
         })
     }
 

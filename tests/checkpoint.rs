@@ -23,13 +23,6 @@ fn fixtures() -> PathBuf {
     dir
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("residual-ckpt-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn read(path: &Path, options: &ReadOptions) -> anyhow::Result<StateDict> {
     StateDict::read(path, options)
 }
@@ -180,7 +173,7 @@ fn round_trips_through_pytorch_are_bit_exact() {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    let dir = temp_dir("roundtrip");
+    let dir = common::temp_dir("roundtrip");
     let fx = fixtures();
 
     // Python's file, read and re-written by Rust in both formats, then checked by PyTorch.
@@ -225,7 +218,7 @@ fn round_trips_through_pytorch_are_bit_exact() {
 
 #[test]
 fn saving_is_atomic_and_keeps_the_old_file_on_failure() {
-    let dir = temp_dir("atomic");
+    let dir = common::temp_dir("atomic");
     let path = dir.join("weights.pth");
     std::fs::write(&path, b"old contents").unwrap();
     let bad = StateDict {

@@ -97,13 +97,6 @@ fn max_rel_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
     max_abs_diff(a, b).unwrap() / scale
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("residual-infer-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -111,7 +104,7 @@ fn s(p: &Path) -> &str {
 #[test]
 fn infer_runs_pytorch_checkpoints_end_to_end() {
     let fx = fixtures();
-    let dir = temp_dir("resnet");
+    let dir = common::temp_dir("resnet");
     let config = dir.join("resnet50.json");
     std::fs::write(&config, r#"{"arch": "resnet50"}"#).unwrap();
     let io = fx.join("resnet50_io.safetensors");
@@ -223,7 +216,7 @@ fn infer_case(device: &str, dir: &Path, name: &str) -> (tch::Tensor, tch::Tensor
 
 #[test]
 fn infer_reads_every_models_named_inputs() {
-    let dir = temp_dir("named");
+    let dir = common::temp_dir("named");
     for name in NAMED_INPUT_CASES {
         let (output, expected) = infer_case("cpu", &dir, name);
         let diff = max_abs_diff(&output, &expected).unwrap();
@@ -235,7 +228,7 @@ fn infer_reads_every_models_named_inputs() {
 #[test]
 fn infer_classifies_images_with_imagenet_labels() {
     let fx = fixtures();
-    let dir = temp_dir("image");
+    let dir = common::temp_dir("image");
     let config = dir.join("resnet50.json");
     std::fs::write(&config, r#"{"arch": "resnet50"}"#).unwrap();
     let (ok, stdout, stderr) = infer(
@@ -301,7 +294,7 @@ fn infer_image_preprocessing_follows_the_weights() {
     let pre = preprocess_references();
     let refs =
         StateDict::read(&pre.join("references.safetensors"), &ReadOptions::default()).unwrap();
-    let dir = temp_dir("preprocess");
+    let dir = common::temp_dir("preprocess");
     let config = dir.join("resnet50.json");
     std::fs::write(&config, r#"{"arch": "resnet50"}"#).unwrap();
     let weights = fx.join("resnet50.pth");
@@ -417,7 +410,7 @@ fn infer_image_preprocessing_follows_the_weights() {
 fn infer_image_preprocessing_errors_name_the_problem() {
     let fx = fixtures();
     let pre = preprocess_references();
-    let dir = temp_dir("preprocess-errors");
+    let dir = common::temp_dir("preprocess-errors");
     let config = dir.join("resnet50.json");
     std::fs::write(&config, r#"{"arch": "resnet50"}"#).unwrap();
     let detr = dir.join("preprocessor_config.json");
@@ -545,7 +538,7 @@ fn inspect_and_convert() {
         "{stdout}"
     );
 
-    let dir = temp_dir("convert");
+    let dir = common::temp_dir("convert");
     let st = dir.join("w.safetensors");
     let pth = dir.join("w.pth");
     let ot = dir.join("w.ot");
@@ -600,7 +593,7 @@ fn infer_device_comparison_runs_on_the_cpu() {
 fn infer_matches_the_references_on(device: &str, name: &str) {
     let cuda = device != "cpu";
     let fx = fixtures();
-    let dir = temp_dir(device);
+    let dir = common::temp_dir(device);
     let config = dir.join("resnet50.json");
     std::fs::write(&config, r#"{"arch": "resnet50"}"#).unwrap();
     let io = fx.join("resnet50_io.safetensors");

@@ -307,3 +307,64 @@ fn inspect_names_hugging_face_folders_and_timm_checkpoints() {
     let found = ModelConfig::from_value(summary["config"].clone()).unwrap();
     assert_eq!(found, ModelConfig::from_value(case.config.clone()).unwrap());
 }
+
+/// `residual infer --weights FOLDER` needs no `--config`: the folder's config.json builds the
+/// model, its logits are transformers', and `--image` names the classes from `id2label`.
+#[test]
+fn infer_runs_a_hugging_face_folder_without_a_config() {
+    require_timm_and_transformers();
+    let dir = parity::default_artifacts_dir().join("hf_basic");
+    let output = common::temp_dir("hf-infer").join("out.safetensors");
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(common::residual_bin())
+            .arg("infer")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&[
+        "--weights".as_ref(),
+        dir.join("hf").as_os_str(),
+        "--input".as_ref(),
+        dir.join("inputs.safetensors").as_os_str(),
+        "--output".as_ref(),
+        output.as_os_str(),
+    ]);
+    let ours = StateDict::read_safetensors(&output).unwrap();
+    let theirs = StateDict::read_safetensors(&dir.join("outputs.safetensors")).unwrap();
+    let diff = max_abs_diff(ours.get("output").unwrap(), theirs.get("output").unwrap()).unwrap();
+    assert!(diff <= 1e-6, "max |Δ| {diff}");
+
+    let image = parity::default_artifacts_dir().join("checkpoints/image.png");
+    let stdout = run(&[
+        "--weights".as_ref(),
+        dir.join("hf").as_os_str(),
+        "--image".as_ref(),
+        image.as_os_str(),
+        "--topk".as_ref(),
+        "3".as_ref(),
+        "--json".as_ref(),
+    ]);
+    for label in ["tench", "goldfish", "great white shark"] {
+        assert!(stdout.contains(label), "{stdout}");
+    }
+
+    let refused = std::process::Command::new(common::residual_bin())
+        .args(["infer", "--weights"])
+        .arg(dir.join("state_dict.safetensors"))
+        .arg("--input")
+        .arg(dir.join("inputs.safetensors"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("give --config"),
+        "{stderr}"
+    );
+}

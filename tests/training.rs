@@ -12,13 +12,6 @@ use residual::train::{RunData, Schedule, TrainOptions, Trainer};
 use residual::ModelConfig;
 use tch::{Device, Kind, Tensor};
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("residual-train-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// A learnable toy problem: noise plus a bright 6x6 patch whose position gives the class.
 fn toy_images(n: usize, side: usize, channels: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
     let mut state = seed
@@ -109,7 +102,7 @@ fn write_cifar10(dir: &Path, per_batch: usize) {
 
 #[test]
 fn idx_reader_reads_gzipped_and_plain_files_and_rejects_bad_ones() {
-    let dir = temp_dir("idx");
+    let dir = common::temp_dir("idx");
     write_idx(&dir, 50, 20);
     assert_eq!(DataFormat::detect(&dir).unwrap(), DataFormat::Idx);
     let (train, test) = data::load(&dir, None).unwrap();
@@ -142,7 +135,7 @@ fn idx_reader_reads_gzipped_and_plain_files_and_rejects_bad_ones() {
 
 #[test]
 fn cifar_reader_reads_the_binary_batches() {
-    let dir = temp_dir("cifar");
+    let dir = common::temp_dir("cifar");
     write_cifar10(&dir, 8);
     assert_eq!(DataFormat::detect(&dir).unwrap(), DataFormat::Cifar10);
     let (train, test) = data::load(&dir, None).unwrap();
@@ -321,7 +314,7 @@ fn run_data(dir: &Path, options: &TrainOptions) -> RunData {
 
 #[test]
 fn training_steps_reduce_the_loss() {
-    let dir = temp_dir("learn");
+    let dir = common::temp_dir("learn");
     write_idx(&dir, 256, 64);
     // The class is the patch position, so no crops or flips here.
     let options = TrainOptions {
@@ -378,7 +371,7 @@ fn assert_same_weights(a: &Path, b: &Path) {
 
 #[test]
 fn resumed_runs_end_bit_identical_and_checkpoints_load_in_pytorch() {
-    let dir = temp_dir("resume");
+    let dir = common::temp_dir("resume");
     write_idx(&dir, 256, 32);
     let options = small_options(3);
     let data = run_data(&dir, &options);
@@ -438,7 +431,7 @@ fn residual_bin(args: &[&str]) -> Command {
 
 #[test]
 fn ctrl_c_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one() {
-    let dir = temp_dir("sigint");
+    let dir = common::temp_dir("sigint");
     let data_dir = dir.join("data");
     std::fs::create_dir_all(&data_dir).unwrap();
     write_idx(&data_dir, 1024, 32);
@@ -560,7 +553,7 @@ fn ctrl_c_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one() {
 
 #[test]
 fn a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint() {
-    let dir = temp_dir("nan");
+    let dir = common::temp_dir("nan");
     write_idx(&dir, 128, 16);
     let options = TrainOptions {
         epochs: 1,
@@ -592,7 +585,7 @@ fn a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint() {
 
 #[test]
 fn eval_prints_error_and_confusion_matrix() {
-    let dir = temp_dir("eval");
+    let dir = common::temp_dir("eval");
     write_idx(&dir, 128, 40);
     let options = small_options(1);
     let data = run_data(&dir, &options);
@@ -630,7 +623,7 @@ fn eval_prints_error_and_confusion_matrix() {
 
 #[test]
 fn degradation_experiment_writes_report_and_plots() {
-    let dir = temp_dir("experiment");
+    let dir = common::temp_dir("experiment");
     let data_dir = dir.join("data");
     std::fs::create_dir_all(&data_dir).unwrap();
     write_idx(&data_dir, 160, 32);
@@ -733,7 +726,7 @@ fn training_runs_on_cuda_when_present() {
         let _ = writeln!(std::io::stderr(), "skipped: no CUDA device");
         return;
     }
-    let dir = temp_dir("cuda");
+    let dir = common::temp_dir("cuda");
     write_idx(&dir, 256, 64);
     let options = small_options(2);
     let (train, test) = data::load(&dir, None).unwrap();
@@ -767,7 +760,7 @@ fn training_runs_on_cuda_when_present() {
 
 #[test]
 fn channels_last_keeps_nhwc_weights_and_trains() {
-    let dir = temp_dir("nhwc");
+    let dir = common::temp_dir("nhwc");
     write_idx(&dir, 128, 16);
     let options = TrainOptions {
         channels_last: true,
@@ -841,7 +834,7 @@ fn sgd_decays_what_it_should_and_validation_is_held_out() {
     }
     assert!((w.double_value(&[1, 1]) - -(0.1 + 0.1 * 1.9)).abs() < 1e-6);
 
-    let dir = temp_dir("validation");
+    let dir = common::temp_dir("validation");
     write_idx(&dir, 200, 20);
     let options = TrainOptions {
         validation: Some(40),
@@ -874,7 +867,7 @@ fn sgd_decays_what_it_should_and_validation_is_held_out() {
 
 #[test]
 fn the_training_loop_reads_from_the_device_only_every_few_batches() {
-    let dir = temp_dir("reads");
+    let dir = common::temp_dir("reads");
     write_idx(&dir, 720, 16);
     let options = TrainOptions {
         batch_size: 16,
@@ -919,7 +912,7 @@ fn the_fp16_loss_scale_halves_on_overflow_grows_back_and_is_saved() {
     );
 
     // The scaler travels with the checkpoint and comes back on resume.
-    let dir = temp_dir("scaler");
+    let dir = common::temp_dir("scaler");
     write_idx(&dir, 64, 16);
     let options = small_options(1);
     let mut trainer = Trainer::create(&dir.join("run"), cifar20(), options, Device::Cpu).unwrap();

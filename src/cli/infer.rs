@@ -16,10 +16,11 @@ use super::{serde_enum, WeightOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model config (JSON with "arch").
+    /// Model config (JSON with "arch"); not needed for a Hugging Face model folder.
     #[arg(long)]
-    config: PathBuf,
-    /// Weights: .pth / .pt / .bin (torch.save), .safetensors or .ot.
+    config: Option<PathBuf>,
+    /// Weights: .pth / .pt / .bin (torch.save), .safetensors or .ot, or a Hugging Face model
+    /// folder (config.json + model.safetensors or pytorch_model.bin).
     #[arg(long)]
     weights: PathBuf,
     #[command(flatten)]
@@ -110,13 +111,17 @@ impl Args {
         if device.is_cuda() {
             residual::infer::set_cuda_tf32(self.tf32)?;
         }
-        let config = ModelConfig::from_file(&self.config)?;
+        let config = self
+            .config
+            .as_deref()
+            .map(ModelConfig::from_file)
+            .transpose()?;
         let settings = LoadSettings {
             read: self.weight_options.read_options(),
             keep_dtype: self.keep_dtype,
             non_strict: self.non_strict,
         };
-        let loaded = LoadedModel::load(config, &self.weights, device, &settings)?;
+        let loaded = LoadedModel::load_any(config, &self.weights, device, &settings)?;
         if !loaded.report.is_clean() {
             eprint!("warning: {}", loaded.report);
         }
@@ -172,7 +177,10 @@ impl Args {
     }
 
     fn classify(&self, loaded: &LoadedModel) -> Result<ExitCode> {
-        let labels = residual::infer::labels(self.labels.as_deref())?;
+        let labels = match (&self.labels, &loaded.labels) {
+            (None, Some(labels)) => labels.clone(),
+            (path, _) => residual::infer::labels(path.as_deref())?,
+        };
         let preprocess = self.preprocess()?;
         let images = self
             .image

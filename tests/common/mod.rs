@@ -96,3 +96,11 @@ pub fn source_dir() -> std::path::PathBuf {
     std::env::var_os("RESIDUAL_SOURCE")
         .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), Into::into)
 }
+
+/// A fresh, empty folder for one test (`tag`) of this test process.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("residual-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
