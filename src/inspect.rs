@@ -22,6 +22,7 @@ use crate::models::layers::NormKind;
 use crate::models::resnet::{Architecture, BlockKind, ResNetConfig, ShortcutKind, CHANNELS};
 use crate::models::sid::SidConfig;
 use crate::models::timm::{AttnLayer, StemType};
+use crate::preprocess::Preprocess;
 
 /// One tensor of the checkpoint.
 #[derive(Debug, Serialize)]
@@ -38,6 +39,10 @@ pub struct Summary {
     /// ("torch.save file, weights under `model`; also holds optimizer (dict), args (argparse.Namespace)").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layout: Option<String>,
+    /// The evaluation preprocessing a model folder names (`preprocessor_config.json`, or a timm
+    /// `config.json`'s `pretrained_cfg`), as `infer --image` applies it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preprocess: Option<Preprocess>,
     pub tensors: usize,
     /// Elements of the trainable-looking tensors (everything but BatchNorm statistics and
     /// counters, and SiD's index offsets).
@@ -211,6 +216,7 @@ pub fn summarize(state: &StateDict) -> Summary {
     };
     Summary {
         layout: None,
+        preprocess: None,
         tensors: state.len(),
         parameters,
         buffers,
@@ -560,6 +566,10 @@ pub fn format_summary(s: &Summary, all_keys: bool) -> String {
     if let Some(layout) = &s.layout {
         out += &format!("file: {layout}\n");
     }
+    if let Some(p) = &s.preprocess {
+        let p = serde_json::to_string(p).unwrap_or_default();
+        out += &format!("preprocess: {p}\n");
+    }
     let shown = if all_keys {
         s.entries.len()
     } else {
@@ -661,6 +671,7 @@ fn inspect_folder(dir: &std::path::Path) -> Result<Summary> {
     };
     Ok(Summary {
         layout: Some(layout),
+        preprocess: crate::preprocess::for_model_folder(dir)?,
         config,
         architecture,
         no_match,

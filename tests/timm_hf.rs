@@ -296,6 +296,21 @@ fn inspect_names_hugging_face_folders_and_timm_checkpoints() {
             "{name}"
         );
     }
+    // With a preprocessor_config.json beside the weights, inspect shows what `infer` applies.
+    let folder = common::temp_dir("hf-inspect");
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(dir.join("hf_basic/hf").join(file), folder.join(file)).unwrap();
+    }
+    let processor = dir.join("preprocess/hf_convnext_defaults/preprocessor_config.json");
+    std::fs::copy(&processor, folder.join("preprocessor_config.json")).unwrap();
+    let summary = inspect(&folder);
+    let expected =
+        residual::preprocess::Preprocess::from_hf_preprocessor_config(&processor).unwrap();
+    assert_eq!(
+        summary["preprocess"],
+        serde_json::to_value(expected).unwrap()
+    );
+
     let case = manifest.case("timm_tiny_se_tiered_train").unwrap();
     let summary = inspect(&dir.join(&case.name).join("last.pth.tar"));
     let layout = summary["layout"].as_str().unwrap();
