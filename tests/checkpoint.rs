@@ -14,13 +14,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 fn fixtures() -> PathBuf {
-    let dir = residual::parity::default_artifacts_dir().join("checkpoints");
-    assert!(
-        dir.join("resnet50.pth").exists(),
-        "{} missing: run `make artifacts`",
-        dir.display()
-    );
-    dir
+    common::reference_dir("checkpoints", "resnet50.pth")
 }
 
 fn read(path: &Path, options: &ReadOptions) -> anyhow::Result<StateDict> {

@@ -13,13 +13,7 @@ use residual::checkpoint::{ReadOptions, StateDict};
 use residual::parity::max_abs_diff;
 
 fn fixtures() -> PathBuf {
-    let dir = residual::parity::default_artifacts_dir().join("checkpoints");
-    assert!(
-        dir.join("image.png").exists(),
-        "{} missing: run `make artifacts`",
-        dir.display()
-    );
-    dir
+    common::reference_dir("checkpoints", "image.png")
 }
 
 fn tensor(path: &Path, key: &str) -> tch::Tensor {
@@ -276,13 +270,7 @@ fn infer_classifies_images_with_imagenet_labels() {
 
 /// The preprocessing references of python_ref/preprocess.py.
 fn preprocess_references() -> PathBuf {
-    let dir = residual::parity::default_artifacts_dir().join("preprocess");
-    assert!(
-        dir.join("cases.json").exists(),
-        "{} missing: run `make artifacts`",
-        dir.display()
-    );
-    dir
+    common::reference_dir("preprocess", "cases.json")
 }
 
 /// Every way of stating a preprocessing on the command line (a timm config.json, a Hugging Face

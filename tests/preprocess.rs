@@ -3,6 +3,8 @@
 //! tensors equal to float rounding, for timm's transform, torchvision's preset and transformers'
 //! image processors (both backends), on RGB, grayscale, RGBA, palette and grey+alpha PNGs.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use residual::checkpoint::{ReadOptions, StateDict};
@@ -39,13 +41,7 @@ struct Case {
 }
 
 fn references() -> PathBuf {
-    let dir = residual::parity::default_artifacts_dir().join("preprocess");
-    assert!(
-        dir.join("cases.json").exists(),
-        "{} missing: run `make artifacts`",
-        dir.display()
-    );
-    dir
+    common::reference_dir("preprocess", "cases.json")
 }
 
 fn read_cases(dir: &Path) -> Cases {

@@ -104,3 +104,15 @@ pub fn temp_dir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// The reference folder `sub` (e.g. `checkpoints`), checked by a file it must hold; panics with
+/// how to make it when missing.
+pub fn reference_dir(sub: &str, marker: &str) -> std::path::PathBuf {
+    let dir = parity::default_artifacts_dir().join(sub);
+    assert!(
+        dir.join(marker).exists(),
+        "{} missing: run `make artifacts`",
+        dir.display()
+    );
+    dir
+}
