@@ -10,6 +10,8 @@ Export just these into an existing reference folder with
 `python python_ref/export.py --out DIR --only 'shape_*' --merge`.
 """
 
+import dataclasses
+
 import torch
 import torchvision.models as tvm
 from torch import nn
@@ -123,6 +125,49 @@ def cases(Case):
         build=lambda: R.ConvSDSHead(2, 17, 33, 3),
         inputs=lambda: {"input": torch.randn(17, 33)},
         compact=True,
+        torch_save=False,
+    ))
+    # SiD: PyTorch broadcasts a single feature column over every feature (categorical + offsets,
+    # numerical[:, :, None] * direction, the einsum over text), and nn.Embedding reads any index
+    # inside the shared table, even past its own feature's count.
+    sid = R.SiDConfig(
+        num_categories_list=[3, 7, 5],
+        num_numerical_features=4,
+        num_text_features=2,
+        text_input_size=24,
+        embedding_size=16,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_transform_blocks=2,
+        num_attention_blocks=1,
+        num_labels=5,
+    )
+    sid_config = {"arch": "sid_classifier", **dataclasses.asdict(sid)}
+    out.append(Case(
+        name="shape_sid_single_columns_b3",
+        module="SiDClassifier",
+        config=sid_config,
+        build=lambda: R.SiDClassifier(sid),
+        inputs=lambda: {
+            "categorical": torch.randint(0, 3, (3, 1)),
+            "numerical": torch.randn(3, 1),
+            "text": torch.randn(3, 1, 24),
+        },
+        torch_save=False,
+    ))
+    out.append(Case(
+        name="shape_sid_index_past_its_feature_b2",
+        module="SiDClassifier",
+        config=sid_config,
+        build=lambda: R.SiDClassifier(sid),
+        inputs=lambda: {
+            # 9 in the 3-category feature reads row 9 (the 7-category feature's); -2 in the last
+            # reads row 8; both inside the 15-row table, as PyTorch allows.
+            "categorical": torch.tensor([[9, 0, -2], [2, 11, 4]]),
+            "numerical": torch.randn(2, 4),
+            "text": torch.randn(2, 2, 24),
+        },
         torch_save=False,
     ))
     return out

@@ -278,16 +278,22 @@ fn sid_rejects_bad_inputs_by_name() {
         vec![2, 5]
     );
 
-    let out_of_range = Tensor::from_slice(&[0i64, 6, 4, 2, 7, 1]).view([2, 3]);
-    let msg = error_of(model.forward_named(&sid_inputs(2, out_of_range), false));
+    // As nn.Embedding: past its own feature's count but inside the shared table is read (the
+    // next feature's rows); outside the table is refused, naming the entry.
+    let next_features_rows = Tensor::from_slice(&[0i64, 6, 4, 2, 7, 1]).view([2, 3]);
+    assert!(model
+        .forward_named(&sid_inputs(2, next_features_rows), false)
+        .is_ok());
+    let out_of_table = Tensor::from_slice(&[0i64, 6, 4, 2, 1, 5]).view([2, 3]);
+    let msg = error_of(model.forward_named(&sid_inputs(2, out_of_table), false));
     assert!(
-        msg.contains("row 1, feature 1 has index 7, outside [0, 7)"),
+        msg.contains("row 1, feature 2 has index 5, which with the feature's offset 10 is outside the embedding table [0, 15)"),
         "{msg}"
     );
 
-    let negative = Tensor::from_slice(&[0i64, -1, 4]).view([1, 3]);
+    let negative = Tensor::from_slice(&[-1i64, 0, 4]).view([1, 3]);
     let msg = error_of(model.forward_named(&sid_inputs(1, negative), false));
-    assert!(msg.contains("index -1"), "{msg}");
+    assert!(msg.contains("feature 0 has index -1"), "{msg}");
 
     let two_features = Tensor::zeros([2, 2], (Kind::Int64, Device::Cpu));
     let msg = error_of(model.forward_named(&sid_inputs(2, two_features), false));

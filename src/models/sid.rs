@@ -182,7 +182,6 @@ pub struct SidEmbeddings {
     pub numerical_anchor: Tensor,
     pub text_projections: Vec<nn::Linear>,
     pub categorical_embedding_offsets: Tensor,
-    num_categories: Tensor,
 }
 
 impl SidEmbeddings {
@@ -231,24 +230,25 @@ impl SidEmbeddings {
                 offsets,
                 false,
             ),
-            num_categories: Tensor::from_slice(counts)
-                .view([1, -1])
-                .to_device(path.device()),
         }
     }
 
-    /// Fails when a categorical index is negative or not below its feature's category count.
+    /// Fails where `nn.Embedding` would: an index plus its feature's offset outside the shared
+    /// table `[0, total)`. As in PyTorch, an index past its own feature's count but inside the
+    /// table reads the next feature's rows; a single column is broadcast over every feature.
     fn check_categories(&self, categorical: &Tensor) -> Result<()> {
-        let bad = categorical
-            .lt(0)
-            .logical_or(&categorical.ge_tensor(&self.num_categories));
+        let index = categorical + &self.categorical_embedding_offsets;
+        let total = self.categorical_embeddings.ws.size()[0];
+        let bad = index.lt(0).logical_or(&index.ge(total));
         if bad.any().int64_value(&[]) != 0 {
             let first = bad.nonzero().get(0);
             let (row, col) = (first.int64_value(&[0]), first.int64_value(&[1]));
-            let value = categorical.int64_value(&[row, col]);
-            let limit = self.num_categories.int64_value(&[0, col]);
+            let value = categorical.int64_value(&[row, col.min(categorical.size()[1] - 1)]);
+            let offset = self.categorical_embedding_offsets.int64_value(&[0, col]);
             bail!(
-                "input `categorical`: row {row}, feature {col} has index {value}, outside [0, {limit})"
+                "input `categorical`: row {row}, feature {col} has index {value}, which with the \
+                 feature's offset {offset} is outside the embedding table [0, {total}) \
+                 (nn.Embedding refuses it too)"
             );
         }
         Ok(())
@@ -496,8 +496,12 @@ impl SidModel {
         text: &Tensor,
     ) -> Result<()> {
         let (c, e) = (&self.config, &self.embeddings);
-        // Batch sizes must agree and feature counts match exactly: PyTorch would also broadcast a
-        // single column over every feature, which is never what a caller means.
+        // Batch sizes must agree (PyTorch concatenates the three along the features); a single
+        // feature column is broadcast over every feature, as PyTorch's arithmetic does.
+        let features = |t: &Tensor, n: i64| match t.size().get(1) {
+            Some(1) => Some(1),
+            _ => Some(n),
+        };
         let expect = |name, dims, labels, dtype, weight| Expect {
             name,
             dims,
@@ -506,7 +510,7 @@ impl SidModel {
             dtype,
             weight,
         };
-        let categories = Some(c.num_categorical_features());
+        let categories = features(categorical, c.num_categorical_features());
         expect(
             "categorical",
             vec![None, categories],
@@ -518,7 +522,7 @@ impl SidModel {
         let batch = Some(categorical.size()[0]);
         expect(
             "numerical",
-            vec![batch, Some(c.num_numerical_features)],
+            vec![batch, features(numerical, c.num_numerical_features)],
             &["B", "N"],
             Dtype::PromotesToModel,
             &e.numerical_direction,
@@ -527,7 +531,11 @@ impl SidModel {
         let text_weight = &e.text_projections[0].ws;
         expect(
             "text",
-            vec![batch, Some(c.num_text_features), Some(c.text_input_size)],
+            vec![
+                batch,
+                features(text, c.num_text_features),
+                Some(c.text_input_size),
+            ],
             &["B", "T", "D"],
             Dtype::Model,
             text_weight,
