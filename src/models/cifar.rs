@@ -101,6 +101,16 @@ impl CifarResNet {
         })
     }
 
+    /// Folds every batch norm into the convolution before it, for eval-mode inference only; see
+    /// [`Norm2d::fold_into`].
+    pub fn fold_batch_norm(&mut self) {
+        self.bn1.fold_into(&mut self.conv1);
+        let stages = [&mut self.layer1, &mut self.layer2, &mut self.layer3];
+        for block in stages.into_iter().flatten() {
+            block.fold_batch_norm();
+        }
+    }
+
     /// The outputs of `layer1` .. `layer3`.
     pub fn forward_stages(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         let h = stem(&self.conv1, &self.bn1, x, train)?;
@@ -131,5 +141,10 @@ impl Model for CifarResNet {
 
     fn forward_features(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
         CifarResNet::forward_features(self, input(inputs, "input")?, train)
+    }
+
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        CifarResNet::fold_batch_norm(self);
+        Ok(())
     }
 }

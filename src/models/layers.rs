@@ -148,6 +148,9 @@ pub enum Norm2d {
         weight: Tensor,
         bias: Tensor,
     },
+    /// A batch norm folded into the convolution before it ([`Norm2d::fold_into`]): passes its
+    /// input through, in eval mode only.
+    Folded,
 }
 
 const NORM_EPS: f64 = 1e-5;
@@ -183,13 +186,53 @@ impl Norm2d {
         }
     }
 
-    /// The affine scale (`weight`), e.g. for zero-initialising the last norm of a residual branch.
-    pub fn weight(&self) -> &Tensor {
+    /// The affine scale (`weight`), e.g. for zero-initialising the last norm of a residual branch;
+    /// `None` once folded.
+    pub fn weight(&self) -> Option<&Tensor> {
         match self {
             Norm2d::Batch { weight, .. }
             | Norm2d::Frozen { weight, .. }
-            | Norm2d::Group { weight, .. } => weight,
+            | Norm2d::Group { weight, .. } => Some(weight),
+            Norm2d::Folded => None,
         }
+    }
+
+    /// Folds an eval-mode batch norm (running statistics; frozen ones too) into `conv`, the
+    /// convolution feeding it, which then computes `norm(conv(x))` alone: per output channel
+    /// `w' = w * s`, `b' = (b or 0) * s + beta - mean * s` with `s = gamma / sqrt(var + eps)`,
+    /// computed in float64. The norm becomes [`Norm2d::Folded`]; a group norm, which depends on
+    /// its input's statistics, stays as it is. New tensors replace `conv`'s: the variables the
+    /// model was built in are left untouched (and no longer drive it).
+    pub fn fold_into(&mut self, conv: &mut nn::Conv2D) {
+        let (weight, bias, mean, var) = match self {
+            Norm2d::Batch {
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                ..
+            }
+            | Norm2d::Frozen {
+                weight,
+                bias,
+                running_mean,
+                running_var,
+            } => (weight, bias, running_mean, running_var),
+            Norm2d::Group { .. } | Norm2d::Folded => return,
+        };
+        tch::no_grad(|| {
+            let kind = conv.ws.kind();
+            let wide = |t: &Tensor| t.to_kind(tch::Kind::Double);
+            let scale = wide(weight) * (wide(var) + NORM_EPS).rsqrt();
+            let shift = wide(bias) - wide(mean) * &scale;
+            let bias = match &conv.bs {
+                Some(b) => wide(b) * &scale + shift,
+                None => shift,
+            };
+            conv.ws = (wide(&conv.ws) * scale.view([-1, 1, 1, 1])).to_kind(kind);
+            conv.bs = Some(bias.to_kind(kind));
+        });
+        *self = Norm2d::Folded;
     }
 }
 
@@ -244,6 +287,11 @@ impl Norm2d {
                 more_than_one_value("GroupNorm", "group", xs, per_group)?;
                 xs.group_norm(*num_groups, Some(weight), Some(bias), NORM_EPS, true)
             }
+            Norm2d::Folded if train => bail!(
+                "this batch norm is folded into its convolution for inference; training needs \
+                 the model as built"
+            ),
+            Norm2d::Folded => xs.shallow_clone(),
         })
     }
 }

@@ -34,6 +34,24 @@ pub trait Model: std::fmt::Debug {
     fn forward_features(&self, _inputs: &Inputs, _train: bool) -> Result<Tensor> {
         bail!("this model has no separate classifier, so no features to return")
     }
+
+    /// Folds every batch norm into the convolution before it (ResNets), after which the model
+    /// runs in eval mode only (a training forward is refused). Models without one are left as
+    /// they are. Used through [`for_inference`].
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The inference-only form of `model`, the fast path of `residual infer` and `bench-infer`: its
+/// batch norms folded into the convolutions before them ([`Model::fold_batch_norm`]), so an
+/// eval-mode forward matches the model as built (to float rounding) with fewer ops. Run it under
+/// `tch::no_grad` and with `train = false`.
+pub fn for_inference(mut model: Box<dyn Model>) -> Result<Box<dyn Model>> {
+    model
+        .fold_batch_norm()
+        .context("cannot fold the batch norms for inference")?;
+    Ok(model)
 }
 
 /// The tensor of `inputs` named `name`, or an error listing what was given.

@@ -159,6 +159,14 @@ impl Downsample {
         }
     }
 
+    fn fold_batch_norm(&mut self) {
+        match self {
+            Downsample::Projection { conv, norm }
+            | Downsample::AvgProjection { conv, norm, .. } => norm.fold_into(conv),
+            Downsample::Pad { .. } => {}
+        }
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         Ok(match self {
             Downsample::Projection { conv, norm } => norm.forward_t(&x.apply(conv), train)?,
@@ -296,6 +304,26 @@ impl Block {
         }
     }
 
+    /// Folds every batch norm of the block into its convolution ([`Norm2d::fold_into`]).
+    pub fn fold_batch_norm(&mut self) {
+        let downsample = match self {
+            Block::Basic(b) => {
+                b.bn1.fold_into(&mut b.conv1);
+                b.bn2.fold_into(&mut b.conv2);
+                &mut b.downsample
+            }
+            Block::Bottleneck(b) => {
+                b.bn1.fold_into(&mut b.conv1);
+                b.bn2.fold_into(&mut b.conv2);
+                b.bn3.fold_into(&mut b.conv3);
+                &mut b.downsample
+            }
+        };
+        if let Some(d) = downsample {
+            d.fold_batch_norm();
+        }
+    }
+
     /// The norm closing the residual branch (`bn2` / `bn3`), zeroed by `zero_init_residual`.
     pub fn last_norm(&self) -> &Norm2d {
         match self {
@@ -394,7 +422,9 @@ impl StageBuilder {
 pub fn zero_init_residual<'a>(blocks: impl Iterator<Item = &'a Block>) {
     tch::no_grad(|| {
         for b in blocks {
-            let _ = b.last_norm().weight().shallow_clone().f_zero_();
+            if let Some(weight) = b.last_norm().weight() {
+                let _ = weight.shallow_clone().f_zero_();
+            }
         }
     });
 }
@@ -886,6 +916,29 @@ impl ResNet {
         model
     }
 
+    /// Folds every batch norm into the convolution before it (stem, blocks, shortcuts), for
+    /// eval-mode inference only; see [`Norm2d::fold_into`].
+    pub fn fold_batch_norm(&mut self) {
+        let last_stem_conv = match &mut self.conv1 {
+            Stem::Conv(conv) => conv,
+            Stem::Deep(stem) => {
+                stem.bn1.fold_into(&mut stem.conv0);
+                stem.bn4.fold_into(&mut stem.conv3);
+                &mut stem.conv6
+            }
+        };
+        self.bn1.fold_into(last_stem_conv);
+        let stages = [
+            &mut self.layer1,
+            &mut self.layer2,
+            &mut self.layer3,
+            &mut self.layer4,
+        ];
+        for block in stages.into_iter().flatten() {
+            block.fold_batch_norm();
+        }
+    }
+
     /// Every block, stage by stage.
     pub fn blocks(&self) -> impl Iterator<Item = &Block> {
         self.layer1
@@ -961,5 +1014,10 @@ impl Model for ResNet {
 
     fn forward_features(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
         ResNet::forward_features(self, input(inputs, "input")?, train)
+    }
+
+    fn fold_batch_norm(&mut self) -> Result<()> {
+        ResNet::fold_batch_norm(self);
+        Ok(())
     }
 }
