@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use residual::backend::{AutocastDtype, Switches};
 use residual::device::{device_name, parse_device};
 use residual::train::BenchSettings;
@@ -35,6 +35,10 @@ pub struct Args {
     tf32: bool,
     #[arg(long)]
     json: bool,
+    /// bench-infer: time the model as built instead of its inference form (batch norms folded
+    /// into the convolutions).
+    #[arg(long)]
+    plain: bool,
 }
 
 /// What a benchmark times.
@@ -48,6 +52,9 @@ pub enum Timed {
 
 impl Args {
     pub fn run(&self, timed: Timed) -> Result<ExitCode> {
+        if self.plain && timed == Timed::Training {
+            bail!("--plain is for bench-infer: training always runs the model as built");
+        }
         let device = parse_device(&self.device)?;
         // The switches python_ref/bench_gpu.py and bench_train.py set on the PyTorch side: TF32 as
         // asked (off by default), cuDNN benchmark on, cuDNN free to choose nondeterministic
@@ -83,7 +90,7 @@ impl Args {
             ),
             Timed::Inference => (
                 "ms_per_batch",
-                residual::train::bench_inference(&config, &settings)?,
+                residual::train::bench_inference(&config, &settings, !self.plain)?,
             ),
         };
         if self.json {

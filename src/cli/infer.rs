@@ -121,7 +121,8 @@ impl Args {
             keep_dtype: self.keep_dtype,
             non_strict: self.non_strict,
         };
-        let loaded = LoadedModel::load_any(config, &self.weights, device, &settings)?;
+        let mut loaded = LoadedModel::load_any(config, &self.weights, device, &settings)?;
+        loaded.model = residual::models::for_inference(loaded.model)?;
         if !loaded.report.is_clean() {
             eprint!("warning: {}", loaded.report);
         }

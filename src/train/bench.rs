@@ -116,9 +116,16 @@ pub fn benchmark(config: &ModelConfig, settings: &BenchSettings) -> Result<f64> 
     Ok(settings.shape[0] as f64 / seconds)
 }
 
-/// Milliseconds per eval-mode forward of a random batch (under autocast with `amp`).
-pub fn bench_inference(config: &ModelConfig, settings: &BenchSettings) -> Result<f64> {
+/// Milliseconds per eval-mode forward of a random batch (under autocast with `amp`), of the
+/// inference form of the model ([`crate::models::for_inference`]) when `fast`, else of the model
+/// as built.
+pub fn bench_inference(config: &ModelConfig, settings: &BenchSettings, fast: bool) -> Result<f64> {
     let (_vs, model, inputs) = bench_model(config, settings)?;
+    let model = if fast {
+        crate::models::for_inference(model)?
+    } else {
+        model
+    };
     let seconds = tch::no_grad(|| {
         timed(settings, || {
             autocast(settings.amp, || model.forward_named(&inputs, false))
