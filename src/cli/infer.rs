@@ -93,6 +93,10 @@ pub struct Args {
     /// Accept missing or unexpected keys (listed on stderr).
     #[arg(long)]
     non_strict: bool,
+    /// Run the model as built (PyTorch's eager eval forward, op for op) instead of its inference
+    /// form with the batch norms folded into the convolutions.
+    #[arg(long)]
+    plain: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -122,7 +126,9 @@ impl Args {
             non_strict: self.non_strict,
         };
         let mut loaded = LoadedModel::load_any(config, &self.weights, device, &settings)?;
-        loaded.model = residual::models::for_inference(loaded.model)?;
+        if !self.plain {
+            loaded.model = residual::models::for_inference(loaded.model)?;
+        }
         if !loaded.report.is_clean() {
             eprint!("warning: {}", loaded.report);
         }
