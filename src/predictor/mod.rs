@@ -24,6 +24,8 @@
 //! CUDA: the workers share the device and its default stream (tch has no stream API), so their
 //! kernels run in turn while the host-side work (checks, launches) overlaps.
 
+pub mod bench;
+
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
