@@ -23,10 +23,17 @@ fn read_record(
     limit: u64,
 ) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    archive
+    let file = archive
         .by_name(name)
-        .with_context(|| format!("cannot open {name}"))?
-        .take(limit + 1)
+        .with_context(|| format!("cannot open {name}"))?;
+    // Refused on its header's word first; the `take` bounds a header that lies.
+    if file.size() > limit {
+        bail!(
+            "{name} holds more than {limit} bytes (its zip header says {})",
+            file.size()
+        );
+    }
+    file.take(limit + 1)
         .read_to_end(&mut out)
         .with_context(|| format!("cannot read {name}"))?;
     if out.len() as u64 > limit {
