@@ -8,6 +8,8 @@
                              with EXIF orientation 6 (rotated by 90 degrees)
   expected.json              `ImageFolder(DIR/data)`'s classes and samples (paths relative to
                              DIR/data, targets), the corrupt file, and the fixed crops below
+                             and RandomResizedCrop.get_params' mean area share, log aspect
+                             ratio, offsets and share of whole-image crops over 20000 draws
   expected.safetensors       per sample i (readable ones): `decoded.<i>`, uint8 [H, W, 3]:
                              `ImageOps.exif_transpose(Image.open(p)).convert("RGB")`;
                              `eval.<i>`: `Resize(11)` then `CenterCrop(9)` on that PIL image;
@@ -87,6 +89,21 @@ def main() -> None:
         tensors[f"eval.{i}"] = as_array(eval_tf(image))
         tensors[f"crop.{i}"] = as_array(F.resized_crop(image, top, left, ch, cw, [7, 6]))
     save_file(tensors, os.path.join(root, "expected.safetensors"))
+    # RandomResizedCrop.get_params' statistics on a 30x50 image (torchvision's defaults).
+    torch.manual_seed(0)
+    draws = [
+        transforms.RandomResizedCrop.get_params(torch.empty(3, 30, 50), [0.08, 1.0], [3 / 4, 4 / 3])
+        for _ in range(20000)
+    ]
+    params = np.array(draws, dtype=np.float64)
+    top, left, h, w = params.T
+    rrc = {
+        "mean_area": float((h * w / 1500).mean()),
+        "mean_log_ratio": float(np.log(w / h).mean()),
+        "mean_top": float(top.mean()),
+        "mean_left": float(left.mean()),
+        "full": float(((h == 30) & (w == 50)).mean()),
+    }
     with open(os.path.join(root, "expected.json"), "w") as f:
         json.dump(
             {
@@ -94,6 +111,7 @@ def main() -> None:
                 "samples": samples,
                 "corrupt": corrupt,
                 "crops": crops,
+                "random_resized_crop": rrc,
             },
             f,
             indent=1,

@@ -1,6 +1,6 @@
 //! The flags of image-folder datasets, shared by `train` and `experiment`.
 
-use residual::data::FolderOptions;
+use residual::data::{FolderOptions, TrainTransform};
 
 /// Image folders (one sub-folder of images per class, in `train/` and `val/`, or directly in
 /// `--data`).
@@ -25,10 +25,24 @@ pub struct FolderArgs {
     /// Decoding threads [default: one per core].
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Training batches each worker prepares ahead.
+    #[arg(long, default_value_t = 2)]
+    prefetch: usize,
+    /// RandomResizedCrop's range of the crop's share of the image area.
+    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0.08, 1.0])]
+    scale: Vec<f64>,
+    /// RandomResizedCrop's range of aspect ratios (width / height).
+    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0.75, 4.0 / 3.0])]
+    ratio: Vec<f64>,
+    /// ColorJitter's brightness, contrast and saturation strengths, e.g. 0.4,0.4,0.4.
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    color_jitter: Option<Vec<f64>>,
 }
 
 impl FolderArgs {
-    pub fn options(&self) -> FolderOptions {
+    /// The options; `augment`: a training transform (RandomResizedCrop, flips when `flip`,
+    /// ColorJitter when asked) instead of the evaluation transform.
+    pub fn options(&self, augment: bool, flip: bool) -> FolderOptions {
         let mut o = FolderOptions::with_size(self.image_size);
         if let Some(r) = self.eval_resize {
             o.resize = r;
@@ -41,6 +55,13 @@ impl FolderArgs {
             o.std.clone_from(s);
         }
         o.workers = self.workers;
+        o.prefetch = self.prefetch;
+        o.train_transform = augment.then(|| TrainTransform {
+            scale: [self.scale[0], self.scale[1]],
+            ratio: [self.ratio[0], self.ratio[1]],
+            flip,
+            color_jitter: self.color_jitter.as_ref().map(|j| [j[0], j[1], j[2]]),
+        });
         o
     }
 }

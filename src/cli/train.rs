@@ -164,7 +164,9 @@ impl Settings {
             cudnn_benchmark: self.cudnn_benchmark,
             deterministic: self.deterministic,
             eval_test: true,
-            image_folder: self.is_image_folder().then(|| self.folder.options()),
+            image_folder: self
+                .is_image_folder()
+                .then(|| self.folder.options(!self.no_augment, !self.no_flip)),
         }
     }
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::batch::SplitMix;
+use super::pipeline::TrainTransform;
 use super::Dataset;
 use crate::preprocess::{
     CropMode, Interpolation, Pipeline, Preprocess, Resize, RgbImage, IMAGENET_MEAN, IMAGENET_STD,
@@ -33,6 +34,17 @@ pub struct FolderOptions {
     /// Decoding threads; 0: one per core. The results do not depend on it.
     #[serde(default)]
     pub workers: usize,
+    /// Training batches each worker may prepare ahead.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+    /// The training transform, applied to the decoded images by worker threads each epoch;
+    /// without it the training images go through the evaluation transform once, in memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_transform: Option<TrainTransform>,
+}
+
+fn default_prefetch() -> usize {
+    2
 }
 
 impl Default for FolderOptions {
@@ -51,6 +63,8 @@ impl FolderOptions {
             mean: IMAGENET_MEAN.to_vec(),
             std: IMAGENET_STD.to_vec(),
             workers: 0,
+            prefetch: default_prefetch(),
+            train_transform: None,
         }
     }
 
@@ -66,6 +80,9 @@ impl FolderOptions {
                 f > 0.0 && f < 1.0,
                 "val_fraction must be between 0 and 1, got {f}"
             );
+        }
+        if let Some(t) = &self.train_transform {
+            t.validate()?;
         }
         self.eval_preprocess().validate()
     }

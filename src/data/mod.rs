@@ -4,6 +4,7 @@
 mod batch;
 mod folder;
 mod formats;
+mod pipeline;
 
 pub use batch::{Augment, Batches, Normalizer, SplitMix};
 pub use folder::{
@@ -11,6 +12,10 @@ pub use folder::{
     ImageFolder, IMG_EXTENSIONS,
 };
 pub use formats::{read_cifar, read_idx_pair, DataFormat};
+pub use pipeline::{
+    random_resized_crop_params, resized_crop, sample_rng, EpochBatches, FolderStream,
+    StreamBatches, TrainTransform,
+};
 
 use std::path::Path;
 

@@ -3,14 +3,18 @@
 //! (`classes.txt`, `preprocess.json`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use tch::Device;
+use tch::{Device, Kind, Tensor};
 
 use super::options::TrainOptions;
 use super::run_data::RunData;
 use crate::config::ModelConfig;
-use crate::data::{decode_all, folder_splits, FolderOptions, ImageFolder, Normalizer};
+use crate::data::{
+    decode_all, folder_splits, Augment, Batches, Dataset, EpochBatches, FolderOptions,
+    FolderStream, ImageFolder, Normalizer,
+};
 use crate::fs::write_atomic;
 use crate::preprocess::Preprocess;
 
@@ -42,7 +46,29 @@ impl RunData {
         let (train, test) = (pick(train, options.subset), pick(test, options.test_subset));
         let preprocess = folder.eval_preprocess();
         let threads = folder.threads();
-        let (train_data, skipped_train) = decode_all(&train, &preprocess, threads)?;
+        let size = preprocess.input_size[1];
+        let (train_data, skipped_train, stream) = match &folder.train_transform {
+            // Streamed each epoch: only the shape is kept in memory.
+            Some(transform) => {
+                let empty = Dataset::new(
+                    Tensor::zeros([0, 3, size, size], (Kind::Uint8, Device::Cpu)),
+                    Tensor::zeros([0], (Kind::Int64, Device::Cpu)),
+                    train.classes.len() as i64,
+                )?;
+                let stream = FolderStream {
+                    folder: Arc::new(train.clone()),
+                    transform: transform.clone(),
+                    size: size as usize,
+                    workers: threads,
+                    prefetch: folder.prefetch,
+                };
+                (empty, Vec::new(), Some(stream))
+            }
+            None => {
+                let (data, skipped) = decode_all(&train, &preprocess, threads)?;
+                (data, skipped, None)
+            }
+        };
         let (test_data, skipped_test) = decode_all(&test, &preprocess, threads)?;
         let skipped = skipped_train.len() + skipped_test.len();
         if skipped > 0 {
@@ -52,7 +78,7 @@ impl RunData {
                 train.len() + test.len()
             );
         }
-        if train_data.is_empty() || test_data.is_empty() {
+        if (train_data.is_empty() && stream.is_none()) || test_data.is_empty() {
             bail!(
                 "{}: no readable images in the training or the held-out split",
                 dir.display()
@@ -65,7 +91,43 @@ impl RunData {
             normalizer: Normalizer::new(folder.mean.clone(), folder.std.clone(), device),
             classes: Some(train.classes.clone()),
             skipped: skipped_train.into_iter().chain(skipped_test).collect(),
+            stream,
         })
+    }
+
+    /// Batches in a training epoch.
+    pub fn steps_per_epoch(&self, batch_size: i64) -> i64 {
+        match &self.stream {
+            Some(s) => s.folder.len().div_ceil(batch_size.max(1) as usize) as i64,
+            None => Batches::new(&self.train, &self.normalizer, batch_size, None, None).len(),
+        }
+    }
+
+    /// The batches of training epoch `epoch`: streamed through the workers for an image folder
+    /// with a training transform, else cut from the training set in memory with `augment`.
+    pub fn train_batches(
+        &self,
+        batch_size: i64,
+        seed: u64,
+        epoch: u64,
+        augment: Option<Augment>,
+    ) -> Box<dyn EpochBatches + '_> {
+        match &self.stream {
+            Some(s) => Box::new(s.epoch(
+                &self.normalizer,
+                batch_size,
+                seed,
+                epoch,
+                self.test.images.device(),
+            )),
+            None => Box::new(Batches::new(
+                &self.train,
+                &self.normalizer,
+                batch_size,
+                Some((seed, epoch)),
+                augment,
+            )),
+        }
     }
 
     /// Writes `classes.txt` and `preprocess.json` into the run folder `run` (image-folder runs

@@ -16,6 +16,9 @@ pub struct RunData {
     pub classes: Option<Vec<String>>,
     /// Files that could not be read (image folders), skipped.
     pub skipped: Vec<std::path::PathBuf>,
+    /// An image folder's training split, streamed through its training transform each epoch
+    /// (`train` is then empty).
+    pub stream: Option<crate::data::FolderStream>,
 }
 
 impl RunData {
@@ -51,6 +54,7 @@ impl RunData {
             normalizer,
             classes: None,
             skipped: Vec::new(),
+            stream: None,
         })
     }
 }
