@@ -6,6 +6,7 @@ pub mod convert;
 pub mod doctor;
 pub mod eval;
 pub mod experiment;
+mod folder;
 pub mod infer;
 pub mod inspect;
 pub mod parity;

@@ -9,12 +9,13 @@
 //!
 //! Files: `options` (what shapes a run), `schedule` (the learning rate over time), `loss`
 //! (cross-entropy and fp16 loss scaling), `sgd` (the optimiser), `run_data` (the splits on
-//! their device), `run_dir` (the folder layout and checkpoints), `metrics` (what an epoch
+//! their device), `folder_data` (image-folder datasets and the files their runs keep), `run_dir` (the folder layout and checkpoints), `metrics` (what an epoch
 //! measured), `trainer` (the loop), `eval` (evaluation of a trained model), `bench` (speed
 //! of the training step and of inference), `memory_format` (channels-last tensors).
 
 mod bench;
 mod eval;
+mod folder_data;
 mod loss;
 mod memory_format;
 mod metrics;
@@ -27,6 +28,7 @@ mod trainer;
 
 pub use bench::{bench_config, bench_inference, benchmark, BenchSettings};
 pub use eval::{confusion, load_model};
+pub use folder_data::{run_files, run_folder_of, CLASSES_FILE, PREPROCESS_FILE};
 pub use loss::{logits_loss, LossScaler};
 pub use memory_format::channels_last;
 pub use metrics::EpochMetrics;

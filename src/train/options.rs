@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::schedule::Schedule;
 use crate::backend::AutocastDtype;
-use crate::data::Augment;
+use crate::data::{Augment, FolderOptions};
 use crate::validate::{at_least, probability};
 
 /// Everything that shapes a training run; saved in `run.json` so a resumed run continues alike.
@@ -46,6 +46,9 @@ pub struct TrainOptions {
     pub deterministic: bool,
     /// Evaluate the test set every epoch (the experiment's curves need it).
     pub eval_test: bool,
+    /// Image-folder datasets: input size, evaluation transform, normalisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_folder: Option<FolderOptions>,
 }
 
 impl Default for TrainOptions {
@@ -72,6 +75,7 @@ impl Default for TrainOptions {
             cudnn_benchmark: false,
             deterministic: false,
             eval_test: true,
+            image_folder: None,
         }
     }
 }

@@ -18,7 +18,6 @@ use super::run_dir::{RunDir, RunState};
 use super::sgd::Sgd;
 use crate::backend::{AutocastDtype, SwitchGuard, Switches};
 use crate::config::ModelConfig;
-use crate::data::Batches;
 use crate::models::{Inputs, Model};
 
 /// Set by a Ctrl-C handler; the trainer checkpoints and stops at the next batch.
@@ -181,14 +180,7 @@ impl Trainer {
     /// Trains until `options.epochs`, evaluating and checkpointing after each epoch.
     pub fn run(&mut self, data: &RunData) -> Result<Outcome> {
         let _switches = self.apply_settings()?;
-        let steps = Batches::new(
-            &data.train,
-            &data.normalizer,
-            self.options.batch_size,
-            None,
-            None,
-        )
-        .len();
+        let steps = data.steps_per_epoch(self.options.batch_size);
         while self.state.epoch < self.options.epochs {
             let Some(trained) = self.train_epoch(data, steps)? else {
                 let dir = self.save_checkpoint()?;
@@ -209,11 +201,10 @@ impl Trainer {
     /// `None` when Ctrl-C stopped it.
     fn train_epoch(&mut self, data: &RunData, steps: i64) -> Result<Option<TrainedEpoch>> {
         let epoch = self.state.epoch;
-        let mut batches = Batches::new(
-            &data.train,
-            &data.normalizer,
+        let mut batches = data.train_batches(
             self.options.batch_size,
-            Some((self.options.seed, epoch)),
+            self.options.seed,
+            epoch,
             self.options.augment,
         );
         batches.skip_batches(self.state.batch)?;
@@ -263,6 +254,13 @@ impl Trainer {
         }
         self.drain(&mut tally, pending)?;
         bar.finish_and_clear();
+        if !batches.unreadable().is_empty() {
+            eprintln!(
+                "epoch {}: skipped {} unreadable file(s)",
+                epoch + 1,
+                batches.unreadable().len()
+            );
+        }
         Ok(Some(TrainedEpoch {
             tally,
             lr,
