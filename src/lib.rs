@@ -14,6 +14,7 @@
 //!   transformers' evaluation transforms.
 //! * [`validate`]: config value checks whose errors name the field.
 
+pub mod analysis;
 pub mod backend;
 pub mod checkpoint;
 pub mod config;

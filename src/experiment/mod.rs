@@ -6,7 +6,7 @@
 //! `results.json`, `plot` draws the error curves.
 
 mod findings;
-mod plot;
+pub(crate) mod plot;
 mod report;
 
 use std::path::{Path, PathBuf};

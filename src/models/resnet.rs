@@ -227,6 +227,8 @@ pub struct BasicBlock {
     pub se: Option<SqueezeExcite>,
     pub downsample: Option<Downsample>,
     pub plain: bool,
+    /// The block's stride (on `conv1`, or on the 3x3 conv of a bottleneck).
+    pub stride: i64,
 }
 
 /// torchvision's `Bottleneck`: 1x1 to `width`, 3x3 (stride, groups, dilation), 1x1 to
@@ -243,6 +245,8 @@ pub struct Bottleneck {
     pub se: Option<SqueezeExcite>,
     pub downsample: Option<Downsample>,
     pub plain: bool,
+    /// The block's stride (on `conv1`, or on the 3x3 conv of a bottleneck).
+    pub stride: i64,
 }
 
 /// One residual block of either kind.
@@ -281,6 +285,7 @@ impl Block {
                 se,
                 downsample,
                 plain: s.plain,
+                stride,
             }),
             BlockKind::Bottleneck => {
                 let width = bottleneck_width(planes, s.width_per_group, s.groups);
@@ -299,6 +304,7 @@ impl Block {
                     se,
                     downsample,
                     plain: s.plain,
+                    stride,
                 })
             }
         }
@@ -353,6 +359,114 @@ impl Block {
                 let out = excite(&b.se, b.bn3.forward_t(&out.apply(&b.conv3), train)?);
                 join(out, x, &b.downsample, b.plain, train)
             }
+        }
+    }
+}
+
+/// The parts of a block taken apart, for lesion studies and gradient-path analysis
+/// (`crate::analysis`): the forward is `join(branch(x), shortcut(x))`.
+impl Block {
+    /// The residual branch before the join, `F(x)`: `bn2(conv2(relu(bn1(conv1(x)))))` (basic),
+    /// with squeeze-and-excitation where built.
+    pub fn branch_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(match self {
+            Block::Basic(b) => {
+                let out = b.bn1.forward_t(&x.apply(&b.conv1), train)?.relu();
+                excite(&b.se, b.bn2.forward_t(&out.apply(&b.conv2), train)?)
+            }
+            Block::Bottleneck(b) => {
+                let out = b.bn1.forward_t(&x.apply(&b.conv1), train)?.relu();
+                let out = b.bn2.forward_t(&out.apply(&b.conv2), train)?.relu();
+                excite(&b.se, b.bn3.forward_t(&out.apply(&b.conv3), train)?)
+            }
+        })
+    }
+
+    /// The shortcut `s(x)`: identity, projection or option-A pad. A plain block has none; there
+    /// this is the parameter-free option-A shortcut (identity when the shape stays), which is what
+    /// a deleted plain block leaves in place.
+    pub fn shortcut_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let downsample = match self {
+            Block::Basic(b) => &b.downsample,
+            Block::Bottleneck(b) => &b.downsample,
+        };
+        match downsample {
+            Some(d) if !self.is_plain() => d.forward_t(x, train),
+            _ => {
+                let (inplanes, outplanes) = self.channels();
+                let stride = self.stride();
+                if stride == 1 && inplanes == outplanes {
+                    return Ok(x.shallow_clone());
+                }
+                let front = (outplanes - inplanes) / 2;
+                if front < 0 {
+                    bail!("a block from {inplanes} to {outplanes} channels has no parameter-free shortcut");
+                }
+                Downsample::Pad {
+                    stride,
+                    front,
+                    back: outplanes - inplanes - front,
+                }
+                .forward_t(x, train)
+            }
+        }
+    }
+
+    /// `relu(branch + shortcut)`, or `relu(branch)` for a plain block.
+    pub fn join(&self, branch: Tensor, shortcut: Tensor) -> Tensor {
+        if self.is_plain() {
+            branch.relu()
+        } else {
+            (branch + shortcut).relu()
+        }
+    }
+
+    /// The block deleted (Veit et al. 2016): its residual branch removed, `relu(s(x))`, which is
+    /// `x` itself after a ReLU for the identity and option-A shortcuts. Plain blocks become the
+    /// parameter-free shortcut of [`Block::shortcut_t`].
+    pub fn skip_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.shortcut_t(x, train)?.relu())
+    }
+
+    pub fn is_plain(&self) -> bool {
+        match self {
+            Block::Basic(b) => b.plain,
+            Block::Bottleneck(b) => b.plain,
+        }
+    }
+
+    /// `(in, out)` channels.
+    pub fn channels(&self) -> (i64, i64) {
+        match self {
+            Block::Basic(b) => (b.conv1.ws.size()[1], b.conv2.ws.size()[0]),
+            Block::Bottleneck(b) => (b.conv1.ws.size()[1], b.conv3.ws.size()[0]),
+        }
+    }
+
+    /// The block's total stride.
+    pub fn stride(&self) -> i64 {
+        match self {
+            Block::Basic(b) => b.stride,
+            Block::Bottleneck(b) => b.stride,
+        }
+    }
+
+    /// Whether the block changes its input's shape (channels or resolution).
+    pub fn reshapes(&self) -> bool {
+        let (i, o) = self.channels();
+        i != o || self.stride() != 1
+    }
+
+    /// The convolution weights of the residual branch, input side first, with their names
+    /// relative to the block (`conv1.weight`, ...).
+    pub fn conv_weights(&self) -> Vec<(&'static str, &Tensor)> {
+        match self {
+            Block::Basic(b) => vec![("conv1.weight", &b.conv1.ws), ("conv2.weight", &b.conv2.ws)],
+            Block::Bottleneck(b) => vec![
+                ("conv1.weight", &b.conv1.ws),
+                ("conv2.weight", &b.conv2.ws),
+                ("conv3.weight", &b.conv3.ws),
+            ],
         }
     }
 }

@@ -1,0 +1,216 @@
+//! The Veit et al. probes: deleting and reordering blocks (`residual::analysis`), the gradient
+//! norms against PyTorch's, the lesion study and the path analysis on tiny nets.
+
+use std::collections::BTreeSet;
+
+use residual::analysis::{self, forward, Edit, Probed};
+use residual::models::cifar::{CifarResNet, CifarResNetConfig};
+use residual::models::conv_sds::{ConvSdsHead, ConvSdsHeadConfig};
+use residual::models::layers::{self, conv3x3, BiasInit, Norm2d, NormKind};
+use residual::models::resnet::{BlockKind, BlockSettings, ShortcutKind, StageBuilder};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+fn config(plain: bool) -> CifarResNetConfig {
+    CifarResNetConfig {
+        depth: 14,
+        num_classes: 3,
+        shortcut: ShortcutKind::A,
+        plain,
+        in_channels: 1,
+    }
+}
+
+/// A CIFAR net with `blocks[s]` blocks in stage `s`, built as [`CifarResNet::new`] builds them.
+fn cifar_with(vs: &VarStore, plain: bool, blocks: [i64; 3]) -> CifarResNet {
+    let path = vs.root();
+    let s = BlockSettings {
+        kind: BlockKind::Basic,
+        groups: 1,
+        width_per_group: 64,
+        norm: NormKind::BatchNorm,
+        shortcut: ShortcutKind::A,
+        plain,
+    };
+    let mut builder = StageBuilder::new(s, 16);
+    let layer1 = builder.stage(&(&path / "layer1"), 16, blocks[0], 1, false);
+    let layer2 = builder.stage(&(&path / "layer2"), 32, blocks[1], 2, false);
+    let layer3 = builder.stage(&(&path / "layer3"), 64, blocks[2], 2, false);
+    CifarResNet {
+        conv1: conv3x3(&path / "conv1", 1, 16, 1, 1, 1),
+        bn1: Norm2d::new(&path / "bn1", NormKind::BatchNorm, 16),
+        layer1,
+        layer2,
+        layer3,
+        fc: layers::linear(&path / "fc", 64, 3, Some(BiasInit::Uniform)),
+    }
+}
+
+/// Copies `from`'s variables into `to`, renaming the prefixes in `renames` (`layer1.1.` ->
+/// `layer1.0.`, or to `None`: not copied); variables `to` lacks are skipped (a deleted block's).
+fn copy_renamed(from: &VarStore, to: &VarStore, renames: &[(&str, Option<&str>)]) {
+    let target = to.variables();
+    let mut copied = BTreeSet::new();
+    tch::no_grad(|| {
+        for (name, t) in from.variables() {
+            let renamed = match renames.iter().find(|(a, _)| name.starts_with(a)) {
+                Some((_, None)) => continue,
+                Some((a, Some(b))) => format!("{b}{}", &name[a.len()..]),
+                None => name.clone(),
+            };
+            if let Some(dst) = target.get(&renamed) {
+                dst.shallow_clone().copy_(&t);
+                assert!(copied.insert(renamed), "{name} copied twice");
+            }
+        }
+    });
+    assert_eq!(
+        copied.len(),
+        target.len(),
+        "every variable of the smaller net is set"
+    );
+}
+
+/// Running statistics away from 0 / 1, so that eval mode is not the identity.
+fn randomize_stats(vs: &VarStore) {
+    tch::no_grad(|| {
+        for (name, t) in vs.variables() {
+            if name.ends_with("running_var") || name.ends_with("bn2.weight") {
+                t.shallow_clone().copy_(&(t.rand_like() + 0.5));
+            } else if name.ends_with("running_mean") || name.ends_with("bias") {
+                t.shallow_clone().copy_(&(t.rand_like() - 0.5));
+            }
+        }
+    });
+}
+
+fn images() -> Tensor {
+    Tensor::randn([3, 1, 8, 8], (Kind::Float, Device::Cpu))
+}
+
+#[test]
+fn a_deleted_block_is_the_network_built_without_it() {
+    tch::manual_seed(7);
+    let x = images();
+    for plain in [false, true] {
+        let vs = VarStore::new(Device::Cpu);
+        let net = CifarResNet::new(vs.root(), &config(plain)).unwrap();
+        randomize_stats(&vs);
+        // Units: layer1.0 layer1.1 layer2.0 layer2.1 layer3.0 layer3.1; delete layer1.0 and
+        // layer3.1 (neither changes the shape).
+        let small_vs = VarStore::new(Device::Cpu);
+        let small = cifar_with(&small_vs, plain, [1, 2, 1]);
+        copy_renamed(
+            &vs,
+            &small_vs,
+            &[("layer1.0.", None), ("layer1.1.", Some("layer1.0."))],
+        );
+        let edit = Edit {
+            deleted: BTreeSet::from([0, 5]),
+            ..Edit::default()
+        };
+        for train in [false, true] {
+            let edited = forward(&net, &x, train, &edit).unwrap().logits;
+            let built = small.forward_t(&x, train).unwrap();
+            assert_eq!(edited.size(), [3, 3]);
+            assert!(
+                edited.equal(&built),
+                "plain {plain}, train {train}: {edited} vs {built}"
+            );
+            let whole = net.forward_t(&x, train).unwrap();
+            assert!(
+                !edited.allclose(&whole, 1e-3, 1e-3, false),
+                "the edit changed nothing"
+            );
+            let unedited = forward(&net, &x, train, &Edit::default()).unwrap().logits;
+            assert!(unedited.equal(&whole));
+        }
+    }
+}
+
+#[test]
+fn a_deleted_downsampling_block_keeps_its_shortcut() {
+    tch::manual_seed(8);
+    let vs = VarStore::new(Device::Cpu);
+    let net = CifarResNet::new(vs.root(), &config(false)).unwrap();
+    let h = net.forward_stages(&images(), false).unwrap().remove(0);
+    // Option A: every other pixel, 8 zero channels on each side.
+    let skipped = net.layer2[0].skip_t(&h, false).unwrap();
+    let expected = h
+        .slice(2, 0, None, 2)
+        .slice(3, 0, None, 2)
+        .constant_pad_nd([0, 0, 0, 0, 8, 8]);
+    assert!(skipped.equal(&expected));
+    // A plain block has no shortcut: deleted, it becomes the same parameter-free one.
+    let plain = CifarResNet::new(vs.root() / "plain", &config(true)).unwrap();
+    assert!(plain.layer2[0].skip_t(&h, false).unwrap().equal(&expected));
+}
+
+#[test]
+fn swapped_blocks_are_the_network_built_with_their_weights_swapped() {
+    tch::manual_seed(9);
+    let x = images();
+    let vs = VarStore::new(Device::Cpu);
+    let net = CifarResNet::new(vs.root(), &config(false)).unwrap();
+    randomize_stats(&vs);
+    let swapped_vs = VarStore::new(Device::Cpu);
+    let swapped = CifarResNet::new(swapped_vs.root(), &config(false)).unwrap();
+    copy_renamed(
+        &vs,
+        &swapped_vs,
+        &[
+            ("layer1.0.", Some("layer1.1.")),
+            ("layer1.1.", Some("layer1.0.")),
+        ],
+    );
+    assert_eq!(analysis::swappable_pairs(&net), vec![0]);
+    let edit = Edit {
+        order: vec![1, 0, 2, 3, 4, 5],
+        ..Edit::default()
+    };
+    let edited = forward(&net, &x, false, &edit).unwrap().logits;
+    assert!(edited.equal(&swapped.forward_t(&x, false).unwrap()));
+    // layer2.0 changes the shape: it cannot move.
+    let bad = Edit {
+        order: vec![0, 1, 3, 2, 4, 5],
+        ..Edit::default()
+    };
+    let err = forward(&net, &x, false, &bad).unwrap_err();
+    assert!(format!("{err:#}").contains("must stay in place"), "{err:#}");
+    let err = forward(
+        &net,
+        &x,
+        false,
+        &Edit {
+            order: vec![0, 1, 2, 3, 5, 5],
+            ..Edit::default()
+        },
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("not a permutation"), "{err:#}");
+}
+
+#[test]
+fn a_deleted_conv_sds_layer_leaves_its_layer_norm() {
+    tch::manual_seed(10);
+    let c = ConvSdsHeadConfig {
+        n_layers: 3,
+        input_size: 4,
+        hidden_size: 6,
+        num_labels: 2,
+    };
+    let vs = VarStore::new(Device::Cpu);
+    let head = ConvSdsHead::new(vs.root(), &c);
+    let x = Tensor::randn([2, 4, 6], (Kind::Float, Device::Cpu));
+    let whole = forward(&head, &x, false, &Edit::default()).unwrap().logits;
+    assert!(whole.allclose(&head.try_forward(&x).unwrap(), 1e-6, 1e-6, false));
+    let edit = Edit {
+        deleted: BTreeSet::from([1]),
+        ..Edit::default()
+    };
+    let edited = forward(&head, &x, false, &edit).unwrap().logits;
+    let h = x.apply(&head.convs[0]);
+    let h = h.apply(&head.convs[1].layer_norm).apply(&head.convs[2]);
+    assert!(edited.allclose(&h.apply(&head.classifier), 1e-6, 1e-6, false));
+    assert_eq!(head.stages()[0].len(), 3);
+}
