@@ -23,6 +23,7 @@ all: test
 
 setup:
 	@scripts/setup-python.sh "$(RESIDUAL_VENV)"
+	@scripts/setup-dist.sh "$(RESIDUAL_VENV)"
 
 # Regenerated when a python_ref script or the pinned packages change.
 REFERENCE_SOURCES := $(addprefix python_ref/,export.py reference.py resnet_ref.py resnet_cases.py shape_cases.py checkpoints.py timm_hf_cases.py preprocess.py)

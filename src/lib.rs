@@ -7,6 +7,7 @@
 //! * [`parity`]: the parity cases against the `python_ref/` exports, shared by tests and the CLI.
 //! * [`backend`]: libtorch switches tch lacks (TF32, determinism), through a small C++ shim.
 //! * [`device`], [`doctor`]: device selection and the environment report.
+//! * [`distributed`]: c10d process groups (Gloo, NCCL) and DDP's gradient averaging.
 //! * [`fs`]: atomic file writes, shared by checkpoints, training runs and experiment reports.
 //! * [`predictor`]: [`Predictor`], one model served to many threads (`Send + Sync`), with a
 //!   pool of workers.
@@ -20,6 +21,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod distributed;
 pub mod doctor;
 pub mod experiment;
 pub mod fs;

@@ -10,10 +10,17 @@ pub struct Args {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Under torchrun (or with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set): join the process
+    /// group and check allreduce (small, large, repeated), broadcast and barrier.
+    #[arg(long)]
+    collectives: bool,
 }
 
 impl Args {
     pub fn run(&self) -> Result<ExitCode> {
+        if self.collectives {
+            return check_collectives();
+        }
         let report = Report::collect();
         if self.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -25,4 +32,28 @@ impl Args {
         report.check()?;
         Ok(ExitCode::SUCCESS)
     }
+}
+
+fn check_collectives() -> Result<ExitCode> {
+    use residual::distributed::{self, Backend, LaunchEnv, ProcessGroup};
+    let Some(env) = LaunchEnv::from_env()? else {
+        anyhow::bail!("--collectives runs under torchrun (WORLD_SIZE is not set)");
+    };
+    // Fault injection for the tests: exit before joining (step 0) or right after (step 1).
+    let exit_at = distributed::injected_exit(&env);
+    if exit_at == Some(0) {
+        std::process::exit(17);
+    }
+    let group = ProcessGroup::init(&env, Backend::Gloo, distributed::default_timeout()?)?;
+    if exit_at == Some(1) {
+        std::process::exit(17);
+    }
+    let lines = distributed::check_collectives(&group, 1 << 22, 200)?;
+    if env.rank == 0 {
+        println!("Gloo, world size {}:", env.world_size);
+        for line in lines {
+            println!("  {line}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
