@@ -150,7 +150,7 @@ fn bad_input_is_an_error_and_the_predictor_keeps_working() {
     let predictor = Predictor::with_weights(&config, &vs, &options(2)).unwrap();
     let good = predictor.predict_input(image(7)).unwrap();
 
-    let bad: [(Inputs, &str); 3] = [
+    let bad: [(Inputs, &str); 4] = [
         (
             Inputs::from([(
                 "input".into(),
@@ -166,12 +166,20 @@ fn bad_input_is_an_error_and_the_predictor_keeps_working() {
             "expected Float",
         ),
         (
+            Inputs::from([(
+                "input".into(),
+                Tensor::zeros([2, 1, 0, 0], (Kind::Float, Device::Cpu)),
+            )]),
+            "H, W >= 1",
+        ),
+        (
             Inputs::from([("image".into(), image(7))]),
             "missing input `input`",
         ),
     ];
     for (inputs, problem) in bad {
         let err = format!("{:#}", predictor.predict(inputs).unwrap_err());
+        println!("{err}");
         assert!(
             err.contains(problem),
             "expected an error about {problem:?}, got {err}"
