@@ -214,3 +214,46 @@ fn a_deleted_conv_sds_layer_leaves_its_layer_norm() {
     assert!(edited.allclose(&h.apply(&head.classifier), 1e-6, 1e-6, false));
     assert_eq!(head.stages()[0].len(), 3);
 }
+
+/// The probe's norms against PyTorch's (`python_ref/probe_cases.py`) for the same weights and batch.
+#[test]
+fn gradient_norms_match_pytorch() {
+    use residual::checkpoint::{load_state_dict, StateDict};
+    let dir = residual::parity::default_artifacts_dir().join("probe");
+    assert!(
+        dir.join("cifar14_residual.json").exists(),
+        "{} missing: run `make artifacts`",
+        dir.display()
+    );
+    for (name, plain) in [("cifar14_residual", false), ("cifar14_plain", true)] {
+        let vs = VarStore::new(Device::Cpu);
+        let net = CifarResNet::new(vs.root(), &config(plain)).unwrap();
+        let state = StateDict::read_safetensors(&dir.join(format!("{name}.safetensors"))).unwrap();
+        load_state_dict(&vs, &state, true).unwrap();
+        let inputs =
+            StateDict::read_safetensors(&dir.join(format!("{name}_input.safetensors"))).unwrap();
+        let (x, y) = (inputs.get("x").unwrap(), inputs.get("y").unwrap());
+        let ours = analysis::gradients::probe(&net, x, y, true).unwrap();
+        let text = std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap();
+        let theirs: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let close = |a: f64, b: f64, what: &str| {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1e-12),
+                "{name} {what}: ours {a}, PyTorch {b}"
+            );
+        };
+        close(ours.loss, theirs["loss"].as_f64().unwrap(), "loss");
+        for (kind, ours) in [("outputs", &ours.outputs), ("weights", &ours.weights)] {
+            let theirs = theirs[kind].as_array().unwrap();
+            assert_eq!(ours.len(), theirs.len(), "{name} {kind}");
+            for (o, t) in ours.iter().zip(theirs) {
+                assert_eq!(o.name, t["name"].as_str().unwrap(), "{name} {kind}");
+                close(o.norm, t["norm"].as_f64().unwrap(), &o.name);
+            }
+        }
+        assert_eq!(ours.outputs.len(), 7);
+        assert_eq!(ours.weights.len(), 14);
+        let ratio = ours.outputs[1].norm / ours.outputs[6].norm;
+        assert_eq!(ours.first_to_last, ratio);
+    }
+}

@@ -16,6 +16,7 @@ pub mod gradients;
 pub mod lesion;
 pub mod paths;
 pub mod plot;
+pub mod study;
 
 use std::collections::BTreeSet;
 
