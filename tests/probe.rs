@@ -257,3 +257,111 @@ fn gradient_norms_match_pytorch() {
         assert_eq!(ours.first_to_last, ratio);
     }
 }
+
+/// With the forward values fixed (eval-mode batch norms, fixed ReLU masks), the backward pass is
+/// linear and the network unravels exactly into its 2^n paths: the gradients of all path sets
+/// routed as in the path analysis sum to the whole network's gradient.
+#[test]
+fn the_gradients_of_all_paths_sum_to_the_whole_gradient() {
+    use analysis::Route;
+    tch::manual_seed(11);
+    let vs = VarStore::new(Device::Cpu);
+    let net = CifarResNet::new(
+        vs.root(),
+        &CifarResNetConfig {
+            depth: 8,
+            ..config(false)
+        },
+    )
+    .unwrap();
+    randomize_stats(&vs);
+    let x = images();
+    let y = Tensor::from_slice(&[0i64, 1, 2]);
+    let grad = |routes: Vec<Route>| {
+        let edit = Edit {
+            routes,
+            ..Edit::default()
+        };
+        let trace = forward(&net, &x, false, &edit).unwrap();
+        let loss = trace.logits.cross_entropy_for_logits(&y);
+        Tensor::run_backward(&[&loss], &[&trace.stem], false, false).remove(0)
+    };
+    let whole = grad(Vec::new());
+    let n = 3;
+    let mut sum = whole.zeros_like();
+    for set in 0..1u32 << n {
+        let routes = (0..n)
+            .map(|i| {
+                if set >> i & 1 == 1 {
+                    Route::Branch
+                } else {
+                    Route::Shortcut
+                }
+            })
+            .collect();
+        sum += grad(routes);
+    }
+    let scale = whole.abs().max().double_value(&[]);
+    let diff = (&sum - &whole).abs().max().double_value(&[]);
+    assert!(
+        scale > 0.0 && diff <= 1e-5 * scale,
+        "max |sum - whole| {diff} of {scale}"
+    );
+}
+
+#[test]
+fn lesion_study_and_path_analysis_on_a_tiny_net() {
+    use residual::analysis::{lesion, paths};
+    use residual::data::{Dataset, Normalizer};
+    tch::manual_seed(12);
+    let vs = VarStore::new(Device::Cpu);
+    let net = CifarResNet::new(vs.root(), &config(false)).unwrap();
+    randomize_stats(&vs);
+    let images = Tensor::randint(256, [10, 1, 8, 8], (Kind::Uint8, Device::Cpu));
+    let labels = Tensor::randint(3, [10], (Kind::Int64, Device::Cpu));
+    let data = Dataset::new(images, labels, 3).unwrap();
+    let normalizer = Normalizer::new(vec![0.5], vec![0.25], Device::Cpu);
+    let plan = lesion::LesionPlan {
+        draws: 2,
+        seed: 3,
+        batch_size: 4,
+    };
+    let l = lesion::study(&net, &data, &normalizer, &plan).unwrap();
+    assert_eq!(
+        (l.units, l.images, l.deleted.len(), l.deleted_k.len()),
+        (6, 10, 6, 6)
+    );
+    assert_eq!(l.deleted[3].name, "layer2.1");
+    // Only layer1.0 and layer1.1 may trade places: the other stages open with a downsampling block.
+    assert_eq!(l.swapped.len(), 1);
+    assert_eq!(l.swapped[0].name, "layer1.0<->layer1.1");
+    let all = Edit {
+        deleted: (0..6).collect(),
+        ..Edit::default()
+    };
+    let everything = lesion::error(&net, &data, &normalizer, 4, &all).unwrap();
+    let last = &l.deleted_k[5];
+    assert_eq!(
+        (last.k, last.mean, last.min, last.max),
+        (6, everything, everything, everything)
+    );
+    let one = Edit {
+        deleted: BTreeSet::from([2]),
+        ..Edit::default()
+    };
+    assert_eq!(
+        l.deleted[2].error,
+        lesion::error(&net, &data, &normalizer, 4, &one).unwrap()
+    );
+
+    let (x, y) = analysis::first_batch(&data, &normalizer, 4).unwrap();
+    let p = paths::analyse(&net, &x, &y, 2, 5).unwrap();
+    assert_eq!(p.lengths.len(), 7);
+    assert_eq!(p.lengths[3].paths, 20.0 / 64.0);
+    let total: f64 = p.lengths.iter().map(|l| l.total).sum();
+    assert!((total - 1.0).abs() < 1e-12);
+    assert!(p.effective.0 <= p.effective.1 && p.effective.1 <= 6);
+    let plain_vs = VarStore::new(Device::Cpu);
+    let plain = CifarResNet::new(plain_vs.root(), &config(true)).unwrap();
+    assert!(paths::analyse(&plain, &x, &y, 2, 5).is_err());
+}

@@ -273,7 +273,7 @@ pub fn path_summary(p: &Paths) -> String {
     format!(
         "of {n} blocks, paths of length {lo}–{hi} carry at least {share:.0}% of the gradient while being \
          {paths:.1}% of all 2^{n} paths; the gradient-weighted mean path length is {g:.1} \
-         (mean path length {m:.1}); one path's gradient falls from {g0:.2e} at length 0 to \
+         (mean path length {m:.1}); one path's gradient is {g0:.2e} at length 0 and \
          {gn:.2e} at length {n}",
         n = p.units,
         share = 100.0 * paths::EFFECTIVE_SHARE,
