@@ -188,17 +188,18 @@ fn judge(gradients: &[GradientRun], lesion: &[(String, Lesion)], paths: &Paths) 
     let (r_step, r_k) = largest_step(&res.1);
     let (p_step, p_k) = largest_step(&plain.1);
     let n = res.1.units;
+    let half_k = (n / 2).max(1);
     let half = res
         .1
         .deleted_k
-        .get(n / 2 - 1)
+        .get(half_k - 1)
         .map_or(f64::NAN, |p| 100.0 * p.mean);
     let _ = write!(
         s,
         "With k random blocks deleted, the residual net's mean error grows by at most {r_step:.1} \
          points per extra block (at k = {r_k}; {half:.1}% with {} of {n} blocks deleted), the \
          plain net's by up to {p_step:.1} points (at k = {p_k}). ",
-        n / 2
+        half_k
     );
     if let (Some(a), Some(b)) = (res.1.swapped_k.first(), res.1.swapped_k.last()) {
         let _ = write!(
