@@ -365,3 +365,66 @@ fn lesion_study_and_path_analysis_on_a_tiny_net() {
     let plain = CifarResNet::new(plain_vs.root(), &config(true)).unwrap();
     assert!(paths::analyse(&plain, &x, &y, 2, 5).is_err());
 }
+
+/// SiD: a residual block deleted by masking is the model without that block; the study's numbers
+/// are shares of changed predictions.
+#[test]
+fn a_masked_sid_block_is_the_model_without_it() {
+    use residual::analysis::masked;
+    use residual::models::sid::SidClassifier;
+    use residual::models::Model;
+    use residual::ModelConfig;
+    let config = ModelConfig::from_value(serde_json::json!({
+        "arch": "sid_classifier",
+        "num_categories_list": [3, 5],
+        "num_numerical_features": 2,
+        "num_text_features": 1,
+        "text_input_size": 4,
+        "embedding_size": 4,
+        "hidden_size": 8,
+        "intermediate_size": 12,
+        "num_hidden_layers": 2,
+        "num_labels": 3
+    }))
+    .unwrap();
+    let ModelConfig::SidClassifier(c) = &config else {
+        panic!("not SiD")
+    };
+    tch::manual_seed(13);
+    let vs = VarStore::new(Device::Cpu);
+    let mut sid = SidClassifier::new(vs.root(), c).unwrap();
+    // SiD zero-initialises its biases: give them values so that masking them matters.
+    tch::no_grad(|| {
+        for (_, t) in vs.variables() {
+            if t.is_floating_point() {
+                t.shallow_clone().copy_(&(&t + t.rand_like() * 0.1));
+            }
+        }
+    });
+    let inputs = masked::random_inputs(&config, 16, 3, Device::Cpu).unwrap();
+    let units = masked::sid_units(&sid);
+    let names: Vec<&str> = units.iter().map(|u| u.name.as_str()).collect();
+    // Layer 0 has no attention; SiD's defaults: 1 attention and 1 transform block per layer.
+    assert_eq!(
+        names,
+        [
+            "model.layers.0.transform.0",
+            "model.layers.1.attention.0",
+            "model.layers.1.transform.0"
+        ]
+    );
+    let forward = |m: &SidClassifier| tch::no_grad(|| m.forward_named(&inputs, false)).unwrap();
+    let whole = forward(&sid);
+    let masked_out = masked::with_deleted(&[&units[2]], || forward(&sid));
+    assert!(forward(&sid).equal(&whole), "weights restored");
+    assert!(!masked_out.allclose(&whole, 1e-4, 1e-4, false));
+    sid.model.layers[1].transform.remove(0);
+    assert!(masked_out.equal(&forward(&sid)));
+    let lesion = masked::study(&sid, &masked::sid_units(&sid), &inputs, 2, 1);
+    let lesion = lesion.unwrap();
+    assert_eq!((lesion.units, lesion.images, lesion.baseline), (2, 16, 0.0));
+    assert!(lesion
+        .deleted
+        .iter()
+        .all(|d| (0.0..=1.0).contains(&d.error)));
+}

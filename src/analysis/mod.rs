@@ -14,6 +14,7 @@
 
 pub mod gradients;
 pub mod lesion;
+pub mod masked;
 pub mod paths;
 pub mod plot;
 pub mod study;

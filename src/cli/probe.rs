@@ -37,7 +37,8 @@ impl Probe {
 /// The model and data every probe takes.
 #[derive(clap::Args)]
 pub struct Common {
-    /// Model config (`cifar_resnet`, plain or residual).
+    /// Model config (`cifar_resnet`, plain or residual; `lesion` also takes `sid_classifier` and
+    /// `conv_sds_head`, on random inputs).
     #[arg(long)]
     config: PathBuf,
     /// Data folder (as `residual train`).
@@ -200,6 +201,13 @@ pub struct Lesion {
 
 impl Lesion {
     pub fn run(&self) -> Result<ExitCode> {
+        let config = ModelConfig::from_file(&self.common.config)?;
+        if matches!(
+            config,
+            ModelConfig::SidClassifier(_) | ModelConfig::ConvSdsHead(_)
+        ) {
+            return self.run_masked(&config);
+        }
         let p = self.common.prepare(self.test_subset)?;
         let mut subjects = vec![Subject::new(&p.config, self.weights.as_deref())];
         if let (Some(twin), Some(w)) = (study::twin(&p.config), &self.twin_weights) {
@@ -221,6 +229,65 @@ impl Lesion {
         );
         println!();
         print_written(out, &["lesion.json", "lesion.png", "lesion.md"]);
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+impl Lesion {
+    /// SiD and ConvSDS: units deleted by weight masking, on random inputs, measured as the share
+    /// of predictions that change (`residual::analysis::masked`).
+    fn run_masked(&self, config: &ModelConfig) -> Result<ExitCode> {
+        use residual::analysis::masked;
+        let device = parse_device(&self.common.device)?;
+        let out = &self.common.out;
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+        let vs = tch::nn::VarStore::new(device);
+        let (model, units): (Box<dyn residual::Model>, _) = match config {
+            ModelConfig::SidClassifier(c) => {
+                let m = residual::models::sid::SidClassifier::new(vs.root(), c)?;
+                let units = masked::sid_units(&m);
+                (Box::new(m), units)
+            }
+            ModelConfig::ConvSdsHead(c) => {
+                let m = residual::models::conv_sds::ConvSdsHead::new(vs.root(), c);
+                let units = masked::conv_sds_units(&m);
+                (Box::new(m), units)
+            }
+            _ => bail!("not a SiD or ConvSDS config"),
+        };
+        if let Some(w) = &self.weights {
+            let state = residual::checkpoint::StateDict::read(w, &Default::default())?;
+            residual::checkpoint::load_state_dict(&vs, &state, true)?;
+        }
+        let n = self.test_subset.unwrap_or(512);
+        let inputs = masked::random_inputs(config, n, self.common.seed, device)?;
+        let lesion = masked::study(
+            model.as_ref(),
+            &units,
+            &inputs,
+            self.draws,
+            self.common.seed,
+        )?;
+        let label = format!(
+            "{} {}",
+            study::name(config),
+            if self.weights.is_some() {
+                "trained"
+            } else {
+                "init"
+            }
+        );
+        let runs = vec![(label, lesion)];
+        study::write_json(&out.join("lesion.json"), &runs)?;
+        let note = format!(
+            "Units deleted by zeroing the last layer of their branch, on {n} random inputs; the \
+             \"error\" columns are the share (%) of predictions that differ from the intact \
+             model's.\n\n"
+        );
+        let table = note + &study::lesion_table(&runs);
+        residual::fs::write_atomic(&out.join("lesion.md"), table.as_bytes())?;
+        print!("{table}");
+        print_written(out, &["lesion.json", "lesion.md"]);
         Ok(ExitCode::SUCCESS)
     }
 }
