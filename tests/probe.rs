@@ -2,6 +2,9 @@
 //! norms against PyTorch's, the lesion study and the path analysis on tiny nets.
 
 use std::collections::BTreeSet;
+use std::path::Path;
+
+mod common;
 
 use residual::analysis::{self, forward, Edit, Probed};
 use residual::models::cifar::{CifarResNet, CifarResNetConfig};
@@ -427,4 +430,99 @@ fn a_masked_sid_block_is_the_model_without_it() {
         .deleted
         .iter()
         .all(|d| (0.0..=1.0).contains(&d.error)));
+}
+
+/// `n` random 28x28 images with labels 0..10 as uncompressed IDX files `{prefix}-*-idx?-ubyte`.
+fn write_idx(dir: &Path, prefix: &str, n: usize, seed: u64) {
+    let header = |magic: u32, dims: &[u32]| -> Vec<u8> {
+        let mut b = magic.to_be_bytes().to_vec();
+        for d in dims {
+            b.extend(d.to_be_bytes());
+        }
+        b
+    };
+    let mut state = seed;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as u8
+    };
+    let mut images = header(0x0803, &[n as u32, 28, 28]);
+    images.extend((0..n * 784).map(|_| next()));
+    let mut labels = header(0x0801, &[n as u32]);
+    labels.extend((0..n).map(|i| (i % 10) as u8));
+    std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), images).unwrap();
+    std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), labels).unwrap();
+}
+
+#[test]
+fn experiment_veit_writes_report_and_plots_and_reuses_its_runs() {
+    let dir = common::temp_dir("veit");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_idx(&data, "train", 64, 1);
+    write_idx(&data, "t10k", 20, 2);
+    let out = dir.join("report");
+    let args = [
+        "experiment",
+        "veit",
+        "--depth",
+        "8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--draws",
+        "1",
+        "--probe-batch",
+        "8",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let run = || {
+        std::process::Command::new(common::residual_bin())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(stdout.contains("Deleting one block raised the test error of the trained ResNet-8"));
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for part in [
+        "![gradients](gradients.png)",
+        "![lesion](lesion.png)",
+        "![paths](paths.png)",
+        "| ResNet-8 init |",
+        "| plain-8 trained |",
+        "| layer3.0 |",
+    ] {
+        assert!(report.contains(part), "{part} missing:\n{report}");
+    }
+    for png in ["gradients.png", "lesion.png", "paths.png"] {
+        assert!(
+            std::fs::read(out.join(png))
+                .unwrap()
+                .starts_with(b"\x89PNG"),
+            "{png}"
+        );
+    }
+    let paths: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("paths.json")).unwrap()).unwrap();
+    assert_eq!(paths["lengths"].as_array().unwrap().len(), 4);
+    let again = run();
+    assert!(again.status.success());
+    assert!(!String::from_utf8_lossy(&again.stderr).contains("training 1 epochs"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
