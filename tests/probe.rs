@@ -2,6 +2,9 @@
 //! norms against PyTorch's, the lesion study and the path analysis on tiny nets.
 
 use std::collections::BTreeSet;
+use std::path::Path;
+
+mod common;
 
 use residual::analysis::{self, forward, Edit, Probed};
 use residual::models::cifar::{CifarResNet, CifarResNetConfig};
@@ -213,4 +216,313 @@ fn a_deleted_conv_sds_layer_leaves_its_layer_norm() {
     let h = h.apply(&head.convs[1].layer_norm).apply(&head.convs[2]);
     assert!(edited.allclose(&h.apply(&head.classifier), 1e-6, 1e-6, false));
     assert_eq!(head.stages()[0].len(), 3);
+}
+
+/// The probe's norms against PyTorch's (`python_ref/probe_cases.py`) for the same weights and batch.
+#[test]
+fn gradient_norms_match_pytorch() {
+    use residual::checkpoint::{load_state_dict, StateDict};
+    let dir = residual::parity::default_artifacts_dir().join("probe");
+    assert!(
+        dir.join("cifar14_residual.json").exists(),
+        "{} missing: run `make artifacts`",
+        dir.display()
+    );
+    for (name, plain) in [("cifar14_residual", false), ("cifar14_plain", true)] {
+        let vs = VarStore::new(Device::Cpu);
+        let net = CifarResNet::new(vs.root(), &config(plain)).unwrap();
+        let state = StateDict::read_safetensors(&dir.join(format!("{name}.safetensors"))).unwrap();
+        load_state_dict(&vs, &state, true).unwrap();
+        let inputs =
+            StateDict::read_safetensors(&dir.join(format!("{name}_input.safetensors"))).unwrap();
+        let (x, y) = (inputs.get("x").unwrap(), inputs.get("y").unwrap());
+        let ours = analysis::gradients::probe(&net, x, y, true).unwrap();
+        let text = std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap();
+        let theirs: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let close = |a: f64, b: f64, what: &str| {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1e-12),
+                "{name} {what}: ours {a}, PyTorch {b}"
+            );
+        };
+        close(ours.loss, theirs["loss"].as_f64().unwrap(), "loss");
+        for (kind, ours) in [("outputs", &ours.outputs), ("weights", &ours.weights)] {
+            let theirs = theirs[kind].as_array().unwrap();
+            assert_eq!(ours.len(), theirs.len(), "{name} {kind}");
+            for (o, t) in ours.iter().zip(theirs) {
+                assert_eq!(o.name, t["name"].as_str().unwrap(), "{name} {kind}");
+                close(o.norm, t["norm"].as_f64().unwrap(), &o.name);
+            }
+        }
+        assert_eq!(ours.outputs.len(), 7);
+        assert_eq!(ours.weights.len(), 14);
+        let ratio = ours.outputs[1].norm / ours.outputs[6].norm;
+        assert_eq!(ours.first_to_last, ratio);
+    }
+}
+
+/// With the forward values fixed (eval-mode batch norms, fixed ReLU masks), the backward pass is
+/// linear and the network unravels exactly into its 2^n paths: the gradients of all path sets
+/// routed as in the path analysis sum to the whole network's gradient.
+#[test]
+fn the_gradients_of_all_paths_sum_to_the_whole_gradient() {
+    use analysis::Route;
+    tch::manual_seed(11);
+    let vs = VarStore::new(Device::Cpu);
+    let net = CifarResNet::new(
+        vs.root(),
+        &CifarResNetConfig {
+            depth: 8,
+            ..config(false)
+        },
+    )
+    .unwrap();
+    randomize_stats(&vs);
+    let x = images();
+    let y = Tensor::from_slice(&[0i64, 1, 2]);
+    let grad = |routes: Vec<Route>| {
+        let edit = Edit {
+            routes,
+            ..Edit::default()
+        };
+        let trace = forward(&net, &x, false, &edit).unwrap();
+        let loss = trace.logits.cross_entropy_for_logits(&y);
+        Tensor::run_backward(&[&loss], &[&trace.stem], false, false).remove(0)
+    };
+    let whole = grad(Vec::new());
+    let n = 3;
+    let mut sum = whole.zeros_like();
+    for set in 0..1u32 << n {
+        let routes = (0..n)
+            .map(|i| {
+                if set >> i & 1 == 1 {
+                    Route::Branch
+                } else {
+                    Route::Shortcut
+                }
+            })
+            .collect();
+        sum += grad(routes);
+    }
+    let scale = whole.abs().max().double_value(&[]);
+    let diff = (&sum - &whole).abs().max().double_value(&[]);
+    assert!(
+        scale > 0.0 && diff <= 1e-5 * scale,
+        "max |sum - whole| {diff} of {scale}"
+    );
+}
+
+#[test]
+fn lesion_study_and_path_analysis_on_a_tiny_net() {
+    use residual::analysis::{lesion, paths};
+    use residual::data::{Dataset, Normalizer};
+    tch::manual_seed(12);
+    let vs = VarStore::new(Device::Cpu);
+    let net = CifarResNet::new(vs.root(), &config(false)).unwrap();
+    randomize_stats(&vs);
+    let images = Tensor::randint(256, [10, 1, 8, 8], (Kind::Uint8, Device::Cpu));
+    let labels = Tensor::randint(3, [10], (Kind::Int64, Device::Cpu));
+    let data = Dataset::new(images, labels, 3).unwrap();
+    let normalizer = Normalizer::new(vec![0.5], vec![0.25], Device::Cpu);
+    let plan = lesion::LesionPlan {
+        draws: 2,
+        seed: 3,
+        batch_size: 4,
+    };
+    let l = lesion::study(&net, &data, &normalizer, &plan).unwrap();
+    assert_eq!(
+        (l.units, l.images, l.deleted.len(), l.deleted_k.len()),
+        (6, 10, 6, 6)
+    );
+    assert_eq!(l.deleted[3].name, "layer2.1");
+    // Only layer1.0 and layer1.1 may trade places: the other stages open with a downsampling block.
+    assert_eq!(l.swapped.len(), 1);
+    assert_eq!(l.swapped[0].name, "layer1.0<->layer1.1");
+    let all = Edit {
+        deleted: (0..6).collect(),
+        ..Edit::default()
+    };
+    let everything = lesion::error(&net, &data, &normalizer, 4, &all).unwrap();
+    let last = &l.deleted_k[5];
+    assert_eq!(
+        (last.k, last.mean, last.min, last.max),
+        (6, everything, everything, everything)
+    );
+    let one = Edit {
+        deleted: BTreeSet::from([2]),
+        ..Edit::default()
+    };
+    assert_eq!(
+        l.deleted[2].error,
+        lesion::error(&net, &data, &normalizer, 4, &one).unwrap()
+    );
+
+    let (x, y) = analysis::first_batch(&data, &normalizer, 4).unwrap();
+    let p = paths::analyse(&net, &x, &y, 2, 5).unwrap();
+    assert_eq!(p.lengths.len(), 7);
+    assert_eq!(p.lengths[3].paths, 20.0 / 64.0);
+    let total: f64 = p.lengths.iter().map(|l| l.total).sum();
+    assert!((total - 1.0).abs() < 1e-12);
+    assert!(p.effective.0 <= p.effective.1 && p.effective.1 <= 6);
+    let plain_vs = VarStore::new(Device::Cpu);
+    let plain = CifarResNet::new(plain_vs.root(), &config(true)).unwrap();
+    assert!(paths::analyse(&plain, &x, &y, 2, 5).is_err());
+}
+
+/// SiD: a residual block deleted by masking is the model without that block; the study's numbers
+/// are shares of changed predictions.
+#[test]
+fn a_masked_sid_block_is_the_model_without_it() {
+    use residual::analysis::masked;
+    use residual::models::sid::SidClassifier;
+    use residual::models::Model;
+    use residual::ModelConfig;
+    let config = ModelConfig::from_value(serde_json::json!({
+        "arch": "sid_classifier",
+        "num_categories_list": [3, 5],
+        "num_numerical_features": 2,
+        "num_text_features": 1,
+        "text_input_size": 4,
+        "embedding_size": 4,
+        "hidden_size": 8,
+        "intermediate_size": 12,
+        "num_hidden_layers": 2,
+        "num_labels": 3
+    }))
+    .unwrap();
+    let ModelConfig::SidClassifier(c) = &config else {
+        panic!("not SiD")
+    };
+    tch::manual_seed(13);
+    let vs = VarStore::new(Device::Cpu);
+    let mut sid = SidClassifier::new(vs.root(), c).unwrap();
+    // SiD zero-initialises its biases: give them values so that masking them matters.
+    tch::no_grad(|| {
+        for (_, t) in vs.variables() {
+            if t.is_floating_point() {
+                t.shallow_clone().copy_(&(&t + t.rand_like() * 0.1));
+            }
+        }
+    });
+    let inputs = masked::random_inputs(&config, 16, 3, Device::Cpu).unwrap();
+    let units = masked::sid_units(&sid);
+    let names: Vec<&str> = units.iter().map(|u| u.name.as_str()).collect();
+    // Layer 0 has no attention; SiD's defaults: 1 attention and 1 transform block per layer.
+    assert_eq!(
+        names,
+        [
+            "model.layers.0.transform.0",
+            "model.layers.1.attention.0",
+            "model.layers.1.transform.0"
+        ]
+    );
+    let forward = |m: &SidClassifier| tch::no_grad(|| m.forward_named(&inputs, false)).unwrap();
+    let whole = forward(&sid);
+    let masked_out = masked::with_deleted(&[&units[2]], || forward(&sid));
+    assert!(forward(&sid).equal(&whole), "weights restored");
+    assert!(!masked_out.allclose(&whole, 1e-4, 1e-4, false));
+    sid.model.layers[1].transform.remove(0);
+    assert!(masked_out.equal(&forward(&sid)));
+    let lesion = masked::study(&sid, &masked::sid_units(&sid), &inputs, 2, 1);
+    let lesion = lesion.unwrap();
+    assert_eq!((lesion.units, lesion.images, lesion.baseline), (2, 16, 0.0));
+    assert!(lesion
+        .deleted
+        .iter()
+        .all(|d| (0.0..=1.0).contains(&d.error)));
+}
+
+/// `n` random 28x28 images with labels 0..10 as uncompressed IDX files `{prefix}-*-idx?-ubyte`.
+fn write_idx(dir: &Path, prefix: &str, n: usize, seed: u64) {
+    let header = |magic: u32, dims: &[u32]| -> Vec<u8> {
+        let mut b = magic.to_be_bytes().to_vec();
+        for d in dims {
+            b.extend(d.to_be_bytes());
+        }
+        b
+    };
+    let mut state = seed;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as u8
+    };
+    let mut images = header(0x0803, &[n as u32, 28, 28]);
+    images.extend((0..n * 784).map(|_| next()));
+    let mut labels = header(0x0801, &[n as u32]);
+    labels.extend((0..n).map(|i| (i % 10) as u8));
+    std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), images).unwrap();
+    std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), labels).unwrap();
+}
+
+#[test]
+fn experiment_veit_writes_report_and_plots_and_reuses_its_runs() {
+    let dir = common::temp_dir("veit");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_idx(&data, "train", 64, 1);
+    write_idx(&data, "t10k", 20, 2);
+    let out = dir.join("report");
+    let args = [
+        "experiment",
+        "veit",
+        "--depth",
+        "8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--draws",
+        "1",
+        "--probe-batch",
+        "8",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let run = || {
+        std::process::Command::new(common::residual_bin())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(stdout.contains("Deleting one block raised the test error of the trained ResNet-8"));
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for part in [
+        "![gradients](gradients.png)",
+        "![lesion](lesion.png)",
+        "![paths](paths.png)",
+        "| ResNet-8 init |",
+        "| plain-8 trained |",
+        "| layer3.0 |",
+    ] {
+        assert!(report.contains(part), "{part} missing:\n{report}");
+    }
+    for png in ["gradients.png", "lesion.png", "paths.png"] {
+        assert!(
+            std::fs::read(out.join(png))
+                .unwrap()
+                .starts_with(b"\x89PNG"),
+            "{png}"
+        );
+    }
+    let paths: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("paths.json")).unwrap()).unwrap();
+    assert_eq!(paths["lengths"].as_array().unwrap().len(), 4);
+    let again = run();
+    assert!(again.status.success());
+    assert!(!String::from_utf8_lossy(&again.stderr).contains("training 1 epochs"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -14,8 +14,10 @@
 
 pub mod gradients;
 pub mod lesion;
+pub mod masked;
 pub mod paths;
 pub mod plot;
+pub mod study;
 
 use std::collections::BTreeSet;
 

@@ -199,16 +199,26 @@ pub fn gradients(path: &Path, depth_label: &str, runs: &[Labelled]) -> Result<()
     draw(path, &panels, 700, 500)
 }
 
-fn over_k_series(label: &str, points: &[OverK], plain: bool, color: RGBColor) -> Series {
+/// Error (%) over `k`, starting at the intact network's (`k = 0`).
+fn over_k_series(
+    label: &str,
+    baseline: f64,
+    points: &[OverK],
+    plain: bool,
+    color: RGBColor,
+) -> Series {
+    let b = 100.0 * baseline;
     Series {
         label: label.into(),
-        points: points
-            .iter()
-            .map(|p| (p.k as f64, 100.0 * p.mean))
+        points: std::iter::once((0.0, b))
+            .chain(points.iter().map(|p| (p.k as f64, 100.0 * p.mean)))
             .collect(),
-        band: points
-            .iter()
-            .map(|p| (p.k as f64, 100.0 * p.min, 100.0 * p.max))
+        band: std::iter::once((0.0, b, b))
+            .chain(
+                points
+                    .iter()
+                    .map(|p| (p.k as f64, 100.0 * p.min, 100.0 * p.max)),
+            )
             .collect(),
         dashed: plain,
         color,
@@ -252,12 +262,24 @@ pub fn lesion(path: &Path, runs: &[(&str, &Lesion)]) -> Result<()> {
             dashed: true,
             color: lighter(c),
         });
-        deleted.push(over_k_series(label, &l.deleted_k, !l.residual, c));
+        deleted.push(over_k_series(
+            label,
+            l.baseline,
+            &l.deleted_k,
+            !l.residual,
+            c,
+        ));
         if !l.swapped_k.is_empty() {
-            swapped.push(over_k_series(label, &l.swapped_k, !l.residual, c));
+            swapped.push(over_k_series(
+                label,
+                l.baseline,
+                &l.swapped_k,
+                !l.residual,
+                c,
+            ));
         }
     }
-    let panels = [
+    let mut panels = vec![
         Panel {
             title: "one block deleted (Veit fig. 3)".into(),
             x_desc: "deleted block (input side first)".into(),
@@ -270,13 +292,16 @@ pub fn lesion(path: &Path, runs: &[(&str, &Lesion)]) -> Result<()> {
             y_desc: "test error (%), mean and range".into(),
             series: deleted,
         },
-        Panel {
+    ];
+    // Stages of one block each have no pair to swap.
+    if !swapped.is_empty() {
+        panels.push(Panel {
             title: "k random adjacent swaps (fig. 5)".into(),
             x_desc: "swaps".into(),
             y_desc: "test error (%), mean and range".into(),
             series: swapped,
-        },
-    ];
+        });
+    }
     draw(path, &panels, 600, 480)
 }
 

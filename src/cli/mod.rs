@@ -10,6 +10,7 @@ mod folder;
 pub mod infer;
 pub mod inspect;
 pub mod parity;
+pub mod probe;
 pub mod train;
 
 mod serde_enum;
