@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use residual::backend::AutocastDtype;
 use residual::data::{Augment, DataFormat};
 use residual::device::parse_device;
+use residual::distributed::{default_timeout, Backend, LaunchEnv, ProcessGroup};
 use residual::train::{Outcome, RunData, Schedule, TrainOptions, Trainer};
 use residual::ModelConfig;
 
@@ -32,21 +33,39 @@ impl Args {
     pub fn run(&self) -> Result<ExitCode> {
         super::install_ctrl_c();
         let device = parse_device(&self.settings.device)?;
-        let mut trainer = match (&self.resume, &self.config, &self.out) {
-            (Some(dir), _, _) => Trainer::resume(dir, device, self.settings.epochs)?,
-            (None, Some(config), Some(out)) => Trainer::create(
+        let setup = match (&self.resume, &self.config, &self.out) {
+            (Some(dir), _, _) => (dir, None),
+            (None, Some(config), Some(out)) => (
                 out,
-                ModelConfig::from_file(config)?,
-                self.settings.options(),
-                device,
-            )?,
+                Some((ModelConfig::from_file(config)?, self.settings.options())),
+            ),
             _ => bail!("give --config and --out for a new run, or --resume RUN_DIR"),
         };
-        trainer.quiet = self.settings.quiet;
-        let data = self.settings.data(&trainer.options, device)?;
-        data.write_run_files(&trainer.run.path, &trainer.config, &trainer.options)?;
+        let mut trainer = match (LaunchEnv::from_env()?, setup) {
+            // Under torchrun: one data-parallel rank, on cuda:LOCAL_RANK with a CUDA device.
+            (Some(env), (dir, setup)) => {
+                let device = env.device(device);
+                residual::device::check_available(device)?;
+                let backend = Backend::for_device(device);
+                let group = ProcessGroup::init(&env, backend, default_timeout()?)?;
+                let epochs = self.settings.epochs;
+                Trainer::create_distributed(dir, setup, epochs, device, group, &env)?
+            }
+            (None, (dir, None)) => Trainer::resume(dir, device, self.settings.epochs)?,
+            (None, (out, Some((config, options)))) => {
+                Trainer::create(out, config, options, device)?
+            }
+        };
+        trainer.quiet |= self.settings.quiet;
+        let data = self.settings.data(&trainer.options, trainer.vs.device())?;
+        if trainer.is_writer() {
+            data.write_run_files(&trainer.run.path, &trainer.config, &trainer.options)?;
+        }
         if trainer.run(&data)? == Outcome::Interrupted {
             return Ok(ExitCode::from(130));
+        }
+        if !trainer.is_writer() {
+            return Ok(ExitCode::SUCCESS);
         }
         println!(
             "finished {} epochs; metrics in {}, weights in {}",
