@@ -8,11 +8,13 @@
 //! with `checkpoints/LATEST` naming the newest complete one.
 //!
 //! Files: `options` (what shapes a run), `schedule` (the learning rate over time), `loss`
-//! (cross-entropy and fp16 loss scaling), `sgd` (the optimiser), `run_data` (the splits on
+//! (cross-entropy and fp16 loss scaling), `sgd` (the optimiser), `adamw` (AdamW, not yet
+//! selectable in a run), `run_data` (the splits on
 //! their device), `folder_data` (image-folder datasets and the files their runs keep), `run_dir` (the folder layout and checkpoints), `metrics` (what an epoch
 //! measured), `trainer` (the loop), `eval` (evaluation of a trained model), `bench` (speed
 //! of the training step and of inference), `memory_format` (channels-last tensors).
 
+mod adamw;
 mod bench;
 mod eval;
 mod folder_data;
@@ -26,6 +28,7 @@ mod schedule;
 mod sgd;
 mod trainer;
 
+pub use adamw::AdamW;
 pub use bench::{bench_config, bench_inference, benchmark, BenchSettings};
 pub use eval::{confusion, load_model};
 pub use folder_data::{run_files, run_folder_of, CLASSES_FILE, PREPROCESS_FILE};
