@@ -1,4 +1,4 @@
-//! AdamW, `torch.optim.AdamW`'s update op for op (its single-tensor path, the CPU default), with
+//! AdamW (`--optimizer adamw`), `torch.optim.AdamW`'s update op for op (its single-tensor path, the CPU default), with
 //! state that can be saved:
 //!
 //! ```text
@@ -65,6 +65,15 @@ impl AdamW {
         for (_, p, _) in &mut self.params {
             p.zero_grad();
         }
+    }
+
+    /// Gradients of every parameter, for inspection (fp16 loss scaling unscales them in place).
+    pub fn grads(&self) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .map(|(_, p, _)| p.grad())
+            .filter(|g| g.defined())
+            .collect()
     }
 
     /// One update at rate `lr`, in place.
