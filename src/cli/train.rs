@@ -8,7 +8,7 @@ use residual::backend::AutocastDtype;
 use residual::data::{Augment, DataFormat};
 use residual::device::parse_device;
 use residual::distributed::{default_timeout, Backend, LaunchEnv, ProcessGroup};
-use residual::train::{Outcome, RunData, Schedule, TrainOptions, Trainer};
+use residual::train::{OptimizerKind, Outcome, RunData, Schedule, TrainOptions, Trainer};
 use residual::ModelConfig;
 
 use super::folder::FolderArgs;
@@ -154,6 +154,15 @@ pub struct Settings {
     pub quiet: bool,
     #[command(flatten)]
     folder: FolderArgs,
+    /// sgd (with --momentum) or adamw (torch.optim.AdamW: decoupled --weight-decay).
+    #[arg(long, default_value = "sgd", value_parser = ["sgd", "adamw"])]
+    optimizer: String,
+    /// AdamW's betas.
+    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0.9, 0.999])]
+    betas: Vec<f64>,
+    /// AdamW's eps.
+    #[arg(long, default_value_t = 1e-8)]
+    eps: f64,
 }
 
 impl Settings {
@@ -183,6 +192,13 @@ impl Settings {
             cudnn_benchmark: self.cudnn_benchmark,
             deterministic: self.deterministic,
             eval_test: true,
+            optimizer: match self.optimizer.as_str() {
+                "adamw" => OptimizerKind::Adamw {
+                    betas: [self.betas[0], self.betas[1]],
+                    eps: self.eps,
+                },
+                _ => OptimizerKind::Sgd,
+            },
             image_folder: self
                 .is_image_folder()
                 .then(|| self.folder.options(!self.no_augment, !self.no_flip)),

@@ -12,10 +12,10 @@ use tch::{Device, Kind, Tensor};
 use super::loss::logits_loss;
 use super::memory_format::{channels_last, vars_channels_last};
 use super::metrics::{EpochMetrics, Tally};
+use super::optimizer::Optimizer;
 use super::options::TrainOptions;
 use super::run_data::RunData;
 use super::run_dir::{RunDir, RunState};
-use super::sgd::Sgd;
 use crate::backend::{AutocastDtype, SwitchGuard, Switches};
 use crate::config::ModelConfig;
 use crate::data::EpochBatches;
@@ -46,7 +46,8 @@ pub struct Trainer {
     pub options: TrainOptions,
     pub run: RunDir,
     pub state: RunState,
-    sgd: Sgd,
+    /// The optimiser (SGD or AdamW, as the options say).
+    sgd: Optimizer,
     pub quiet: bool,
     /// Device-to-host reads made by the training loop (loss and error sums, every
     /// [`READ_EVERY`] batches; plus one per step with fp16 loss scaling).
@@ -111,12 +112,7 @@ impl Trainer {
     ) -> Result<Self> {
         let vs = VarStore::new(device);
         let model = config.build(vs.root())?;
-        let sgd = Sgd::new(
-            &vs,
-            options.momentum,
-            options.weight_decay,
-            options.decay_norm_and_bias,
-        );
+        let sgd = Optimizer::new(&vs, &options);
         Ok(Self {
             vs,
             model,
