@@ -104,8 +104,9 @@ fn a_dead_peer_is_an_error_that_names_its_rank() {
 }
 
 #[test]
-fn nccl_is_built_where_cuda_is_linked() {
-    if tch::Cuda::device_count() == 0 {
+fn nccl_collectives_and_a_training_run_on_cuda() {
+    let gpus = tch::Cuda::device_count();
+    if gpus == 0 {
         println!("skipped: no CUDA device");
         return;
     }
@@ -113,6 +114,36 @@ fn nccl_is_built_where_cuda_is_linked() {
         residual::distributed::backends().nccl,
         "a CUDA host runs a build without NCCL"
     );
+    // Every GPU of the host (at most 2) as one rank; world size 1 exercises the whole path.
+    let world = gpus.min(2) as usize;
+    let out = spawn_ranks(world, &["doctor", "--collectives", "--device", "cuda"], &[]);
+    for (rank, o) in out.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
+    }
+    let report = text(&out[0].stdout);
+    assert!(
+        report.contains(&format!("Nccl, world size {world}")),
+        "{report}"
+    );
+    assert!(
+        report.contains("200 allreduces in a row: exact"),
+        "{report}"
+    );
+
+    let dir = common::temp_dir("ddp-nccl");
+    let run = dir.join("run");
+    run_from_reference(&run, 1);
+    let data = ddp_reference().join("data");
+    let mut args = train_args(run.to_str().unwrap(), data.to_str().unwrap());
+    let cpu = args.iter().position(|a| *a == "cpu").unwrap();
+    args[cpu] = "cuda";
+    let out = spawn_ranks(world, &args, &[]);
+    for (rank, o) in out.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 1, "{metrics}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `python -m torch.distributed.run` (torchrun) with `nproc` local processes running
