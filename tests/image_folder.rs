@@ -326,7 +326,7 @@ fn epoch_batches(s: &FolderStream, epoch: u64, skip: i64) -> Vec<(Tensor, Tensor
     let mut batches = s.epoch(&norm, 3, 9, epoch, Device::Cpu);
     batches.skip_batches(skip);
     let mut out = Vec::new();
-    while let Some(b) = batches.next_raw().unwrap() {
+    while let Some(b) = batches.next_host().unwrap() {
         out.push(b);
     }
     out
