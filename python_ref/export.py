@@ -48,6 +48,7 @@ import shape_cases
 from checkpoints import export_checkpoints
 from ddp_ref import export as export_ddp
 from preprocess import export_preprocess, missing_libraries
+from probe_cases import export_probe
 
 try:
     import timm_hf_cases
@@ -420,6 +421,8 @@ def main():
     if not args.only:
         print("exporting checkpoint fixtures", flush=True)
         manifest["fixtures"] = export_checkpoints(args.out)
+        print("exporting gradient-probe references", flush=True)
+        manifest["fixtures"].update(export_probe(args.out))
         missing = missing_libraries()
         if missing:
             # A bare PyTorch host (the GPU bundle's) lacks them; the pins have them.

@@ -106,6 +106,17 @@ pub struct Batches<'a> {
 }
 
 impl<'a> Batches<'a> {
+    /// The order of epoch `epoch` of `n` examples that [`Batches::new`] draws for `(seed, epoch)`.
+    pub fn shuffled_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+        let mut rng = SplitMix::new(seed, epoch);
+        let mut order: Vec<usize> = (0..n).collect();
+        for i in (1..order.len()).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            order.swap(i, j);
+        }
+        order
+    }
+
     /// `shuffle_seed`: `Some((seed, epoch))` for a training epoch, `None` for evaluation order.
     pub fn new(
         data: &'a Dataset,

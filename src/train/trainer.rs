@@ -12,13 +12,13 @@ use tch::{Device, Kind, Tensor};
 use super::loss::logits_loss;
 use super::memory_format::{channels_last, vars_channels_last};
 use super::metrics::{EpochMetrics, Tally};
+use super::optimizer::Optimizer;
 use super::options::TrainOptions;
 use super::run_data::RunData;
 use super::run_dir::{RunDir, RunState};
-use super::sgd::Sgd;
 use crate::backend::{AutocastDtype, SwitchGuard, Switches};
 use crate::config::ModelConfig;
-use crate::data::Batches;
+use crate::data::EpochBatches;
 use crate::distributed::{Ddp, LaunchEnv, ProcessGroup};
 use crate::models::{Inputs, Model};
 
@@ -46,7 +46,8 @@ pub struct Trainer {
     pub options: TrainOptions,
     pub run: RunDir,
     pub state: RunState,
-    sgd: Sgd,
+    /// The optimiser (SGD or AdamW, as the options say).
+    sgd: Optimizer,
     pub quiet: bool,
     /// Device-to-host reads made by the training loop (loss and error sums, every
     /// [`READ_EVERY`] batches; plus one per step with fp16 loss scaling).
@@ -111,12 +112,7 @@ impl Trainer {
     ) -> Result<Self> {
         let vs = VarStore::new(device);
         let model = config.build(vs.root())?;
-        let sgd = Sgd::new(
-            &vs,
-            options.momentum,
-            options.weight_decay,
-            options.decay_norm_and_bias,
-        );
+        let sgd = Optimizer::new(&vs, &options);
         Ok(Self {
             vs,
             model,
@@ -185,16 +181,19 @@ impl Trainer {
     }
 
     /// This rank's batches of epoch `epoch` (all of them without data parallelism).
-    fn epoch_batches<'a>(&self, data: &'a RunData, epoch: Option<u64>) -> Batches<'a> {
+    fn epoch_batches<'a>(
+        &self,
+        data: &'a RunData,
+        epoch: Option<u64>,
+    ) -> Result<Box<dyn EpochBatches + 'a>> {
         let shard = self
             .ddp
             .as_ref()
             .map_or((0, 1), |d| (d.rank(), d.world_size()));
-        Batches::sharded(
-            &data.train,
-            &data.normalizer,
+        data.train_batches(
             self.options.batch_size,
-            epoch.map(|e| (self.options.seed, e)),
+            self.options.seed,
+            epoch,
             self.options.augment,
             shard,
         )
@@ -259,7 +258,7 @@ impl Trainer {
     /// Trains until `options.epochs`, evaluating and checkpointing after each epoch.
     pub fn run(&mut self, data: &RunData) -> Result<Outcome> {
         let _switches = self.apply_settings()?;
-        let steps = self.epoch_batches(data, None).len();
+        let steps = self.epoch_batches(data, None)?.len();
         while self.state.epoch < self.options.epochs {
             let Some(trained) = self.train_epoch(data, steps)? else {
                 let dir = self.save_checkpoint()?;
@@ -280,7 +279,7 @@ impl Trainer {
     /// `None` when Ctrl-C stopped it.
     fn train_epoch(&mut self, data: &RunData, steps: i64) -> Result<Option<TrainedEpoch>> {
         let epoch = self.state.epoch;
-        let mut batches = self.epoch_batches(data, Some(epoch));
+        let mut batches = self.epoch_batches(data, Some(epoch))?;
         batches.skip_batches(self.state.batch)?;
         let bar = self.progress_bar(steps as u64, epoch);
         bar.set_position(self.state.batch as u64);
@@ -338,6 +337,13 @@ impl Trainer {
             tally = Tally::from_sums(&ddp.sum_f64(&tally.sums())?);
         }
         bar.finish_and_clear();
+        if !batches.unreadable().is_empty() {
+            eprintln!(
+                "epoch {}: skipped {} unreadable file(s)",
+                epoch + 1,
+                batches.unreadable().len()
+            );
+        }
         Ok(Some(TrainedEpoch {
             tally,
             lr,
