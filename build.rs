@@ -91,8 +91,14 @@ fn compile_distributed(lib_dir: &Path) {
     let root = lib_dir.parent().unwrap_or(lib_dir);
     let gloo = std::env::var("RESIDUAL_GLOO_INCLUDE")
         .map_or_else(|_| PathBuf::from("/usr/include"), PathBuf::from);
-    // Watching the folder notices gloo being installed later (cargo scans it for changes).
-    println!("cargo:rerun-if-changed={}", gloo.join("gloo").display());
+    // Watching gloo's folder, or while it is missing the folder it would appear in, notices gloo
+    // being installed or changed later (a missing path would rerun this script on every build).
+    let watched = if gloo.join("gloo").exists() {
+        gloo.join("gloo")
+    } else {
+        gloo.clone()
+    };
+    println!("cargo:rerun-if-changed={}", watched.display());
     let gloo = gloo.join("gloo/config.h").exists().then_some(gloo);
     if gloo.is_none() {
         println!(

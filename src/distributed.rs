@@ -557,3 +557,58 @@ pub fn check_collectives(
     lines.push("barrier: passed".into());
     Ok(lines)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn launch_env_reads_torchrun_variables_and_rejects_bad_ones() {
+        assert_eq!(LaunchEnv::from_lookup(lookup(&[])).unwrap(), None);
+        let env = LaunchEnv::from_lookup(lookup(&[
+            ("WORLD_SIZE", "4"),
+            ("RANK", "3"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "29400"),
+            ("TORCHELASTIC_RESTART_COUNT", "2"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!((env.rank, env.world_size, env.local_rank), (3, 4, 1));
+        assert_eq!(
+            (env.master_addr.as_str(), env.master_port),
+            ("node0", 29400)
+        );
+        assert_eq!((env.restart_count, env.agent_store), (2, true));
+        assert_eq!(env.device(Device::Cuda(0)), Device::Cuda(1));
+        assert_eq!(env.device(Device::Cpu), Device::Cpu);
+        for bad in [
+            vec![("WORLD_SIZE", "2")],
+            vec![("WORLD_SIZE", "2"), ("RANK", "2")],
+            vec![("WORLD_SIZE", "0"), ("RANK", "0")],
+            vec![("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "70000")],
+        ] {
+            assert!(LaunchEnv::from_lookup(lookup(&bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn buckets_hold_at_most_the_cap_and_one_dtype() {
+        let f = |n: i64| Tensor::zeros([n], (Kind::Float, Device::Cpu));
+        let d = |n: i64| Tensor::zeros([n], (Kind::Double, Device::Cpu));
+        // 4 bytes per float: a cap of 40 bytes holds 10 floats.
+        let ts = [f(4), f(6), f(1), f(20), d(2), d(2)];
+        assert_eq!(buckets(&ts, 40), vec![0..2, 2..3, 3..4, 4..6]);
+        assert!(buckets(&[], 40).is_empty());
+    }
+}
