@@ -31,7 +31,7 @@ setup:
 	@scripts/setup-dist.sh "$(RESIDUAL_VENV)"
 
 # Regenerated when a python_ref script or the pinned packages change.
-REFERENCE_SOURCES := $(addprefix python_ref/,export.py reference.py resnet_ref.py resnet_cases.py shape_cases.py checkpoints.py timm_hf_cases.py preprocess.py probe_cases.py)
+REFERENCE_SOURCES := $(addprefix python_ref/,export.py reference.py resnet_ref.py resnet_cases.py shape_cases.py checkpoints.py timm_hf_cases.py preprocess.py probe_cases.py ddp_ref.py)
 $(MANIFEST): $(REFERENCE_SOURCES) python_ref/requirements.txt | setup
 	$(PYTHON) python_ref/export.py --out $(ARTIFACTS)
 

@@ -502,10 +502,15 @@ pub fn injected_exit(env: &LaunchEnv) -> Option<u64> {
 /// Checks the collectives on this group (the `doctor --collectives` check): a small sum,
 /// a sum of `large` floats, a broadcast, `repeats` sums in a row and a barrier; each result is
 /// compared with what it must be. Returns one line per check.
-pub fn check_collectives(group: &ProcessGroup, large: i64, repeats: usize) -> Result<Vec<String>> {
+pub fn check_collectives(
+    group: &ProcessGroup,
+    device: Device,
+    large: i64,
+    repeats: usize,
+) -> Result<Vec<String>> {
     let (rank, world) = (group.rank as f64, group.world_size as f64);
     let mut lines = Vec::new();
-    let t = Tensor::from_slice(&[rank + 1.0, 10.0 * (rank + 1.0)]);
+    let t = Tensor::from_slice(&[rank + 1.0, 10.0 * (rank + 1.0)]).to_device(device);
     group.all_reduce_sum(&t)?;
     let want = world * (world + 1.0) / 2.0;
     let got = Vec::<f64>::try_from(&t.to_kind(Kind::Double))?;
@@ -514,9 +519,9 @@ pub fn check_collectives(group: &ProcessGroup, large: i64, repeats: usize) -> Re
     }
     lines.push(format!("allreduce sum of rank+1: {want} on every rank"));
 
-    let big = Tensor::arange(large, (Kind::Float, Device::Cpu)).remainder(1000) + rank;
+    let big = Tensor::arange(large, (Kind::Float, device)).remainder(1000) + rank;
     group.all_reduce_sum(&big)?;
-    let expected = Tensor::arange(large, (Kind::Float, Device::Cpu)).remainder(1000) * world
+    let expected = Tensor::arange(large, (Kind::Float, device)).remainder(1000) * world
         + world * (world - 1.0) / 2.0;
     let diff = (&big - &expected).abs().max().double_value(&[]);
     if diff != 0.0 {
@@ -527,16 +532,16 @@ pub fn check_collectives(group: &ProcessGroup, large: i64, repeats: usize) -> Re
         large * 4 / (1024 * 1024)
     ));
 
-    let b = Tensor::full([1000], rank, (Kind::Float, Device::Cpu));
+    let b = Tensor::full([1000], rank, (Kind::Float, device));
     group.broadcast(&b, 0)?;
     if b.abs().max().double_value(&[]) != 0.0 {
         bail!("broadcast from rank 0 did not arrive");
     }
     lines.push("broadcast from rank 0: arrived".into());
 
-    let acc = Tensor::zeros([4096], (Kind::Float, Device::Cpu));
+    let acc = Tensor::zeros([4096], (Kind::Float, device));
     for _ in 0..repeats {
-        let step = Tensor::ones([4096], (Kind::Float, Device::Cpu));
+        let step = Tensor::ones([4096], (Kind::Float, device));
         group.all_reduce_sum(&step)?;
         let _ = acc.shallow_clone().g_add_(&step);
     }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use residual::models::{for_inference, Inputs};
+use residual::models::{for_inference, InferenceOptions, Inputs};
 use residual::{ModelConfig, Predictor, PredictorOptions};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -64,7 +64,7 @@ fn eight_threads_sharing_one_predictor_get_the_single_threaded_outputs() {
     let mut single_vs = VarStore::new(Device::Cpu);
     let single = config.build(single_vs.root()).unwrap();
     single_vs.copy(&vs).unwrap();
-    let single = for_inference(single).unwrap();
+    let single = for_inference(single, &InferenceOptions::default()).unwrap();
     let (threads, calls) = (8, 5);
     let want: Vec<Tensor> = (0..threads * calls)
         .map(|seed| {

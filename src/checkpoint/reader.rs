@@ -47,7 +47,7 @@ impl Checkpoint {
         // produce wrong values, which the parsers bound-check.
         let map = unsafe { Mmap::map(&file) }
             .with_context(|| format!("cannot map {}", path.display()))?;
-        let table = Table::parse(&map, options)
+        let table = Table::parse_mapped(&map, Some(&file), options)
             .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),

@@ -62,6 +62,16 @@ impl Table {
     /// Reads the table of a checkpoint's bytes (torch.save zip or legacy, libtorch archive, or
     /// safetensors): the pickle or the header only.
     pub fn parse(bytes: &[u8], options: &ReadOptions) -> Result<Self> {
+        Self::parse_mapped(bytes, None, options)
+    }
+
+    /// [`parse`](Self::parse) of `bytes` mapped from `file`, which storage headers are read from
+    /// (so that the mapping is touched only where the zip directory and the pickle lie).
+    pub fn parse_mapped(
+        bytes: &[u8],
+        file: Option<&std::fs::File>,
+        options: &ReadOptions,
+    ) -> Result<Self> {
         let format = sniff(bytes)?;
         if format == Format::Safetensors {
             let (mut tensors, storages) = safetensors_table(bytes)?;
@@ -73,7 +83,7 @@ impl Table {
                 storages,
             });
         }
-        let mut file = TorchFile::parse(bytes)?;
+        let mut file = TorchFile::parse_mapped(bytes, file)?;
         let (mut refs, mut layout) = locate::locate(
             &file.object,
             file.format,

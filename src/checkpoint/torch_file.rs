@@ -92,6 +92,9 @@ pub struct TorchFile<'a> {
     storages: Storages<'a>,
     /// Bytes in the file.
     size: usize,
+    bytes: &'a [u8],
+    /// The file `bytes` maps, where there is one: storage headers are read from it.
+    file: Option<&'a std::fs::File>,
 }
 
 enum Storages<'a> {
@@ -105,6 +108,18 @@ enum Storages<'a> {
 impl<'a> TorchFile<'a> {
     /// Parses a file in either torch.save format, or a libtorch archive.
     pub fn parse(bytes: &'a [u8]) -> Result<Self> {
+        Self::parse_mapped(bytes, None)
+    }
+
+    /// [`parse`](Self::parse) of `bytes` mapped from `file`, which storage headers are read
+    /// from.
+    pub fn parse_mapped(bytes: &'a [u8], file: Option<&'a std::fs::File>) -> Result<Self> {
+        let mut parsed = Self::parse_format(bytes)?;
+        parsed.file = file;
+        Ok(parsed)
+    }
+
+    fn parse_format(bytes: &'a [u8]) -> Result<Self> {
         match sniff(bytes)? {
             format @ (Format::TorchZip | Format::LibtorchArchive) => Self::parse_zip(bytes, format),
             Format::TorchLegacy => Self::parse_legacy(bytes),
@@ -141,6 +156,8 @@ impl<'a> TorchFile<'a> {
             script_classes,
             storages: Storages::Zip { archive, prefix },
             size: bytes.len(),
+            bytes,
+            file: None,
         })
     }
 
@@ -203,6 +220,8 @@ impl<'a> TorchFile<'a> {
             script_classes: ScriptClasses::new(),
             storages: Storages::Legacy(records),
             size: bytes.len(),
+            bytes,
+            file: None,
         })
     }
 
@@ -215,12 +234,33 @@ impl<'a> TorchFile<'a> {
                 .with_context(|| format!("the file has no storage `{key}`")),
             Storages::Zip { archive, prefix } => {
                 let name = format!("{prefix}data/{key}");
-                let file = archive
-                    .by_name_raw(name.as_bytes())
+                let index = archive
+                    .index_for_name(&name)
                     .with_context(|| format!("the archive has no storage record `{name}`"))?;
-                let start = file
-                    .data_start()
-                    .with_context(|| format!("storage record `{name}` has no data offset"))?;
+                let file = archive
+                    .by_index_data(index)
+                    .with_context(|| format!("cannot open storage record `{name}`"))?;
+                // The local header gives where the data starts. It is read alone (from the file
+                // when there is one): touching it through a mapping would map the pages around it,
+                // and a checkpoint's headers are spread over all of it.
+                let mut header = [0u8; 30];
+                let at = file.header_start();
+                match self.file {
+                    Some(f) => std::os::unix::fs::FileExt::read_exact_at(f, &mut header, at)
+                        .with_context(|| format!("cannot read the header of `{name}`"))?,
+                    None => header.copy_from_slice(
+                        usize::try_from(at)
+                            .ok()
+                            .and_then(|at| self.bytes.get(at..at.checked_add(30)?))
+                            .with_context(|| format!("the header of `{name}` is past the end"))?,
+                    ),
+                }
+                if header[..4] != [0x50, 0x4b, 0x03, 0x04] {
+                    bail!("storage record `{name}` has no local header where the directory says");
+                }
+                let variable = u16::from_le_bytes([header[26], header[27]]) as u64
+                    + u16::from_le_bytes([header[28], header[29]]) as u64;
+                let start = at + 30 + variable;
                 let deflated = match file.compression() {
                     zip::CompressionMethod::Stored => false,
                     zip::CompressionMethod::Deflated => true,

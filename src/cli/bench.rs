@@ -155,6 +155,7 @@ impl Args {
                 intra_op_threads: self.worker_threads,
                 device,
                 plain: self.plain,
+                inference: Default::default(),
             },
             clients: self.clients.unwrap_or(workers),
             shape: [self.batch_size, channels, self.image_size, self.image_size],

@@ -14,12 +14,15 @@ pub struct Args {
     /// group and check allreduce (small, large, repeated), broadcast and barrier.
     #[arg(long)]
     collectives: bool,
+    /// With --collectives: cpu (Gloo) or cuda (NCCL, each rank on cuda:LOCAL_RANK).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 impl Args {
     pub fn run(&self) -> Result<ExitCode> {
         if self.collectives {
-            return check_collectives();
+            return check_collectives(&self.device);
         }
         let report = Report::collect();
         if self.json {
@@ -34,7 +37,7 @@ impl Args {
     }
 }
 
-fn check_collectives() -> Result<ExitCode> {
+fn check_collectives(device: &str) -> Result<ExitCode> {
     use residual::distributed::{self, Backend, LaunchEnv, ProcessGroup};
     let Some(env) = LaunchEnv::from_env()? else {
         anyhow::bail!("--collectives runs under torchrun (WORLD_SIZE is not set)");
@@ -44,13 +47,16 @@ fn check_collectives() -> Result<ExitCode> {
     if exit_at == Some(0) {
         std::process::exit(17);
     }
-    let group = ProcessGroup::init(&env, Backend::Gloo, distributed::default_timeout()?)?;
+    let device = env.device(residual::device::parse_device(device)?);
+    residual::device::check_available(device)?;
+    let backend = Backend::for_device(device);
+    let group = ProcessGroup::init(&env, backend, distributed::default_timeout()?)?;
     if exit_at == Some(1) {
         std::process::exit(17);
     }
-    let lines = distributed::check_collectives(&group, 1 << 22, 200)?;
+    let lines = distributed::check_collectives(&group, device, 1 << 22, 200)?;
     if env.rank == 0 {
-        println!("Gloo, world size {}:", env.world_size);
+        println!("{backend:?}, world size {}:", env.world_size);
         for line in lines {
             println!("  {line}");
         }

@@ -128,7 +128,7 @@ impl Args {
         };
         let mut loaded = LoadedModel::load_any(config, &self.weights, device, &settings)?;
         if !self.plain {
-            loaded.model = residual::models::for_inference(loaded.model)?;
+            loaded.model = residual::models::for_inference(loaded.model, &Default::default())?;
         }
         if !loaded.report.is_clean() {
             eprint!("warning: {}", loaded.report);

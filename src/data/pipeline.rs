@@ -235,9 +235,9 @@ pub struct FolderStream {
     pub prefetch: usize,
 }
 
-/// One batch as a worker hands it over: `3 x size x size` bytes per image.
+/// One batch as a worker hands it over: `3 x size x size` normalised floats per image.
 struct RawBatch {
-    pixels: Vec<u8>,
+    pixels: Vec<f32>,
     labels: Vec<i64>,
     unreadable: Vec<PathBuf>,
 }
@@ -339,6 +339,15 @@ impl StreamBatches<'_> {
         for w in 0..workers {
             let (tx, rx) = sync_channel(self.stream.prefetch.max(1));
             let (stream, order, stop) = (self.stream.clone(), self.order.clone(), stop.clone());
+            // `(x / 255 - mean) / std` in float32, as the normaliser, done here so that the
+            // consumer only copies (libtorch's own kernels would add its thread pool).
+            let stats: Vec<(f32, f32)> = (0..3)
+                .map(|c| {
+                    let m = self.normalizer.mean[c.min(self.normalizer.mean.len() - 1)];
+                    let s = self.normalizer.std[c.min(self.normalizer.std.len() - 1)];
+                    (m as f32, s as f32)
+                })
+                .collect();
             let (seed, epoch, bs, first) = (self.seed, self.epoch, self.batch_size, self.next);
             handles.push(std::thread::spawn(move || {
                 let mut b = first + w;
@@ -352,7 +361,13 @@ impl StreamBatches<'_> {
                     for &i in indices {
                         match stream.sample(i, seed, epoch) {
                             Ok(p) => {
-                                batch.pixels.extend_from_slice(&p);
+                                let plane = stream.size * stream.size;
+                                for (c, chunk) in p.chunks_exact(plane).enumerate() {
+                                    let (m, s) = stats[c];
+                                    batch.pixels.extend(
+                                        chunk.iter().map(|&v| (f32::from(v) / 255.0 - m) / s),
+                                    );
+                                }
                                 batch.labels.push(stream.folder.samples[i].1);
                             }
                             Err(e) => {
@@ -377,9 +392,9 @@ impl StreamBatches<'_> {
         }
     }
 
-    /// The next `(uint8 images [B, 3, size, size], labels [B])` on the host, before
-    /// normalisation; `None` at the end. A batch whose images were all unreadable is passed over.
-    pub fn next_raw(&mut self) -> Result<Option<(Tensor, Tensor)>> {
+    /// The next `(normalised images [B, 3, size, size], labels [B])` on the host; `None` at the
+    /// end. A batch whose images were all unreadable is passed over.
+    pub fn next_host(&mut self) -> Result<Option<(Tensor, Tensor)>> {
         loop {
             if self.next >= self.len() as usize {
                 return Ok(None);
@@ -406,12 +421,9 @@ impl StreamBatches<'_> {
 
     /// The next normalised batch on the device, as [`Batches::next_batch`].
     pub fn next_batch(&mut self) -> Result<Option<(Tensor, Tensor)>> {
-        Ok(self.next_raw()?.map(|(x, y)| {
-            (
-                self.normalizer.apply(&x.to_device(self.device)),
-                y.to_device(self.device),
-            )
-        }))
+        Ok(self
+            .next_host()?
+            .map(|(x, y)| (x.to_device(self.device), y.to_device(self.device))))
     }
 }
 

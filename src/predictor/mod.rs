@@ -39,7 +39,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::ModelConfig;
 use crate::infer::{LoadSettings, LoadedModel, Prediction};
-use crate::models::Inputs;
+use crate::models::{InferenceOptions, Inputs};
 
 /// How a [`Predictor`] runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +54,9 @@ pub struct PredictorOptions {
     pub device: Device,
     /// Run the model as built instead of its inference form ([`crate::models::for_inference`]).
     pub plain: bool,
+    /// How the inference form is prepared (ignored with `plain`); its `threads` is ignored, the
+    /// workers use `intra_op_threads`.
+    pub inference: InferenceOptions,
 }
 
 impl Default for PredictorOptions {
@@ -63,6 +66,7 @@ impl Default for PredictorOptions {
             intra_op_threads: None,
             device: Device::Cpu,
             plain: false,
+            inference: InferenceOptions::default(),
         }
     }
 }
@@ -139,7 +143,10 @@ impl Predictor {
                 weights,
                 device,
                 kind,
-                plain: options.plain,
+                inference: (!options.plain).then(|| InferenceOptions {
+                    threads: None,
+                    ..options.inference.clone()
+                }),
                 intra_op_threads,
                 requests: Arc::clone(&requests),
             };
@@ -346,7 +353,8 @@ struct Worker {
     weights: HashMap<String, Tensor>,
     device: Device,
     kind: Kind,
-    plain: bool,
+    /// `None`: the model as built.
+    inference: Option<InferenceOptions>,
     intra_op_threads: usize,
     requests: Arc<Mutex<Receiver<Request>>>,
 }
@@ -364,12 +372,12 @@ impl Worker {
             weights,
             device,
             kind,
-            plain,
+            inference,
             requests,
             ..
         } = self;
         let built = catch_unwind(AssertUnwindSafe(|| {
-            replica(&config, weights, device, plain)
+            replica(&config, weights, device, inference.as_ref())
         }))
         .unwrap_or_else(|_| Err(anyhow!("building the model panicked")));
         let model = match built {
@@ -408,12 +416,12 @@ impl Worker {
 }
 
 /// The model of `config` built on this thread, its variables aliasing `weights` (same names and
-/// shapes), in its inference form unless `plain`.
+/// shapes), in its inference form when `inference` is given.
 fn replica(
     config: &ModelConfig,
     mut weights: HashMap<String, Tensor>,
     device: Device,
-    plain: bool,
+    inference: Option<&InferenceOptions>,
 ) -> Result<Box<dyn crate::models::Model>> {
     let vs = VarStore::new(device);
     let model = config.build(vs.root())?;
@@ -448,10 +456,9 @@ fn replica(
             );
         }
     }
-    if plain {
-        Ok(model)
-    } else {
-        crate::models::for_inference(model)
+    match inference {
+        Some(opts) => crate::models::for_inference(model, opts),
+        None => Ok(model),
     }
 }
 

@@ -122,7 +122,7 @@ pub fn benchmark(config: &ModelConfig, settings: &BenchSettings) -> Result<f64> 
 pub fn bench_inference(config: &ModelConfig, settings: &BenchSettings, fast: bool) -> Result<f64> {
     let (_vs, model, inputs) = bench_model(config, settings)?;
     let model = if fast {
-        crate::models::for_inference(model)?
+        crate::models::for_inference(model, &Default::default())?
     } else {
         model
     };

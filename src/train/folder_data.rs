@@ -95,39 +95,39 @@ impl RunData {
         })
     }
 
-    /// Batches in a training epoch.
-    pub fn steps_per_epoch(&self, batch_size: i64) -> i64 {
-        match &self.stream {
-            Some(s) => s.folder.len().div_ceil(batch_size.max(1) as usize) as i64,
-            None => Batches::new(&self.train, &self.normalizer, batch_size, None, None).len(),
-        }
-    }
-
-    /// The batches of training epoch `epoch`: streamed through the workers for an image folder
-    /// with a training transform, else cut from the training set in memory with `augment`.
+    /// The batches of training epoch `epoch` for data-parallel rank `shard.0` of `shard.1`
+    /// (`(0, 1)` alone; `epoch` `None` only counts them): streamed through the workers for an
+    /// image folder with a training transform, else cut from the training set in memory with
+    /// `augment`.
     pub fn train_batches(
         &self,
         batch_size: i64,
         seed: u64,
-        epoch: u64,
+        epoch: Option<u64>,
         augment: Option<Augment>,
-    ) -> Box<dyn EpochBatches + '_> {
-        match &self.stream {
+        shard: (usize, usize),
+    ) -> Result<Box<dyn EpochBatches + '_>> {
+        Ok(match &self.stream {
+            Some(_) if shard.1 > 1 => bail!(
+                "image folders with a training transform are streamed on one process; \
+                 data-parallel training (torchrun) reads in-memory datasets only"
+            ),
             Some(s) => Box::new(s.epoch(
                 &self.normalizer,
                 batch_size,
                 seed,
-                epoch,
+                epoch.unwrap_or(0),
                 self.test.images.device(),
             )),
-            None => Box::new(Batches::new(
+            None => Box::new(Batches::sharded(
                 &self.train,
                 &self.normalizer,
                 batch_size,
-                Some((seed, epoch)),
+                epoch.map(|e| (seed, e)),
                 augment,
+                shard,
             )),
-        }
+        })
     }
 
     /// Writes `classes.txt` and `preprocess.json` into the run folder `run` (image-folder runs

@@ -3,6 +3,7 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use super::optimizer::OptimizerKind;
 use super::schedule::Schedule;
 use crate::backend::AutocastDtype;
 use crate::data::{Augment, FolderOptions};
@@ -49,6 +50,9 @@ pub struct TrainOptions {
     /// Image-folder datasets: input size, evaluation transform, normalisation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_folder: Option<FolderOptions>,
+    /// SGD (absent from `run.json`) or AdamW.
+    #[serde(default, skip_serializing_if = "OptimizerKind::is_sgd")]
+    pub optimizer: OptimizerKind,
 }
 
 impl Default for TrainOptions {
@@ -76,6 +80,7 @@ impl Default for TrainOptions {
             deterministic: false,
             eval_test: true,
             image_folder: None,
+            optimizer: OptimizerKind::Sgd,
         }
     }
 }
@@ -99,6 +104,12 @@ impl TrainOptions {
                 ("label_smoothing", self.label_smoothing),
             ],
         )?;
+        if let OptimizerKind::Adamw { betas, eps } = self.optimizer {
+            probability(false, [("beta1", betas[0]), ("beta2", betas[1])])?;
+            if !(eps > 0.0 && eps.is_finite()) {
+                bail!("eps: must be a positive number, got {eps}");
+            }
+        }
         if !(self.warmup >= 0.0 && self.warmup.is_finite()) {
             bail!("warmup: must be >= 0 epochs, got {}", self.warmup);
         }
