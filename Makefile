@@ -17,10 +17,10 @@ DEMO_OUT := target/demo/degradation
 # its batch), test error on 2000 test images. Why these sizes: README, "The degradation demo".
 DEMO_EXPERIMENT := --depths 8,32 --seeds 3 --subset 6000 --test-subset 2000 --epochs 4 --batch-size 64 --lr 0.05 --device auto --quiet
 # Veit et al. 2016 on the degradation demo's seed-0 32-layer runs (reused, not retrained): gradient
-# flow, lesion study (3 draws per k, 1000 test images), path analysis. README, "Why residual
+# flow, lesion study (2 draws per k, 500 test images), path analysis. README, "Why residual
 # networks train".
 DEMO_VEIT_OUT := target/demo/veit
-DEMO_VEIT := --depth 32 --runs-from $(DEMO_OUT) --subset 6000 --test-subset 1000 --epochs 4 --batch-size 64 --lr 0.05 --draws 3 --probe-batch 64 --device auto --quiet
+DEMO_VEIT := --depth 32 --runs-from $(DEMO_OUT) --subset 6000 --test-subset 500 --epochs 4 --batch-size 64 --lr 0.05 --draws 2 --probe-batch 64 --device auto --quiet
 
 .PHONY: experiment-full all setup data artifacts build test lint demo doctor parity bench gpu-check gpu-check-dry clean-artifacts
 

@@ -297,7 +297,7 @@ fn report(
     );
     let _ = writeln!(
         r,
-        "## Paths\n\n![paths](paths.png)\n\n{} of {} blocks: one path's gradient is measured by \
+        "## Paths\n\n![paths](paths.png)\n\n{} blocks, 2^{} paths: one path's gradient is measured by \
          letting the backward pass through k random residual branches and the other blocks' \
          shortcuts ({} draws per length, {} images, eval-mode batch norms).\n\n\
          | length | paths (%) | one path's gradient | share of the gradient (%) |\n|---:|---:|---:|---:|",
