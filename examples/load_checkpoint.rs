@@ -2,10 +2,11 @@
 //! resetting it through /proc/self/clear_refs, minus VmRSS before). Used by scripts/bench-load.sh.
 //!
 //!     load_checkpoint FILE                      read into a state_dict (StateDict::read)
-//!     load_checkpoint FILE --arch CONFIG [--device cpu|cuda] [--eager]
+//!     load_checkpoint FILE --arch CONFIG [--device cpu|cuda] [--eager] [--repeat N]
 //!                                               build CONFIG (an arch name or JSON), then load
 //!                                               FILE into it strictly: lazily (Checkpoint), or
-//!                                               with --eager through a StateDict
+//!                                               with --eager through a StateDict; N times, the
+//!                                               best time and the largest peak
 //!     load_checkpoint FILE --inspect            `residual inspect`'s work: the table alone,
 //!                                               then the whole summary
 //!     load_checkpoint --write-bomb FILE         writes a 4 MB torch.save file whose one storage
@@ -122,29 +123,33 @@ fn main() -> Result<()> {
     if device.is_cuda() {
         tch::Cuda::synchronize(0);
     }
-    let base = reset_peak();
-    let start = Instant::now();
-    let loaded = if flag("--eager") {
-        StateDict::read(path.as_ref(), &options).and_then(|s| load_state_dict(&vs, &s, true))
-    } else {
-        Checkpoint::open(path.as_ref(), &options).and_then(|c| load_state_dict(&vs, &c, true))
-    };
-    if device.is_cuda() {
-        tch::Cuda::synchronize(0);
+    let repeat: usize = value("--repeat").map_or(Ok(1), |r| r.parse())?;
+    let (mut best, mut peak) = (f64::INFINITY, 0f64);
+    let mut outcome = String::new();
+    for _ in 0..repeat {
+        let base = reset_peak();
+        let start = Instant::now();
+        let loaded = if flag("--eager") {
+            StateDict::read(path.as_ref(), &options).and_then(|s| load_state_dict(&vs, &s, true))
+        } else {
+            Checkpoint::open(path.as_ref(), &options).and_then(|c| load_state_dict(&vs, &c, true))
+        };
+        if device.is_cuda() {
+            tch::Cuda::synchronize(0);
+        }
+        best = best.min(start.elapsed().as_secs_f64());
+        peak = peak.max(peak_mb(base));
+        outcome = match loaded {
+            Ok(_) => "model ready".to_string(),
+            Err(e) => format!(
+                "refused ({})",
+                format!("{e:#}").lines().next().unwrap_or("")
+            ),
+        };
     }
-    let elapsed = start.elapsed();
-    let outcome = match loaded {
-        Ok(_) => "model ready".to_string(),
-        Err(e) => format!(
-            "refused ({})",
-            format!("{e:#}").lines().next().unwrap_or("")
-        ),
-    };
     println!(
-        "{path} -> {arch}{}: {outcome} in {:.3} s, peak RSS +{:.0} MB (weights {:.0} MB)",
-        if flag("--eager") { " (eager)" } else { "" },
-        elapsed.as_secs_f64(),
-        peak_mb(base),
+        "{path} -> {arch}: residual ({}): {outcome} in {best:.3} s, peak RSS +{peak:.0} MB (weights {:.0} MB)",
+        if flag("--eager") { "eager" } else { "lazy" },
         weights as f64 / 1e6
     );
     Ok(())
