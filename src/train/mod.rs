@@ -25,7 +25,10 @@ mod schedule;
 mod sgd;
 mod trainer;
 
-pub use bench::{bench_config, bench_inference, benchmark, BenchSettings};
+pub use bench::{
+    bench_config, bench_inference, bench_inputs, benchmark, resident_set_kb, BenchSettings,
+    InferenceBench,
+};
 pub use eval::{confusion, load_model};
 pub use loss::{logits_loss, LossScaler};
 pub use memory_format::channels_last;
