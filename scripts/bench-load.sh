@@ -15,10 +15,10 @@ torch.save(sd, f"{sys.argv[1]}/resnet152.pth")
 save_file({k: v.contiguous() for k, v in sd.items()}, f"{sys.argv[1]}/resnet152.safetensors")
 PY
 fi
-cargo build --quiet --example load_checkpoint
+cargo build --release --quiet --example load_checkpoint   # timings of a debug build mislead
 for f in "$dir/resnet152.pth" "$dir/resnet152.safetensors"; do
   sync; cat "$f" > /dev/null   # warm page cache: measure parsing, not the disk
-  /usr/bin/time -f "  residual peak RSS %M KB, wall %e s" target/debug/examples/load_checkpoint "$f"
+  /usr/bin/time -f "  residual peak RSS %M KB, wall %e s" target/release/examples/load_checkpoint "$f"
   $python - "$f" <<'PY'
 import resource, sys, time
 import torch
