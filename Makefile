@@ -16,6 +16,11 @@ DEMO_OUT := target/demo/degradation
 # training images (4 epochs, 376 iterations at batch 64, lr 0.05 = the paper's 0.1 scaled to half
 # its batch), test error on 2000 test images. Why these sizes: README, "The degradation demo".
 DEMO_EXPERIMENT := --depths 8,32 --seeds 3 --subset 6000 --test-subset 2000 --epochs 4 --batch-size 64 --lr 0.05 --device auto --quiet
+# Veit et al. 2016 on the degradation demo's seed-0 32-layer runs (reused, not retrained): gradient
+# flow, lesion study (3 draws per k, 1000 test images), path analysis. README, "Why residual
+# networks train".
+DEMO_VEIT_OUT := target/demo/veit
+DEMO_VEIT := --depth 32 --runs-from $(DEMO_OUT) --subset 6000 --test-subset 1000 --epochs 4 --batch-size 64 --lr 0.05 --draws 3 --probe-batch 64 --device auto --quiet
 
 .PHONY: experiment-full all setup data artifacts build test lint demo doctor parity bench gpu-check gpu-check-dry clean-artifacts
 
@@ -23,9 +28,10 @@ all: test
 
 setup:
 	@scripts/setup-python.sh "$(RESIDUAL_VENV)"
+	@scripts/setup-dist.sh "$(RESIDUAL_VENV)"
 
 # Regenerated when a python_ref script or the pinned packages change.
-REFERENCE_SOURCES := $(addprefix python_ref/,export.py reference.py resnet_ref.py resnet_cases.py shape_cases.py checkpoints.py timm_hf_cases.py preprocess.py)
+REFERENCE_SOURCES := $(addprefix python_ref/,export.py reference.py resnet_ref.py resnet_cases.py shape_cases.py checkpoints.py timm_hf_cases.py preprocess.py probe_cases.py ddp_ref.py)
 $(MANIFEST): $(REFERENCE_SOURCES) python_ref/requirements.txt | setup
 	$(PYTHON) python_ref/export.py --out $(ARTIFACTS)
 
@@ -86,6 +92,9 @@ demo: artifacts build data
 	@echo
 	@echo "report: $(DEMO_OUT)/report.md"
 	@echo "plots:  $(DEMO_OUT)/train_error.png $(DEMO_OUT)/test_error.png"
+	@echo
+	@echo "== residual experiment veit $(DEMO_VEIT) --data $(FASHION_MNIST)"
+	@cargo run --quiet -- experiment veit $(DEMO_VEIT) --data $(FASHION_MNIST) --out $(DEMO_VEIT_OUT)
 
 # The paper's full-size degradation experiment, on a GPU (hours; resumes where it stopped):
 # depths 20/32/44/56/110, all 60k images, 64k iterations at batch 128. FULL_EPOCHS=1 for a try.

@@ -8,6 +8,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH_LIB");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/backend.cpp");
+    println!("cargo:rerun-if-changed=csrc/distributed.cpp");
 
     let lib_dir = match libtorch_lib_dir() {
         Ok(dir) => dir,
@@ -20,6 +21,7 @@ fn main() {
     };
     let lib_dir = lib_dir.canonicalize().unwrap_or(lib_dir);
     compile_shim(&lib_dir);
+    compile_distributed(&lib_dir);
     println!("cargo:rerun-if-changed={}", lib_dir.display());
     // Every test, example and binary finds libtorch through its run path.
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
@@ -74,4 +76,141 @@ fn compile_shim(lib_dir: &Path) {
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .file("csrc/backend.cpp")
         .compile("residual_shim");
+}
+
+/// Compiles `csrc/distributed.cpp` (c10d process groups): Gloo when gloo's headers exist (Debian's
+/// `libgloo-dev`; the code runs from libtorch_cpu), NCCL when libtorch_cuda, `nccl.h` and the CUDA
+/// headers exist (the pip wheels' `nvidia/` folders). A backend whose headers do not compile is
+/// left out with a warning rather than failing the build. Sets `residual_gloo` / `residual_nccl`.
+fn compile_distributed(lib_dir: &Path) {
+    println!("cargo::rustc-check-cfg=cfg(residual_gloo)");
+    println!("cargo::rustc-check-cfg=cfg(residual_nccl)");
+    println!("cargo:rerun-if-env-changed=RESIDUAL_GLOO_INCLUDE");
+    println!("cargo:rerun-if-env-changed=RESIDUAL_NCCL_INCLUDE");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    let root = lib_dir.parent().unwrap_or(lib_dir);
+    let gloo = std::env::var("RESIDUAL_GLOO_INCLUDE")
+        .map_or_else(|_| PathBuf::from("/usr/include"), PathBuf::from);
+    // Watching the folder notices gloo being installed later (cargo scans it for changes).
+    println!("cargo:rerun-if-changed={}", gloo.join("gloo").display());
+    let gloo = gloo.join("gloo/config.h").exists().then_some(gloo);
+    if gloo.is_none() {
+        println!(
+            "cargo:warning=gloo headers not found: building without the Gloo backend (apt-get install libgloo-dev)"
+        );
+    }
+    let nccl = if lib_dir.join("libtorch_cuda.so").exists() {
+        nccl_includes(root)
+    } else {
+        None
+    };
+    let attempts = [
+        (gloo.is_some(), nccl.is_some()),
+        (gloo.is_some(), false),
+        (false, false),
+    ];
+    let mut tried = Vec::new();
+    for (with_gloo, with_nccl) in attempts {
+        if tried.contains(&(with_gloo, with_nccl)) {
+            continue;
+        }
+        tried.push((with_gloo, with_nccl));
+        let mut build = cc::Build::new();
+        build
+            .cpp(true)
+            .pic(true)
+            .warnings(false)
+            .include(root.join("include"))
+            .include(root.join("include/torch/csrc/api/include"))
+            .flag("-std=c++17")
+            .flag(format!(
+                "-D_GLIBCXX_USE_CXX11_ABI={}",
+                std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string())
+            ))
+            .file("csrc/distributed.cpp");
+        if let (true, Some(dir)) = (with_gloo, &gloo) {
+            build
+                .include(dir)
+                .define("USE_C10D_GLOO", None)
+                .define("RESIDUAL_WITH_GLOO", None);
+        }
+        if let (true, Some(dirs)) = (with_nccl, &nccl) {
+            for dir in dirs {
+                build.include(dir);
+            }
+            build
+                .define("USE_C10D_NCCL", None)
+                .define("USE_CUDA", None)
+                .define("RESIDUAL_WITH_NCCL", None);
+        }
+        match build.try_compile("residual_distributed") {
+            Ok(()) => {
+                if with_gloo {
+                    println!("cargo:rustc-cfg=residual_gloo");
+                }
+                if with_nccl {
+                    println!("cargo:rustc-cfg=residual_nccl");
+                }
+                return;
+            }
+            Err(e) => println!(
+                "cargo:warning=csrc/distributed.cpp with gloo={with_gloo} nccl={with_nccl} did not compile ({e}); trying with less"
+            ),
+        }
+    }
+    eprintln!("error: csrc/distributed.cpp does not compile even without Gloo and NCCL");
+    std::process::exit(1);
+}
+
+/// Include folders for NCCL: `nccl.h` and the CUDA runtime headers, from `RESIDUAL_NCCL_INCLUDE`,
+/// `CUDA_HOME`, or a pip torch's `site-packages/nvidia/` wheels (whose CUDA 13 runtime headers
+/// lack `crt/`; triton's copy of the CUDA headers supplies it).
+fn nccl_includes(torch_root: &Path) -> Option<Vec<PathBuf>> {
+    let site = torch_root.parent()?;
+    let nccl = std::env::var("RESIDUAL_NCCL_INCLUDE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| site.join("nvidia/nccl/include"));
+    if !nccl.join("nccl.h").exists() {
+        println!(
+            "cargo:warning=libtorch_cuda found but no nccl.h in {}: building without NCCL",
+            nccl.display()
+        );
+        return None;
+    }
+    let candidates: Vec<PathBuf> = std::env::var("CUDA_HOME")
+        .ok()
+        .map(|h| Path::new(&h).join("include"))
+        .into_iter()
+        .chain([
+            PathBuf::from("/usr/local/cuda/include"),
+            site.join("nvidia/cu13/include"),
+            site.join("nvidia/cuda_runtime/include"),
+        ])
+        .collect();
+    let cuda = candidates
+        .into_iter()
+        .find(|d| d.join("cuda_runtime_api.h").exists())?;
+    let mut dirs = vec![nccl, cuda.clone()];
+    // The CUDA 13 wheel's headers need `crt/` (triton ships it) and CCCL's `nv/target` (the
+    // `nvidia-cuda-cccl` wheel, which torch does not install).
+    for (needed, extra) in [
+        (
+            "crt/host_config.h",
+            site.join("triton/backends/nvidia/include"),
+        ),
+        ("nv/target", site.join("nvidia/cu13/include/cccl")),
+    ] {
+        if cuda.join(needed).exists() {
+            continue;
+        }
+        if !extra.join(needed).exists() {
+            println!(
+                "cargo:warning=CUDA headers in {} lack {needed}: building without NCCL (set CUDA_HOME to a CUDA toolkit, or pip install nvidia-cuda-cccl)",
+                cuda.display()
+            );
+            return None;
+        }
+        dirs.push(extra);
+    }
+    Some(dirs)
 }

@@ -100,3 +100,77 @@ int residual_cuda_device_name(int index, char* buf, int len) {
 }
 
 }  // extern "C"
+
+// ---- Inference: c10::InferenceMode and oneDNN's fused convolutions ----------------------------
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
+
+#include <string>
+
+namespace {
+thread_local std::string last_error;
+
+int fail(const std::exception& e) {
+  last_error = e.what();
+  return -1;
+}
+}  // namespace
+
+extern "C" {
+
+// The message of the last failure of a residual_* call in this thread.
+const char* residual_last_error() { return last_error.c_str(); }
+
+// Enters c10::InferenceMode (no autograd recording, no version counters) in this thread; the guard
+// is released by residual_inference_mode_exit, in the same thread. Null on failure.
+void* residual_inference_mode_enter() {
+  try {
+    return new c10::InferenceMode(true);
+  } catch (const std::exception& e) {
+    fail(e);
+    return nullptr;
+  }
+}
+
+void residual_inference_mode_exit(void* guard) { delete static_cast<c10::InferenceMode*>(guard); }
+
+// 1 when this thread is in inference mode, 0 when not.
+int residual_inference_mode_enabled() { return c10::InferenceMode::is_enabled() ? 1 : 0; }
+
+// `relu?(conv2d(x, w, b) [+ other])` as one oneDNN op: mkldnn::_convolution_pointwise (its binary
+// form when `other` is given). `geometry` holds padding, stride and dilation, two each. `w` may be
+// a weight reordered by mkldnn_reorder_conv2d_weight. Writes a new tensor to `out`; 0 on success.
+int residual_conv_pointwise(const at::Tensor* x, const at::Tensor* w, const at::Tensor* b,
+                            const int64_t* geometry, int64_t groups, int relu,
+                            const at::Tensor* other, at::Tensor** out) {
+  try {
+    std::vector<int64_t> padding{geometry[0], geometry[1]};
+    std::vector<int64_t> stride{geometry[2], geometry[3]};
+    std::vector<int64_t> dilation{geometry[4], geometry[5]};
+    c10::IValue bias = b == nullptr ? c10::IValue() : c10::IValue(*b);
+    c10::IValue unary_scalars(c10::impl::GenericList(c10::OptionalType::create(c10::NumberType::get())));
+    torch::jit::Stack stack;
+    if (other == nullptr) {
+      static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(
+          "mkldnn::_convolution_pointwise", "");
+      stack = {*x, *w, bias, padding, stride, dilation, groups,
+               std::string(relu ? "relu" : "none"), unary_scalars, c10::IValue()};
+      op.callBoxed(&stack);
+    } else {
+      static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(
+          "mkldnn::_convolution_pointwise", "binary");
+      stack = {*x, *other, *w, bias, padding, stride, dilation, groups, std::string("add"),
+               c10::IValue(at::Scalar(1.0)),
+               relu ? c10::IValue(std::string("relu")) : c10::IValue(), unary_scalars,
+               c10::IValue()};
+      op.callBoxed(&stack);
+    }
+    *out = new at::Tensor(stack.at(0).toTensor());
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(e);
+  }
+}
+
+}  // extern "C"

@@ -144,7 +144,8 @@ class Residual:
         cmd = [self.binary, "bench-infer", *args, "--steps", str(calls), "--warmup", str(warmup), "--json",
                *(["--plain"] if plain else []), *extra]
         report = run_json(cmd, self.env)
-        if report["threads"] != self.threads:
+        # --workers reports each worker's threads (intra_op_threads) instead.
+        if "threads" in report and report["threads"] != self.threads:
             sys.exit(f"residual ran with {report['threads']} threads, PyTorch with {self.threads}")
         return report
 

@@ -46,7 +46,9 @@ import reference as R
 import resnet_cases
 import shape_cases
 from checkpoints import export_checkpoints
+from ddp_ref import export as export_ddp
 from preprocess import export_preprocess, missing_libraries
+from probe_cases import export_probe
 
 try:
     import timm_hf_cases
@@ -419,6 +421,8 @@ def main():
     if not args.only:
         print("exporting checkpoint fixtures", flush=True)
         manifest["fixtures"] = export_checkpoints(args.out)
+        print("exporting gradient-probe references", flush=True)
+        manifest["fixtures"].update(export_probe(args.out))
         missing = missing_libraries()
         if missing:
             # A bare PyTorch host (the GPU bundle's) lacks them; the pins have them.
@@ -426,6 +430,8 @@ def main():
         else:
             print("exporting preprocessing references", flush=True)
             manifest["fixtures"].update(export_preprocess(args.out))
+        print("exporting the DistributedDataParallel reference (2 Gloo processes)", flush=True)
+        manifest["fixtures"]["ddp"] = export_ddp(args.out)
     elif args.merge:
         with open(os.path.join(args.out, "manifest.json")) as f:
             previous = json.load(f)

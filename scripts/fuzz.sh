@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes the checkpoint reader with libFuzzer (cargo-fuzz, nightly toolchain) for SECONDS, seeded
-# with the small checkpoint fixtures, and prints how many inputs it ran. TARGET is
-# checkpoint_reader (whole files) or unpickler (data.pkl alone: inert objects, modules, memo).
+# with the small checkpoint fixtures and deflated copies of two, and prints how many inputs it ran.
+# TARGET is checkpoint_reader (whole files, through the lazy table and streamed inflation) or
+# unpickler (data.pkl alone: inert objects, modules, memo).
 # Usage: scripts/fuzz.sh [SECONDS] [TARGET]   (needs `make artifacts` and `cargo install cargo-fuzz`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,15 @@ if [ "$target" = unpickler ]; then
   done
 else
   cp "${seeds[@]}" "$corpus"/
+  # Deflated copies seed the streamed-inflation path (torch.save only writes stored entries).
+  "${PYTHON:-.venv/bin/python}" - "$corpus" "$fixtures"/layouts.pth "$fixtures"/tiny_module.pth <<'PY'
+import os, sys, zipfile
+for path in sys.argv[2:]:
+    out = os.path.join(sys.argv[1], "deflated_" + os.path.basename(path))
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+PY
 fi
 # The fuzz binary is another package's: it gets no run path from build.rs.
 export LD_LIBRARY_PATH="$(readlink -f "${LIBTORCH:-.libtorch}")/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

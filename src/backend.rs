@@ -3,7 +3,11 @@
 //! libtorch lets cuDNN convolutions use TF32 by default, which alone moves fp32 results by ~1e-3 on
 //! Ampere and later GPUs; parity runs switch it off with [`set_flag`].
 
+use std::ffi::c_void;
+use std::marker::PhantomData;
+
 use anyhow::{bail, Result};
+use tch::Tensor;
 
 extern "C" {
     fn residual_set_flag(flag: i32, value: i32) -> i32;
@@ -13,6 +17,20 @@ extern "C" {
     fn residual_autocast_cuda_dtype() -> i32;
     fn residual_autocast_cuda_enabled() -> i32;
     fn residual_cuda_device_name(index: i32, buf: *mut std::os::raw::c_char, len: i32) -> i32;
+    fn residual_last_error() -> *const std::os::raw::c_char;
+    fn residual_inference_mode_enter() -> *mut c_void;
+    fn residual_inference_mode_exit(guard: *mut c_void);
+    fn residual_inference_mode_enabled() -> i32;
+    fn residual_conv_pointwise(
+        x: *const c_void,
+        w: *const c_void,
+        b: *const c_void,
+        geometry: *const i64,
+        groups: i64,
+        relu: i32,
+        other: *const c_void,
+        out: *mut *mut c_void,
+    ) -> i32;
 }
 
 /// A global libtorch switch.
@@ -176,4 +194,113 @@ pub fn autocast_dtype() -> Result<AutocastDtype> {
         1 => Ok(AutocastDtype::Bf16),
         other => bail!("unexpected autocast dtype code {other}"),
     }
+}
+
+/// The message of the shim's last failure in this thread.
+fn last_error() -> String {
+    // SAFETY: points to a thread-local NUL-terminated string that lives until the next failure.
+    unsafe { std::ffi::CStr::from_ptr(residual_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// libtorch's `c10::InferenceMode` (PyTorch's `torch.inference_mode()`) in this thread while it
+/// lives: no autograd graph, no version counters or views tracking, and the tensors made under it
+/// are inference tensors (`Tensor::is_inference`), which autograd refuses to save. tch has no such
+/// guard; `tch::no_grad` only stops the graph. Not `Send`: libtorch keeps the mode per thread, so
+/// the guard must be dropped in the thread that made it.
+#[derive(Debug)]
+#[must_use = "inference mode ends when the guard is dropped"]
+pub struct InferenceMode {
+    guard: *mut c_void,
+    _per_thread: PhantomData<*const ()>,
+}
+
+impl InferenceMode {
+    pub fn new() -> Result<Self> {
+        // SAFETY: plain C function; it catches every C++ exception and returns null on failure.
+        let guard = unsafe { residual_inference_mode_enter() };
+        if guard.is_null() {
+            bail!("cannot enter libtorch's inference mode: {}", last_error());
+        }
+        Ok(Self {
+            guard,
+            _per_thread: PhantomData,
+        })
+    }
+
+    /// Whether this thread runs in inference mode now.
+    pub fn is_enabled() -> bool {
+        // SAFETY: plain C function reading a thread-local flag.
+        unsafe { residual_inference_mode_enabled() == 1 }
+    }
+}
+
+impl Drop for InferenceMode {
+    fn drop(&mut self) {
+        // SAFETY: `guard` came from residual_inference_mode_enter in this thread (the type is not
+        // Send) and is released once.
+        unsafe { residual_inference_mode_exit(self.guard) }
+    }
+}
+
+/// Runs `f` under [`InferenceMode`].
+pub fn inference_mode<T>(f: impl FnOnce() -> T) -> Result<T> {
+    let _guard = InferenceMode::new()?;
+    Ok(f())
+}
+
+/// The geometry of a 2-D convolution for [`conv_pointwise`]: padding, stride and dilation
+/// (height, width each) and the group count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub padding: [i64; 2],
+    pub stride: [i64; 2],
+    pub dilation: [i64; 2],
+    pub groups: i64,
+}
+
+/// `relu(conv2d(x, weight, bias) + add)` (ReLU when `relu`, the sum when `add` is given) as one
+/// oneDNN op, `torch.ops.mkldnn._convolution_pointwise` (PyTorch's Inductor emits the same): the
+/// bias, the addition and the ReLU are applied to the convolution's output tile while it is still
+/// in cache. CPU only; `weight` may be dense or reordered by `Tensor::mkldnn_reorder_conv2d_weight`.
+pub fn conv_pointwise(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    geometry: &ConvGeometry,
+    relu: bool,
+    add: Option<&Tensor>,
+) -> Result<Tensor> {
+    let g = geometry;
+    let numbers = [
+        g.padding[0],
+        g.padding[1],
+        g.stride[0],
+        g.stride[1],
+        g.dilation[0],
+        g.dilation[1],
+    ];
+    let ptr = |t: Option<&Tensor>| t.map_or(std::ptr::null(), |t| t.as_ptr() as *const c_void);
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: every pointer is a live at::Tensor owned by the caller or null where allowed;
+    // `numbers` holds the six values read; the C side catches every C++ exception and on success
+    // hands over a new at::Tensor, owned from here on by the returned Tensor.
+    let rc = unsafe {
+        residual_conv_pointwise(
+            ptr(Some(x)),
+            ptr(Some(weight)),
+            ptr(bias),
+            numbers.as_ptr(),
+            g.groups,
+            relu as i32,
+            ptr(add),
+            &mut out,
+        )
+    };
+    if rc != 0 || out.is_null() {
+        bail!("oneDNN convolution failed: {}", last_error());
+    }
+    // SAFETY: `out` is a heap at::Tensor made for us, as tch's own generated calls return them.
+    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
 }

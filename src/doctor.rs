@@ -26,6 +26,8 @@ pub struct Report {
     pub threads: i32,
     pub tf32_cudnn: bool,
     pub tf32_cublas: bool,
+    /// The c10d backends this build has (`residual train` under torchrun).
+    pub distributed: crate::distributed::Backends,
 }
 
 /// Paths of the shared libraries mapped into this process.
@@ -84,6 +86,7 @@ impl Report {
             tf32_cudnn: crate::backend::flag(crate::backend::Flag::AllowTf32Cudnn).unwrap_or(false),
             tf32_cublas: crate::backend::flag(crate::backend::Flag::AllowTf32Cublas)
                 .unwrap_or(false),
+            distributed: crate::distributed::backends(),
         }
     }
 
@@ -138,6 +141,19 @@ impl Report {
                 self.tf32_cudnn, self.tf32_cublas
             ),
             format!("threads           {}", self.threads),
+            format!(
+                "distributed       Gloo {}, NCCL {}",
+                if self.distributed.gloo {
+                    "built"
+                } else {
+                    "not built (no gloo headers at build time)"
+                },
+                if self.distributed.nccl {
+                    "built"
+                } else {
+                    "not built (needs libtorch_cuda, nccl.h and full CUDA headers at build time)"
+                }
+            ),
         ]
     }
 }

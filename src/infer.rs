@@ -8,7 +8,7 @@ use serde::Serialize;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{load_state_dict, ReadOptions, StateDict};
+use crate::checkpoint::{load_state_dict, Checkpoint, ReadOptions, Weights};
 use crate::config::ModelConfig;
 use crate::models::huggingface;
 use crate::models::{Inputs, Model};
@@ -42,7 +42,8 @@ impl LoadedModel {
         device: Device,
         settings: &LoadSettings,
     ) -> Result<Self> {
-        let state = StateDict::read(weights, &settings.read)?;
+        // Only the table is read here: a checkpoint that does not fit is refused unread.
+        let state = Checkpoint::open(weights, &settings.read)?;
         Self::with_state(config, state, weights, device, settings)
     }
 
@@ -70,9 +71,9 @@ impl LoadedModel {
         Ok(loaded)
     }
 
-    fn with_state(
+    fn with_state<W: Weights>(
         config: ModelConfig,
-        state: StateDict,
+        state: W,
         weights: &Path,
         device: Device,
         settings: &LoadSettings,
@@ -81,10 +82,10 @@ impl LoadedModel {
         let model = config.build(vs.root())?;
         if settings.keep_dtype {
             let float_kinds: Vec<Kind> = state
-                .entries
+                .metadata()
                 .iter()
-                .filter(|(_, t)| t.is_floating_point())
-                .map(|(_, t)| t.kind())
+                .filter(|t| t.is_floating_point())
+                .map(|t| t.kind)
                 .collect();
             if let Some(kind) = float_kinds.first() {
                 if float_kinds.iter().any(|k| k != kind) {

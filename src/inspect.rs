@@ -13,7 +13,9 @@ use serde::{Serialize, Serializer};
 use tch::nn::VarStore;
 use tch::Device;
 
-use crate::checkpoint::{load_state_dict, ReadOptions, StateDict};
+use crate::checkpoint::{
+    compare_state_dict, load_state_dict, Checkpoint, ReadOptions, TensorMeta, Weights,
+};
 use crate::config::ModelConfig;
 use crate::models::cifar::CifarResNetConfig;
 use crate::models::conv_sds::ConvSdsHeadConfig;
@@ -186,27 +188,29 @@ fn is_buffer(key: &str) -> bool {
     .any(|b| key.ends_with(b))
 }
 
-pub fn summarize(state: &StateDict) -> Summary {
+/// The summary of `state`, from its names, shapes and dtypes (a [`Checkpoint`]'s are read
+/// without its storages; only SiD's small offsets tensor is ever read).
+pub fn summarize(state: &dyn Weights) -> Summary {
     let mut parameters = 0;
     let mut buffers = 0;
     let mut bytes = 0;
     let mut dtypes = BTreeSet::new();
-    let entries = state
-        .entries
+    let meta = state.metadata();
+    let entries = meta
         .iter()
-        .map(|(k, t)| {
-            let n = t.numel() as i64;
-            if is_buffer(k) {
+        .map(|t| {
+            let n: i64 = t.shape.iter().product();
+            if is_buffer(t.name) {
                 buffers += n;
             } else {
                 parameters += n;
             }
-            bytes += n * t.kind().elt_size_in_bytes() as i64;
-            dtypes.insert(format!("{:?}", t.kind()));
+            bytes += n * t.kind.elt_size_in_bytes() as i64;
+            dtypes.insert(format!("{:?}", t.kind));
             Entry {
-                key: k.clone(),
-                shape: t.size(),
-                dtype: format!("{:?}", t.kind()),
+                key: t.name.to_string(),
+                shape: t.shape.clone(),
+                dtype: format!("{:?}", t.kind),
             }
         })
         .collect();
@@ -217,7 +221,7 @@ pub fn summarize(state: &StateDict) -> Summary {
     Summary {
         layout: None,
         preprocess: None,
-        tensors: state.len(),
+        tensors: meta.len(),
         parameters,
         buffers,
         bytes,
@@ -231,22 +235,31 @@ pub fn summarize(state: &StateDict) -> Summary {
 
 /// The keys of one family, read with errors that name the key.
 struct Keys<'a> {
-    state: &'a StateDict,
+    state: &'a dyn Weights,
+    meta: &'a [TensorMeta<'a>],
     family: &'static str,
 }
 
 impl Keys<'_> {
+    fn get(&self, key: &str) -> Option<&TensorMeta<'_>> {
+        self.meta.iter().find(|t| t.name == key)
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &str> {
+        self.meta.iter().map(|t| t.name)
+    }
+
     fn has(&self, key: &str) -> bool {
-        self.state.get(key).is_some()
+        self.get(key).is_some()
     }
 
     /// The shape of `key`, which must have `rank` dimensions.
     fn shape(&self, key: &str, rank: usize) -> Result<Vec<i64>, NoMatch> {
-        let t = self.state.get(key).ok_or_else(|| NoMatch::MissingKey {
+        let t = self.get(key).ok_or_else(|| NoMatch::MissingKey {
             family: self.family,
             key: key.to_string(),
         })?;
-        let shape = t.size();
+        let shape = t.shape.clone();
         if shape.len() != rank {
             return Err(NoMatch::BadTensor {
                 family: self.family,
@@ -273,19 +286,24 @@ impl Keys<'_> {
         (0..)
             .take_while(|i| {
                 let group = format!("{prefix}.{i}.");
-                self.state.keys().any(|k| k.starts_with(&group))
+                self.keys().any(|k| k.starts_with(&group))
             })
             .count() as i64
     }
 }
 
 /// The config that the checkpoint's keys and shapes suggest, with a description.
-fn guess(state: &StateDict) -> Result<Identified, NoMatch> {
+fn guess(state: &dyn Weights) -> Result<Identified, NoMatch> {
+    let meta = state.metadata();
     let (_, family, guess) = FAMILIES
         .iter()
-        .find(|(key, _, _)| state.get(key).is_some())
+        .find(|(key, _, _)| meta.iter().any(|t| t.name == *key))
         .ok_or(NoMatch::UnknownLayout)?;
-    guess(&Keys { state, family })
+    guess(&Keys {
+        state,
+        meta: &meta,
+        family,
+    })
 }
 
 fn guess_conv_sds(keys: &Keys) -> Result<Identified, NoMatch> {
@@ -323,7 +341,6 @@ fn guess_resnet(keys: &Keys) -> Result<Identified, NoMatch> {
     let blocks: [i64; 4] = [1, 2, 3, 4].map(|i| keys.count_indexed(&format!("layer{i}")));
     // Blocks with a projection shortcut (`downsample.0` conv, or timm's pool then `.1` conv).
     let downsampled = keys
-        .state
         .keys()
         .filter_map(|k| k.split_once(".downsample.").map(|(block, _)| block))
         .collect::<BTreeSet<_>>()
@@ -495,7 +512,12 @@ fn without_defaults(mut c: ResNetConfig) -> ResNetConfig {
 
 fn guess_sid(keys: &Keys) -> Result<Identified, NoMatch> {
     // PyTorch keeps the offsets as a [1, n] buffer.
-    let offsets = keys.state.get(SID_OFFSETS).map(|t| t.reshape([-1]));
+    let offsets = keys
+        .meta
+        .iter()
+        .position(|t| t.name == SID_OFFSETS)
+        .and_then(|i| keys.state.value(i).ok())
+        .map(|t| t.reshape([-1]));
     let offsets: Vec<i64> = offsets
         .and_then(|t| Vec::try_from(&t).ok())
         .unwrap_or_default();
@@ -504,9 +526,8 @@ fn guess_sid(keys: &Keys) -> Result<Identified, NoMatch> {
             family: keys.family,
             key: SID_OFFSETS.into(),
             shape: keys
-                .state
                 .get(SID_OFFSETS)
-                .map(|t| t.size())
+                .map(|t| t.shape.clone())
                 .unwrap_or_default(),
             expected: "at least one offset".into(),
         });
@@ -541,13 +562,17 @@ fn guess_sid(keys: &Keys) -> Result<Identified, NoMatch> {
     })
 }
 
-/// The config guessed from `state`, confirmed by a strict load; or why there is none.
-pub fn identify(state: &StateDict) -> Result<Identified, NoMatch> {
+/// The config guessed from `state`, confirmed by the checks of a strict load (names, shapes and
+/// dtypes; no value is read); or why there is none.
+pub fn identify(state: &dyn Weights) -> Result<Identified, NoMatch> {
     let found = guess(state)?;
     let confirmed = (|| -> Result<()> {
         let vs = VarStore::new(Device::Cpu);
         found.config.build(vs.root())?;
-        load_state_dict(&vs, state, true)?;
+        let (report, _) = compare_state_dict(&vs, state);
+        if !report.is_clean() {
+            anyhow::bail!("state_dict does not match the model:\n{report}");
+        }
         Ok(())
     })();
     match confirmed {
@@ -617,11 +642,11 @@ pub fn inspect(path: &std::path::Path, options: &ReadOptions) -> Result<Summary>
     if huggingface::is_folder(path) {
         return inspect_folder(path);
     }
-    let (state, layout) = StateDict::read_described(path, options)
+    let checkpoint = Checkpoint::open(path, options)
         .with_context(|| format!("cannot inspect {}", path.display()))?;
     Ok(Summary {
-        layout: Some(layout.to_string()),
-        ..summarize(&state)
+        layout: Some(checkpoint.layout().to_string()),
+        ..summarize(&checkpoint)
     })
 }
 
@@ -682,6 +707,7 @@ fn inspect_folder(dir: &std::path::Path) -> Result<Summary> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::StateDict;
 
     /// A state_dict of the model `config` builds, freshly initialised.
     fn state_of(config: &str) -> StateDict {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use cli::{bench, convert, doctor, eval, experiment, infer, inspect, parity, train};
+use cli::{bench, convert, doctor, eval, experiment, infer, inspect, parity, probe, train};
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +44,11 @@ enum Command {
     Experiment(experiment::Kind),
     /// Convert between checkpoint formats, by extension: .pth/.pt/.bin, .safetensors, .ot.
     Convert(convert::Args),
+    /// Look inside a model (Veit et al. 2016): gradient flow per block, path lengths.
+    #[command(subcommand)]
+    Probe(probe::Probe),
+    /// Test error with blocks deleted or swapped (Veit et al. 2016, figures 3-5).
+    Lesion(probe::Lesion),
 }
 
 fn main() -> ExitCode {
@@ -68,5 +73,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::BenchInfer(args) => args.run(bench::Timed::Inference),
         Command::Experiment(kind) => kind.run(),
         Command::Convert(args) => args.run(),
+        Command::Probe(kind) => kind.run(),
+        Command::Lesion(args) => args.run(),
     }
 }

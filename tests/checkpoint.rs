@@ -1,13 +1,14 @@
 //! Reading the files PyTorch writes, loading them strictly, writing files PyTorch reads, and
 //! surviving hostile input.
 
+mod bomb;
 mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use residual::checkpoint::{self, load_state_dict, ReadOptions, StateDict};
+use residual::checkpoint::{self, load_state_dict, Checkpoint, ReadOptions, StateDict};
 use residual::models::Inputs;
 use residual::ModelConfig;
 use tch::nn::VarStore;
@@ -30,11 +31,17 @@ fn resnet(arch: &str) -> (VarStore, Box<dyn residual::Model>) {
     (vs, model)
 }
 
-/// Loads `file` strictly into resnet50 and returns max |logits - PyTorch's `reference`|.
-fn logits_diff(file: &str, options: &ReadOptions, reference: &str) -> f64 {
+/// Loads `file` (in the fixtures, or a path) strictly into resnet50 on `device`, lazily (storages
+/// read straight into the variables) and returns max |logits - PyTorch's `reference`|.
+fn logits_diff_on(file: &str, options: &ReadOptions, reference: &str, device: Device) -> f64 {
     let dir = fixtures();
-    let state = read(&dir.join(file), options).unwrap_or_else(|e| panic!("{file}: {e:#}"));
-    let (vs, model) = resnet("resnet50");
+    let state =
+        Checkpoint::open(&dir.join(file), options).unwrap_or_else(|e| panic!("{file}: {e:#}"));
+    let vs = VarStore::new(device);
+    let model = ModelConfig::from_json(r#"{"arch": "resnet50"}"#)
+        .unwrap()
+        .build(vs.root())
+        .unwrap();
     let report = load_state_dict(&vs, &state, true).unwrap_or_else(|e| panic!("{file}: {e:#}"));
     assert!(report.is_clean());
     let io = StateDict::read(
@@ -43,11 +50,17 @@ fn logits_diff(file: &str, options: &ReadOptions, reference: &str) -> f64 {
     )
     .unwrap();
     let mut inputs = Inputs::new();
-    inputs.insert("input".into(), io.get("input").unwrap().shallow_clone());
+    inputs.insert("input".into(), io.get("input").unwrap().to_device(device));
     let logits = tch::no_grad(|| model.forward_named(&inputs, false)).unwrap();
-    let diff = residual::parity::max_abs_diff(&logits, io.get(reference).unwrap()).unwrap();
-    println!("{file}: max |Δ logits| = {diff:e}");
+    let diff =
+        residual::parity::max_abs_diff(&logits.to_device(Device::Cpu), io.get(reference).unwrap())
+            .unwrap();
+    println!("{file} on {device:?}: max |Δ logits| = {diff:e}");
     diff
+}
+
+fn logits_diff(file: &str, options: &ReadOptions, reference: &str) -> f64 {
+    logits_diff_on(file, options, reference, Device::Cpu)
 }
 
 #[test]
@@ -70,6 +83,31 @@ fn torch_save_files_load_and_give_pytorchs_logits() {
     assert!(logits_diff("resnet50_lightning.ckpt", &lightning, "logits") <= 1e-5);
     // Half-precision weights are converted to the fp32 model, as load_state_dict does.
     assert!(logits_diff("resnet50_half.pth", &plain, "logits_from_half") <= 1e-5);
+    // Deflated records (zip tools other than torch.save write them) inflate into the variables.
+    let deflated = common::temp_dir("deflated-resnet50").join("resnet50_deflated.pth");
+    let bytes = std::fs::read(fixtures().join("resnet50.pth")).unwrap();
+    std::fs::write(&deflated, bomb::deflated_copy(&bytes, 0)).unwrap();
+    assert!(logits_diff(deflated.to_str().unwrap(), &plain, "logits") <= 1e-5);
+}
+
+#[test]
+fn lazy_loads_onto_cuda_straight_from_the_mapping() {
+    let Some(device) = common::cuda_or_skip() else {
+        return;
+    };
+    let plain = ReadOptions::default();
+    for file in [
+        "resnet50.pth",
+        "resnet50_legacy.pth",
+        "resnet50.safetensors",
+    ] {
+        assert!(
+            logits_diff_on(file, &plain, "logits", device) <= 1e-3,
+            "{file}"
+        );
+    }
+    let half = logits_diff_on("resnet50_half.pth", &plain, "logits_from_half", device);
+    assert!(half <= 1e-3, "{half}");
 }
 
 #[test]
@@ -131,8 +169,24 @@ fn nesting_and_prefix_errors_are_explained() {
 fn every_dtype_and_layout_reads_bit_exact() {
     let dir = fixtures();
     let expected = read(&dir.join("layouts.safetensors"), &ReadOptions::default()).unwrap();
-    for file in ["layouts.pth", "layouts_legacy.pth"] {
+    let original = std::fs::read(dir.join("layouts.pth")).unwrap();
+    let deflated = bomb::deflated_copy(&original, 6);
+    let deflated_path = common::temp_dir("deflated-layouts").join("layouts_deflated.pth");
+    std::fs::write(&deflated_path, &deflated).unwrap();
+    assert_eq!(
+        checkpoint::parse_bytes(&deflated, &ReadOptions::default()).unwrap(),
+        checkpoint::parse_bytes(&original, &ReadOptions::default()).unwrap()
+    );
+    let deflated_name = deflated_path.to_str().unwrap();
+    for file in ["layouts.pth", "layouts_legacy.pth", deflated_name] {
         let got = read(&dir.join(file), &ReadOptions::default()).unwrap();
+        // Views of one storage share it, as torch.load's do.
+        let base = got.get("base").unwrap();
+        let start = base.data_ptr() as usize;
+        for view in ["transposed", "row", "column", "strided"] {
+            let at = got.get(view).unwrap().data_ptr() as usize;
+            assert!((start..start + 24 * 4).contains(&at), "{file}: {view}");
+        }
         assert_eq!(got.len(), expected.len(), "{file}");
         for (key, want) in &expected.entries {
             let have = got

@@ -208,7 +208,7 @@ fn enum_options_take_their_serde_names() {
         ),
         (
             &["eval", "--run", "r", "--format", "Cifar10"][..],
-            "[possible values: idx, cifar10, cifar100]",
+            "[possible values: idx, cifar10, cifar100, image-folder]",
         ),
         (
             &["bench-train", "--amp", "fp32"][..],

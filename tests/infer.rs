@@ -305,7 +305,7 @@ fn infer_image_preprocessing_follows_the_weights() {
     )
     .unwrap();
     // What `infer` runs by default.
-    model.model = residual::models::for_inference(model.model).unwrap();
+    model.model = residual::models::for_inference(model.model, &Default::default()).unwrap();
     let file = |case: &str, name: &str| pre.join(case).join(name).to_str().unwrap().to_string();
     let cases: Vec<(&str, &str, Vec<String>)> = vec![
         (

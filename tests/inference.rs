@@ -1,7 +1,12 @@
-//! The inference path (`residual::models::for_inference`): batch norms folded into the
-//! convolutions give the eval-mode outputs of the model as built, and training is refused.
+//! The inference path (`residual::models::for_inference`, every default option: batch norms
+//! folded, convolutions packed for oneDNN with ReLU and residual additions fused, inference mode)
+//! gives the eval-mode outputs of the model as built, and training is refused.
 
-use residual::models::{for_inference, Inputs, Model};
+mod common;
+
+use residual::backend::{inference_mode, AutocastDtype, InferenceMode};
+use residual::models::layers::conv3x3;
+use residual::models::{for_inference, InferenceOptions, Inputs, Model};
 use residual::ModelConfig;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -38,7 +43,7 @@ fn twins(json: &str) -> Twins {
     let mut copy_vs = VarStore::new(Device::Cpu);
     let copy = config.build(copy_vs.root()).unwrap();
     copy_vs.copy(&vs).unwrap();
-    let fast = for_inference(copy).unwrap();
+    let fast = for_inference(copy, &Default::default()).unwrap();
     (vs, plain, copy_vs, fast, norms.len())
 }
 
@@ -73,6 +78,12 @@ fn assert_folds(json: &str, shape: [i64; 4]) {
     assert!(
         diff <= 1e-4,
         "{json}: folded model off by {diff:.2e} relative"
+    );
+    // The forward ran under c10::InferenceMode: its output is an inference tensor.
+    let out = tch::no_grad(|| fast.forward_named(&inputs, false).unwrap());
+    assert!(
+        out.is_inference(),
+        "{json}: the fast path ran outside inference mode"
     );
     let err = fast.forward_named(&inputs, true).unwrap_err();
     assert!(
@@ -152,4 +163,145 @@ fn models_without_batch_norm_pass_through_unchanged() {
         // Nothing folded, so a training forward still runs.
         let _ = fast.forward_named(&inputs, true).unwrap();
     }
+}
+
+#[test]
+fn inference_mode_guard_makes_inference_tensors_that_autograd_refuses() {
+    assert!(!InferenceMode::is_enabled());
+    let t = {
+        let _guard = InferenceMode::new().unwrap();
+        assert!(InferenceMode::is_enabled());
+        Tensor::ones([3], (Kind::Float, Device::Cpu)) * 2.0
+    };
+    assert!(
+        !InferenceMode::is_enabled(),
+        "the guard did not end inference mode"
+    );
+    assert!(t.is_inference());
+    assert!(!Tensor::ones([3], (Kind::Float, Device::Cpu)).is_inference());
+    // Autograd would save `t` to differentiate the product with respect to `w`; libtorch refuses.
+    let w = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let err = w.f_mul(&t).unwrap_err().to_string();
+    assert!(err.contains("Inference tensors"), "{err}");
+    // The closure form.
+    let u =
+        inference_mode(|| tch::no_grad(|| Tensor::ones([1], (Kind::Float, Device::Cpu)))).unwrap();
+    assert!(u.is_inference());
+}
+
+/// max|got - want| / max|want|.
+fn relative(got: &Tensor, want: &Tensor) -> f64 {
+    (got - want).abs().max().double_value(&[]) / want.abs().max().double_value(&[])
+}
+
+#[test]
+fn packed_convolution_fuses_bias_addition_and_relu() {
+    tch::manual_seed(2);
+    let vs = VarStore::new(Device::Cpu);
+    let mut conv = conv3x3(vs.root() / "conv", 8, 16, 2, 1, 1);
+    conv.bs = Some(Tensor::randn([16], (Kind::Float, Device::Cpu)));
+    // 9x9 maps, and 1x1 ones, where oneDNN cannot fuse the addition and it runs after the conv.
+    for side in [9, 1] {
+        let x = Tensor::randn([2, 8, side, side], (Kind::Float, Device::Cpu));
+        let out_side = (side - 1) / 2 + 1;
+        let other = Tensor::randn([2, 16, out_side, out_side], (Kind::Float, Device::Cpu));
+        let plain = tch::no_grad(|| (x.apply(&*conv) + &other).relu());
+        let mut packed = conv3x3(vs.root() / "packed", 8, 16, 2, 1, 1);
+        packed.ws = conv.ws.shallow_clone();
+        packed.bs = conv.bs.as_ref().map(Tensor::shallow_clone);
+        assert!(!packed.is_packed());
+        packed.pack();
+        assert!(packed.is_packed(), "no oneDNN in this libtorch?");
+        let got = tch::no_grad(|| packed.forward_fused(&x, true, Some(&other)).unwrap());
+        let diff = relative(&got, &plain);
+        println!("{side}x{side}: fused {diff:.2e}");
+        assert!(diff <= 1e-5, "{side}x{side}: fused conv off by {diff:.2e}");
+        let unfused = tch::no_grad(|| x.apply(&packed));
+        let diff = relative(&unfused, &tch::no_grad(|| x.apply(&*conv)));
+        assert!(diff <= 1e-5, "{side}x{side}: packed conv off by {diff:.2e}");
+    }
+}
+
+#[test]
+fn options_read_from_json_with_defaults() {
+    let opts: InferenceOptions = serde_json::from_str("{}").unwrap();
+    assert_eq!(opts, InferenceOptions::default());
+    assert!(opts.pack_mkldnn && opts.inference_mode && opts.cudnn_benchmark);
+    let opts: InferenceOptions =
+        serde_json::from_str(r#"{"threads": 1, "cuda_dtype": "bf16", "channels_last": true}"#)
+            .unwrap();
+    assert_eq!(opts.threads, Some(1));
+    assert_eq!(opts.cuda_dtype, Some(AutocastDtype::Bf16));
+    assert!(serde_json::from_str::<InferenceOptions>(r#"{"thread": 1}"#).is_err());
+}
+
+/// Every option off but inference mode gives the folded model, unpacked; channels-last inputs
+/// the same numbers.
+#[test]
+fn unpacked_and_channels_last_forms_match_too() {
+    let json = r#"{"arch": "resnet18", "num_classes": 10}"#;
+    let (vs, plain, _fast_vs, _fast, _) = twins(json);
+    let inputs = images([1, 3, 32, 32]);
+    for opts in [
+        InferenceOptions {
+            pack_mkldnn: false,
+            ..Default::default()
+        },
+        InferenceOptions {
+            channels_last: true,
+            ..Default::default()
+        },
+    ] {
+        let mut copy_vs = VarStore::new(Device::Cpu);
+        let copy = ModelConfig::from_json(json)
+            .unwrap()
+            .build(copy_vs.root())
+            .unwrap();
+        copy_vs.copy(&vs).unwrap();
+        let fast = for_inference(copy, &opts).unwrap();
+        let diff = relative_difference(plain.as_ref(), fast.as_ref(), &inputs);
+        assert!(diff <= 1e-4, "{opts:?}: off by {diff:.2e}");
+    }
+}
+
+/// On CUDA: fp32 with every default matches the CPU model; fp16 and bf16 stay close and come
+/// back as float32.
+#[test]
+fn cuda_fast_path_matches_in_fp32_and_stays_close_in_half() {
+    let Some(device) = common::cuda_or_skip() else {
+        return;
+    };
+    let json = r#"{"arch": "resnet18", "num_classes": 10}"#;
+    let (vs, plain, _fast_vs, _fast, _) = twins(json);
+    let inputs = images([2, 3, 64, 64]);
+    let want = tch::no_grad(|| plain.forward_named(&inputs, false).unwrap());
+    residual::backend::strict_fp32().unwrap();
+    for (dtype, tol) in [
+        (None, 1e-4),
+        (Some(AutocastDtype::Fp16), 2e-2),
+        (Some(AutocastDtype::Bf16), 1e-1),
+    ] {
+        let mut cuda_vs = VarStore::new(device);
+        let model = ModelConfig::from_json(json)
+            .unwrap()
+            .build(cuda_vs.root())
+            .unwrap();
+        cuda_vs.copy(&vs).unwrap();
+        let opts = InferenceOptions {
+            cuda_dtype: dtype,
+            channels_last: true,
+            ..Default::default()
+        };
+        let fast = for_inference(model, &opts).unwrap();
+        let on_device: Inputs = inputs
+            .iter()
+            .map(|(k, t)| (k.clone(), t.to_device(device)))
+            .collect();
+        let got = fast.forward_named(&on_device, false).unwrap();
+        assert_eq!(got.kind(), Kind::Float);
+        let diff = relative(&got.to_device(Device::Cpu), &want);
+        println!("cuda {dtype:?}: {diff:.2e}");
+        assert!(diff <= tol, "cuda {dtype:?}: off by {diff:.2e}");
+    }
+    residual::backend::set_flag(residual::backend::Flag::BenchmarkCudnn, false).unwrap();
 }

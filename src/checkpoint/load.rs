@@ -1,12 +1,69 @@
-//! `load_state_dict` for a tch `VarStore`.
+//! `load_state_dict` for a tch `VarStore`, from a state_dict in memory or a checkpoint not yet
+//! read: names, shapes and dtypes are compared first, values are read only when they fit.
 
 use std::collections::BTreeSet;
 use std::fmt;
 
 use anyhow::{bail, Result};
 use tch::nn::VarStore;
+use tch::{Kind, Tensor};
 
 use super::StateDict;
+
+/// One tensor's name, shape and dtype, known before its values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorMeta<'a> {
+    pub name: &'a str,
+    pub shape: Vec<i64>,
+    pub kind: Kind,
+}
+
+impl TensorMeta<'_> {
+    pub fn is_floating_point(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::Half | Kind::Float | Kind::Double | Kind::BFloat16
+        )
+    }
+}
+
+/// Named tensors whose names, shapes and dtypes are known before their values: a [`StateDict`]
+/// in memory, or a [`Checkpoint`](super::Checkpoint) whose storages are read only when asked.
+pub trait Weights {
+    /// Every tensor's name, shape and dtype, in file order.
+    fn metadata(&self) -> Vec<TensorMeta<'_>>;
+    /// Copies tensor `i` (an index into [`metadata`](Self::metadata)) into `dst`, for each
+    /// `(i, dst)`; shapes match, dtypes are converted, `dst` may be on any device.
+    fn copy_into(&self, pairs: Vec<(usize, Tensor)>) -> Result<()>;
+    /// The values of tensor `i`, on the CPU.
+    fn value(&self, i: usize) -> Result<Tensor>;
+}
+
+impl Weights for StateDict {
+    fn metadata(&self) -> Vec<TensorMeta<'_>> {
+        self.entries
+            .iter()
+            .map(|(name, t)| TensorMeta {
+                name,
+                shape: t.size(),
+                kind: t.kind(),
+            })
+            .collect()
+    }
+
+    fn copy_into(&self, pairs: Vec<(usize, Tensor)>) -> Result<()> {
+        tch::no_grad(|| {
+            for (i, mut dst) in pairs {
+                dst.f_copy_(&self.entries[i].1)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn value(&self, i: usize) -> Result<Tensor> {
+        Ok(self.entries[i].1.shallow_clone())
+    }
+}
 
 /// What did not line up between a state_dict and a model.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -70,15 +127,16 @@ fn is_tolerated_counter(key: &str, has: impl Fn(&str) -> bool) -> bool {
     }
 }
 
-/// Copies `state` into `vs` by name. With `strict`, any missing or unexpected key or any shape or
-/// dtype-class mismatch fails the whole load (nothing is copied) with one error listing them all;
-/// without it, the keys that match are copied and the report lists the rest. Floating-point values
-/// are converted to the variable's dtype and device. `*.num_batches_tracked` is handled as PyTorch
-/// does: ignored when the model's norm layer keeps none, left as it is when the file has none.
-pub fn load_state_dict(vs: &VarStore, state: &StateDict, strict: bool) -> Result<LoadReport> {
+/// Compares `state` with `vs` by name, shape and dtype class, reading no values: the report, and
+/// the `(index in state, variable)` pairs that match.
+pub fn compare_state_dict<W: Weights + ?Sized>(
+    vs: &VarStore,
+    state: &W,
+) -> (LoadReport, Vec<(usize, Tensor)>) {
     let vars = vs.variables();
+    let meta = state.metadata();
     let mut report = LoadReport::default();
-    let file_keys: BTreeSet<&str> = state.keys().collect();
+    let file_keys: BTreeSet<&str> = meta.iter().map(|m| m.name).collect();
     let mut model_keys: Vec<&String> = vars.keys().collect();
     model_keys.sort();
     report.missing = model_keys
@@ -88,36 +146,47 @@ pub fn load_state_dict(vs: &VarStore, state: &StateDict, strict: bool) -> Result
         .map(|k| k.to_string())
         .collect();
     let mut matched = Vec::new();
-    for (key, src) in &state.entries {
+    for (i, src) in meta.iter().enumerate() {
+        let key = src.name;
         let Some(dst) = vars.get(key) else {
             if !is_tolerated_counter(key, |p| vars.contains_key(p)) {
-                report.unexpected.push(key.clone());
+                report.unexpected.push(key.to_string());
             }
             continue;
         };
-        if src.size() != dst.size() {
+        if src.shape != dst.size() {
             report
                 .shape_mismatches
-                .push((key.clone(), src.size(), dst.size()));
+                .push((key.to_string(), src.shape.clone(), dst.size()));
         } else if src.is_floating_point() != dst.is_floating_point() {
             report.dtype_mismatches.push((
-                key.clone(),
-                format!("{:?}", src.kind()),
+                key.to_string(),
+                format!("{:?}", src.kind),
                 format!("{:?}", dst.kind()),
             ));
         } else {
-            matched.push((dst, src));
+            matched.push((i, dst.shallow_clone()));
         }
     }
+    (report, matched)
+}
+
+/// Copies `state` into `vs` by name. With `strict`, any missing or unexpected key or any shape or
+/// dtype-class mismatch fails the whole load (nothing is copied) with one error listing them all;
+/// without it, the keys that match are copied and the report lists the rest. Names, shapes and
+/// dtypes are compared before any value is read, so a checkpoint that does not fit is refused
+/// without reading (or inflating) its storages. Floating-point values are converted to the
+/// variable's dtype and device. `*.num_batches_tracked` is handled as PyTorch does: ignored when
+/// the model's norm layer keeps none, left as it is when the file has none.
+pub fn load_state_dict<W: Weights + ?Sized>(
+    vs: &VarStore,
+    state: &W,
+    strict: bool,
+) -> Result<LoadReport> {
+    let (report, matched) = compare_state_dict(vs, state);
     if strict && !report.is_clean() {
         bail!("state_dict does not match the model:\n{report}");
     }
-    tch::no_grad(|| -> Result<()> {
-        for (dst, src) in matched {
-            let mut dst = dst.shallow_clone();
-            dst.f_copy_(src)?;
-        }
-        Ok(())
-    })?;
+    state.copy_into(matched)?;
     Ok(report)
 }

@@ -4,7 +4,11 @@
 //!
 //! Reading needs no Python and runs nothing from the file: `torch.save` files (zip and legacy),
 //! TorchScript archives and tch's `.ot` go through a restricted unpickler ([`pickle`]) that builds
-//! tensors and keeps any other object as inert data; safetensors are memory-mapped. The weights
+//! tensors and keeps any other object as inert data; safetensors are memory-mapped. Reading is
+//! lazy ([`Checkpoint`]): the pickle or header gives a [`Table`] of names, dtypes, shapes and
+//! storage places first, checked against the model before any storage is read; storages are then
+//! copied once from the mapped file (inflated by streaming when deflated, within
+//! [`ReadOptions::inflate_limit`]). The weights
 //! are found wherever training scripts put them ([`locate`]): nested checkpoints
 //! (`{"state_dict": ...}`, `{"model": ...}`, EMA copies), whole pickled modules
 //! (`torch.save(model)`), TorchScript modules; DataParallel, torch.compile and Lightning prefixes
@@ -16,20 +20,22 @@ mod load;
 pub mod locate;
 mod module;
 pub mod pickle;
+mod reader;
+pub mod table;
 pub mod torch_file;
 pub mod torchscript;
 
 pub use dtype::{DType, DTypeNames, DTYPES};
 pub use formats::{Format, RawTensor};
-pub use load::{load_state_dict, LoadReport};
+pub use load::{compare_state_dict, load_state_dict, LoadReport, TensorMeta, Weights};
 pub use locate::{Holder, Layout, NESTED_KEYS, WRAPPER_PREFIXES};
+pub use reader::Checkpoint;
+pub use table::{StorageRecord, Table, TensorRecord};
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use tch::Tensor;
-
-use torch_file::TorchFile;
 
 /// Tensors by PyTorch state_dict key, in file order.
 #[derive(Debug, Default)]
@@ -45,6 +51,38 @@ pub struct ReadOptions {
     pub key: Option<String>,
     /// Extra prefixes to strip from every key that has them.
     pub strip_prefixes: Vec<String>,
+    /// The most bytes that deflated storages may inflate to in one read (`--inflate-limit`);
+    /// without it, `RESIDUAL_INFLATE_LIMIT`, else the available memory.
+    pub inflate_limit: Option<u64>,
+}
+
+/// The environment variable that sets [`ReadOptions::inflate_limit`] when it is not given.
+pub const INFLATE_LIMIT_ENV: &str = "RESIDUAL_INFLATE_LIMIT";
+
+impl ReadOptions {
+    /// The limit on inflated bytes: [`inflate_limit`](Self::inflate_limit), else
+    /// `RESIDUAL_INFLATE_LIMIT` (bytes), else `MemAvailable` from /proc/meminfo (16 GiB where
+    /// there is none).
+    pub fn inflate_limit(&self) -> u64 {
+        if let Some(limit) = self.inflate_limit {
+            return limit;
+        }
+        if let Some(limit) = std::env::var(INFLATE_LIMIT_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+        {
+            return limit;
+        }
+        available_memory().unwrap_or(16 << 30)
+    }
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Parses checkpoint bytes (torch.save zip or legacy, libtorch archive, or safetensors) into raw
@@ -54,22 +92,9 @@ pub fn parse_described(
     bytes: &[u8],
     options: &ReadOptions,
 ) -> Result<(Vec<(String, RawTensor)>, Layout)> {
-    let format = formats::sniff(bytes)?;
-    if format == Format::Safetensors {
-        let mut entries = formats::read_safetensors(bytes)?;
-        let mut layout = Layout::new(format, Holder::StateDict);
-        locate::rename(&mut entries, &mut layout, &options.strip_prefixes);
-        return Ok((entries, layout));
-    }
-    let mut file = TorchFile::parse(bytes)?;
-    let (mut refs, mut layout) = locate::locate(
-        &file.object,
-        file.format,
-        &file.script_classes,
-        options.key.as_deref(),
-    )?;
-    locate::rename(&mut refs, &mut layout, &options.strip_prefixes);
-    Ok((file.tensors(refs)?, layout))
+    let table = Table::parse(bytes, options)?;
+    let tensors = table.raw_tensors(bytes, options.inflate_limit())?;
+    Ok((tensors, table.layout))
 }
 
 /// The tensor records (names, dtypes, shapes, storage keys) that a `torch.save` pickle
@@ -129,24 +154,8 @@ impl StateDict {
 
     /// [`read`](Self::read), and where in the file the weights were.
     pub fn read_described(path: &Path, options: &ReadOptions) -> Result<(Self, Layout)> {
-        let file = std::fs::File::open(path)
-            .with_context(|| format!("cannot open checkpoint {}", path.display()))?;
-        let len = file.metadata()?.len();
-        if len == 0 {
-            bail!("checkpoint {} is empty", path.display());
-        }
-        // SAFETY: the map is read-only and dropped before returning; a file changed underneath by
-        // another process can at worst produce wrong values, which the parsers bound-check.
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .with_context(|| format!("cannot map {}", path.display()))?;
-        let (raw, layout) = parse_described(&map, options)
-            .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
-        drop(map);
-        let entries = raw
-            .into_iter()
-            .map(|(k, t)| Ok((k, t.to_tensor()?)))
-            .collect::<Result<Vec<_>>>()?;
-        Ok((Self { entries }, layout))
+        let checkpoint = Checkpoint::open(path, options)?;
+        Ok((checkpoint.to_state_dict()?, checkpoint.layout().clone()))
     }
 
     /// Reads a safetensors file.

@@ -1,14 +1,14 @@
 //! Reading the files `torch.save` writes (the zip format of PyTorch >= 1.6 and the legacy format
 //! before it) and the libtorch archives `torch.jit.save` and tch write, in pure Rust: the
-//! unpickled object, and its tensors materialised from their storages on demand.
+//! unpickled object, and where each storage lies in the file (read by [`super::table`]).
 
 use std::collections::HashMap;
 use std::io::{Cursor, Read};
 
 use anyhow::{bail, Context, Result};
 
-use super::formats::{open_zip, sniff, Format, RawTensor};
-use super::pickle::{self, TensorRef, Value};
+use super::formats::{open_zip, sniff, Format};
+use super::pickle::{self, Value};
 use super::torchscript::{read_declarations, ScriptClasses};
 
 /// The most bytes read from a zip record that is not a storage: `data.pkl` and `byteorder`,
@@ -23,10 +23,17 @@ fn read_record(
     limit: u64,
 ) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    archive
+    let file = archive
         .by_name(name)
-        .with_context(|| format!("cannot open {name}"))?
-        .take(limit + 1)
+        .with_context(|| format!("cannot open {name}"))?;
+    // Refused on its header's word first; the `take` bounds a header that lies.
+    if file.size() > limit {
+        bail!(
+            "{name} holds more than {limit} bytes (its zip header says {})",
+            file.size()
+        );
+    }
+    file.take(limit + 1)
         .read_to_end(&mut out)
         .with_context(|| format!("cannot read {name}"))?;
     if out.len() as u64 > limit {
@@ -60,44 +67,19 @@ fn script_classes(
     Ok(classes)
 }
 
-/// Reads storages by key, for resolving tensor records lazily.
-trait Storages {
-    fn read(&mut self, key: &str) -> Result<Vec<u8>>;
-}
-
-struct ZipStorages<'a> {
-    archive: zip::ZipArchive<Cursor<&'a [u8]>>,
-    prefix: String,
-}
-
-impl Storages for ZipStorages<'_> {
-    fn read(&mut self, key: &str) -> Result<Vec<u8>> {
-        let name = format!("{}data/{key}", self.prefix);
-        let mut file = self
-            .archive
-            .by_name(&name)
-            .with_context(|| format!("the archive has no storage record `{name}`"))?;
-        let mut out = Vec::new();
-        out.try_reserve_exact(file.size() as usize)
-            .context("storage too large for memory")?;
-        file.read_to_end(&mut out)
-            .with_context(|| format!("cannot read storage record `{name}`"))?;
-        Ok(out)
-    }
-}
-
-struct LegacyStorages<'a> {
-    records: HashMap<String, &'a [u8]>,
-}
-
-impl Storages for LegacyStorages<'_> {
-    fn read(&mut self, key: &str) -> Result<Vec<u8>> {
-        let bytes = self
-            .records
-            .get(key)
-            .with_context(|| format!("the file has no storage `{key}`"))?;
-        Ok(bytes.to_vec())
-    }
+/// Where a storage's bytes lie in the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// The record's name: its zip entry (`archive/data/0`), or the legacy storage key.
+    pub name: String,
+    /// Offset of its first byte in the file.
+    pub start: usize,
+    /// Bytes it takes in the file.
+    pub stored: usize,
+    /// Bytes it holds: `stored`, or what its zip header says it inflates to.
+    pub len: usize,
+    /// A deflated zip entry (written by zip tools other than `torch.save`).
+    pub deflated: bool,
 }
 
 /// A parsed `torch.save` file or libtorch archive: the unpickled object and the storages its
@@ -107,13 +89,37 @@ pub struct TorchFile<'a> {
     pub object: Value,
     /// The module classes a libtorch archive declares (empty for `torch.save` files).
     pub script_classes: ScriptClasses,
-    storages: Box<dyn Storages + 'a>,
-    cache: HashMap<String, Vec<u8>>,
+    storages: Storages<'a>,
+    /// Bytes in the file.
+    size: usize,
+    bytes: &'a [u8],
+    /// The file `bytes` maps, where there is one: storage headers are read from it.
+    file: Option<&'a std::fs::File>,
+}
+
+enum Storages<'a> {
+    Zip {
+        archive: zip::ZipArchive<Cursor<&'a [u8]>>,
+        prefix: String,
+    },
+    Legacy(HashMap<String, Record>),
 }
 
 impl<'a> TorchFile<'a> {
     /// Parses a file in either torch.save format, or a libtorch archive.
     pub fn parse(bytes: &'a [u8]) -> Result<Self> {
+        Self::parse_mapped(bytes, None)
+    }
+
+    /// [`parse`](Self::parse) of `bytes` mapped from `file`, which storage headers are read
+    /// from.
+    pub fn parse_mapped(bytes: &'a [u8], file: Option<&'a std::fs::File>) -> Result<Self> {
+        let mut parsed = Self::parse_format(bytes)?;
+        parsed.file = file;
+        Ok(parsed)
+    }
+
+    fn parse_format(bytes: &'a [u8]) -> Result<Self> {
         match sniff(bytes)? {
             format @ (Format::TorchZip | Format::LibtorchArchive) => Self::parse_zip(bytes, format),
             Format::TorchLegacy => Self::parse_legacy(bytes),
@@ -148,8 +154,10 @@ impl<'a> TorchFile<'a> {
             format,
             object,
             script_classes,
-            storages: Box::new(ZipStorages { archive, prefix }),
-            cache: HashMap::new(),
+            storages: Storages::Zip { archive, prefix },
+            size: bytes.len(),
+            bytes,
+            file: None,
         })
     }
 
@@ -196,80 +204,91 @@ impl<'a> TorchFile<'a> {
             let data = bytes
                 .get(start..start.checked_add(len).context("storage size overflows")?)
                 .with_context(|| format!("legacy file truncated in storage `{key}`"))?;
-            records.insert(key, data);
+            let record = Record {
+                name: key.clone(),
+                start,
+                stored: data.len(),
+                len: data.len(),
+                deflated: false,
+            };
+            records.insert(key, record);
             pos = start + len;
         }
         Ok(Self {
             format: Format::TorchLegacy,
             object,
             script_classes: ScriptClasses::new(),
-            storages: Box::new(LegacyStorages { records }),
-            cache: HashMap::new(),
+            storages: Storages::Legacy(records),
+            size: bytes.len(),
+            bytes,
+            file: None,
         })
     }
 
-    /// Materialises a tensor record as contiguous bytes, checking that it fits its storage.
-    /// `last_use` releases the storage afterwards (and hands its buffer over without a copy when
-    /// the tensor is the whole storage, contiguous).
-    pub fn tensor(&mut self, t: &TensorRef, last_use: bool) -> Result<RawTensor> {
-        let storage = &t.storage;
-        let key = &storage.key;
-        let base = storage.view.as_ref().map_or(0, |(_, offset, _)| *offset);
-        if !self.cache.contains_key(key) {
-            let bytes = self.storages.read(key)?;
-            self.cache.insert(key.clone(), bytes);
-        }
-        let elem = storage.dtype.size();
-        let declared = usize::try_from(storage.numel)
-            .unwrap_or(usize::MAX)
-            .saturating_mul(elem);
-        let held = self.cache[key].len();
-        if held < declared && storage.view.is_none() {
-            bail!("storage `{key}` holds {held} bytes, its header says {declared}");
-        }
-        let numel = t.size.iter().try_fold(1i64, |a, s| a.checked_mul(*s));
-        let whole = base + t.offset == 0
-            && numel.is_some_and(|n| n >= 0 && n as usize * elem == held)
-            && is_contiguous(&t.size, &t.stride);
-        let data = if last_use && whole {
-            self.cache.remove(key).unwrap_or_default()
-        } else {
-            let data = gather(&self.cache[key], elem, base + t.offset, &t.size, &t.stride)
-                .with_context(|| format!("tensor of size {:?} in storage `{key}`", t.size))?;
-            if last_use {
-                self.cache.remove(key);
+    /// Where the storage `key` lies in the file, without reading it.
+    pub fn record(&mut self, key: &str) -> Result<Record> {
+        match &mut self.storages {
+            Storages::Legacy(records) => records
+                .get(key)
+                .cloned()
+                .with_context(|| format!("the file has no storage `{key}`")),
+            Storages::Zip { archive, prefix } => {
+                let name = format!("{prefix}data/{key}");
+                let index = archive
+                    .index_for_name(&name)
+                    .with_context(|| format!("the archive has no storage record `{name}`"))?;
+                let file = archive
+                    .by_index_data(index)
+                    .with_context(|| format!("cannot open storage record `{name}`"))?;
+                // The local header gives where the data starts. It is read alone (from the file
+                // when there is one): touching it through a mapping would map the pages around it,
+                // and a checkpoint's headers are spread over all of it.
+                let mut header = [0u8; 30];
+                let at = file.header_start();
+                match self.file {
+                    Some(f) => std::os::unix::fs::FileExt::read_exact_at(f, &mut header, at)
+                        .with_context(|| format!("cannot read the header of `{name}`"))?,
+                    None => header.copy_from_slice(
+                        usize::try_from(at)
+                            .ok()
+                            .and_then(|at| self.bytes.get(at..at.checked_add(30)?))
+                            .with_context(|| format!("the header of `{name}` is past the end"))?,
+                    ),
+                }
+                if header[..4] != [0x50, 0x4b, 0x03, 0x04] {
+                    bail!("storage record `{name}` has no local header where the directory says");
+                }
+                let variable = u16::from_le_bytes([header[26], header[27]]) as u64
+                    + u16::from_le_bytes([header[28], header[29]]) as u64;
+                let start = at + 30 + variable;
+                let deflated = match file.compression() {
+                    zip::CompressionMethod::Stored => false,
+                    zip::CompressionMethod::Deflated => true,
+                    other => bail!("storage record `{name}` is compressed with {other}, which is not supported"),
+                };
+                let (stored, len) = (file.compressed_size(), file.size());
+                if !deflated && stored != len {
+                    bail!("storage record `{name}` is stored with {stored} bytes but says it holds {len}");
+                }
+                let fits = start
+                    .checked_add(stored)
+                    .is_some_and(|end| end <= self.size as u64);
+                if !fits {
+                    bail!("storage record `{name}` reaches past the end of the file");
+                }
+                Ok(Record {
+                    name,
+                    start: start as usize,
+                    stored: stored as usize,
+                    len: usize::try_from(len).unwrap_or(usize::MAX),
+                    deflated,
+                })
             }
-            data
-        };
-        Ok(RawTensor {
-            dtype: storage.dtype,
-            shape: t.size.clone(),
-            data,
-        })
-    }
-
-    /// Materialises `refs` in order, releasing each storage after its last tensor.
-    pub fn tensors(&mut self, refs: Vec<(String, TensorRef)>) -> Result<Vec<(String, RawTensor)>> {
-        let mut uses: HashMap<String, usize> = HashMap::new();
-        for (_, t) in &refs {
-            *uses.entry(t.storage.key.clone()).or_default() += 1;
         }
-        let mut out = Vec::with_capacity(refs.len());
-        for (name, t) in refs {
-            let left = uses.get_mut(&t.storage.key).map(|n| {
-                *n -= 1;
-                *n
-            });
-            let raw = self
-                .tensor(&t, left == Some(0))
-                .with_context(|| format!("tensor `{name}`"))?;
-            out.push((name, raw));
-        }
-        Ok(out)
     }
 }
 
-fn is_contiguous(size: &[i64], stride: &[i64]) -> bool {
+pub(crate) fn is_contiguous(size: &[i64], stride: &[i64]) -> bool {
     let mut expected = 1i64;
     for (s, st) in size.iter().zip(stride).rev() {
         if *s != 1 && *st != expected {
@@ -290,53 +309,4 @@ fn collect_storages(v: &Value, sizes: &mut HashMap<String, usize>) {
         }
         _ => v.children().for_each(|c| collect_storages(c, sizes)),
     }
-}
-
-/// Copies the strided view `(offset, size, stride)` of `bytes` (elements of `elem` bytes) into a
-/// contiguous buffer, refusing views that reach outside `bytes`.
-fn gather(bytes: &[u8], elem: usize, offset: i64, size: &[i64], stride: &[i64]) -> Result<Vec<u8>> {
-    if size.iter().any(|s| *s < 0) || stride.iter().any(|s| *s < 0) || offset < 0 {
-        bail!("negative size, stride or offset");
-    }
-    let numel = size
-        .iter()
-        .try_fold(1i64, |a, s| a.checked_mul(*s))
-        .context("tensor size overflows")?;
-    if numel == 0 {
-        return Ok(Vec::new());
-    }
-    let last = size
-        .iter()
-        .zip(stride)
-        .try_fold(offset, |a, (s, st)| {
-            (s - 1).checked_mul(*st).and_then(|x| a.checked_add(x))
-        })
-        .context("tensor extent overflows")?;
-    let available = (bytes.len() / elem) as i64;
-    if last >= available {
-        bail!("reaches element {last} but the storage has {available}");
-    }
-    let numel = numel as usize;
-    let mut out = Vec::new();
-    out.try_reserve_exact(numel * elem)
-        .context("tensor too large for memory")?;
-    if is_contiguous(size, stride) {
-        let start = offset as usize * elem;
-        out.extend_from_slice(&bytes[start..start + numel * elem]);
-        return Ok(out);
-    }
-    let mut index = vec![0i64; size.len()];
-    for _ in 0..numel {
-        let at = offset + index.iter().zip(stride).map(|(i, s)| i * s).sum::<i64>();
-        let at = at as usize * elem;
-        out.extend_from_slice(&bytes[at..at + elem]);
-        for d in (0..size.len()).rev() {
-            index[d] += 1;
-            if index[d] < size[d] {
-                break;
-            }
-            index[d] = 0;
-        }
-    }
-    Ok(out)
 }

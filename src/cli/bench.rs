@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use residual::backend::{AutocastDtype, Switches};
 use residual::device::{device_name, parse_device};
+use residual::predictor::bench::{throughput, LoadTest};
 use residual::train::BenchSettings;
-use residual::ModelConfig;
+use residual::{ModelConfig, PredictorOptions};
 
 use super::serde_enum;
 
@@ -49,6 +50,16 @@ pub struct Args {
     /// reported as `rss_kb` with `--json`; e.g. `100,10000` shows whether memory grows.
     #[arg(long, value_delimiter = ',')]
     rss_at: Vec<u64>,
+    /// bench-infer: serve the model from a `residual::Predictor` with this many workers, called
+    /// by `--clients` threads at once; reports images per second and the mean latency of a call.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// With --workers: intra-op threads of each worker (default: the cores divided among them).
+    #[arg(long, requires = "workers")]
+    worker_threads: Option<usize>,
+    /// With --workers: client threads (default: one per worker).
+    #[arg(long, requires = "workers")]
+    clients: Option<usize>,
 }
 
 /// What a benchmark times.
@@ -96,6 +107,16 @@ impl Args {
             Some(path) => path.display().to_string(),
             None => self.arch.clone(),
         };
+        if let Some(workers) = self.workers {
+            let channels = match &config {
+                ModelConfig::CifarResnet(c) => c.in_channels,
+                other => match other.resnet() {
+                    Some(c) => c.in_channels,
+                    None => bail!("--workers times image models, not a {} model", other.arch()),
+                },
+            };
+            return self.run_predictor(timed, &config, channels, device, workers);
+        }
         let settings = BenchSettings {
             batch_size: self.batch_size,
             image_size: self.image_size,
@@ -152,6 +173,51 @@ impl Args {
             println!("{report}");
         } else {
             println!("{name} batch {}: {value:.3} {key}", self.batch_size);
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// bench-infer --workers: [`residual::predictor::bench::throughput`].
+    fn run_predictor(
+        &self,
+        timed: Timed,
+        config: &ModelConfig,
+        channels: i64,
+        device: tch::Device,
+        workers: usize,
+    ) -> Result<ExitCode> {
+        if timed == Timed::Training || self.amp.is_some() || self.channels_last {
+            bail!("--workers is for bench-infer, without --amp and --channels-last");
+        }
+        let test = LoadTest {
+            options: PredictorOptions {
+                workers,
+                intra_op_threads: self.worker_threads,
+                device,
+                plain: self.plain,
+                inference: Default::default(),
+            },
+            clients: self.clients.unwrap_or(workers),
+            shape: [self.batch_size, channels, self.image_size, self.image_size],
+            requests: self.steps as usize,
+            warmup: self.warmup as usize,
+        };
+        let result = throughput(config, &test)?;
+        if self.json {
+            let mut value = serde_json::to_value(&result)?;
+            value["device"] = device_name(device).into();
+            println!("{value}");
+        } else {
+            println!(
+                "{} batch {}, {} workers x {} threads, {} clients: {:.1} images/s, {:.3} ms per batch",
+                self.arch,
+                self.batch_size,
+                result.workers,
+                result.intra_op_threads,
+                result.clients,
+                result.images_per_second,
+                result.ms_per_batch
+            );
         }
         Ok(ExitCode::SUCCESS)
     }

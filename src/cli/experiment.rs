@@ -15,12 +15,15 @@ use super::train::Settings;
 pub enum Kind {
     /// Plain vs residual CIFAR-style nets at several depths (ResNet paper, figure 6).
     Degradation(Degradation),
+    /// Residual vs plain net probed as Veit et al. 2016: gradient flow, lesion study, paths.
+    Veit(Veit),
 }
 
 impl Kind {
     pub fn run(&self) -> Result<ExitCode> {
         match self {
             Kind::Degradation(args) => args.run(),
+            Kind::Veit(args) => args.run(),
         }
     }
 }
@@ -63,6 +66,63 @@ impl Degradation {
         println!("{}", findings.summary);
         for path in experiment::outputs(&self.out) {
             println!("wrote {}", path.display());
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct Veit {
+    /// Depth of both nets (6n + 2).
+    #[arg(long, default_value_t = 20)]
+    depth: i64,
+    /// Random draws per number of deleted blocks, swaps, and path length.
+    #[arg(long, default_value_t = 5)]
+    draws: usize,
+    /// Test images in the gradient and path batch.
+    #[arg(long, default_value_t = 128)]
+    probe_batch: i64,
+    /// Reuse (or extend) the runs of a degradation experiment's folder (its `runs/`) instead of
+    /// training into OUT/runs.
+    #[arg(long)]
+    runs_from: Option<PathBuf>,
+    #[command(flatten)]
+    train: Settings,
+    /// Report folder.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+impl Veit {
+    pub fn run(&self) -> Result<ExitCode> {
+        super::install_ctrl_c();
+        let device = parse_device(&self.train.device)?;
+        let options = TrainOptions {
+            warmup: self.train.warmup.unwrap_or(1.0),
+            ..self.train.options()
+        };
+        let data = self.train.data(&options, device)?;
+        let plan = experiment::veit::VeitPlan {
+            depth: self.depth,
+            runs: self.runs_from.clone().unwrap_or_else(|| self.out.clone()),
+            draws: self.draws,
+            probe_batch: self.probe_batch,
+        };
+        let quiet = self.train.quiet;
+        let Some(findings) =
+            experiment::veit::veit(&data, &plan, &options, &self.out, device, quiet)?
+        else {
+            return Ok(ExitCode::from(130));
+        };
+        println!("{}", findings.summary);
+        for f in [
+            "report.md",
+            "gradients.png",
+            "lesion.png",
+            "paths.png",
+            "lesion.md",
+        ] {
+            println!("wrote {}", self.out.join(f).display());
         }
         Ok(ExitCode::SUCCESS)
     }

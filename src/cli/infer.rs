@@ -38,7 +38,8 @@ pub struct Args {
     /// --preprocess (or a model folder's config) says otherwise; the flags below override it.
     #[arg(long, num_args = 1..)]
     image: Vec<PathBuf>,
-    /// Class names, one per line (default: the ImageNet-1k classes).
+    /// Class names, one per line (default: those of a Hugging Face folder or of the training run
+    /// that wrote the weights, else the ImageNet-1k classes).
     #[arg(long)]
     labels: Option<PathBuf>,
     #[arg(long, default_value_t = 5)]
@@ -127,7 +128,7 @@ impl Args {
         };
         let mut loaded = LoadedModel::load_any(config, &self.weights, device, &settings)?;
         if !self.plain {
-            loaded.model = residual::models::for_inference(loaded.model)?;
+            loaded.model = residual::models::for_inference(loaded.model, &Default::default())?;
         }
         if !loaded.report.is_clean() {
             eprint!("warning: {}", loaded.report);
@@ -184,9 +185,14 @@ impl Args {
     }
 
     fn classify(&self, loaded: &LoadedModel) -> Result<ExitCode> {
-        let labels = match (&self.labels, &loaded.labels) {
-            (None, Some(labels)) => labels.clone(),
-            (path, _) => residual::infer::labels(path.as_deref())?,
+        let run_classes = match (&self.labels, &loaded.labels) {
+            (None, None) => self.run_files()?.0,
+            _ => None,
+        };
+        let labels = match (&self.labels, &loaded.labels, run_classes) {
+            (None, Some(labels), _) => labels.clone(),
+            (None, None, Some(classes)) => classes,
+            (path, _, _) => residual::infer::labels(path.as_deref())?,
         };
         let preprocess = self.preprocess()?;
         let images = self
@@ -215,11 +221,24 @@ impl Args {
         Ok(ExitCode::SUCCESS)
     }
 
+    /// The class names and evaluation transform saved by the `residual train` run that wrote
+    /// --weights (an image-folder run's `classes.txt` and `preprocess.json`).
+    fn run_files(&self) -> Result<(Option<Vec<String>>, Option<Preprocess>)> {
+        match residual::train::run_folder_of(&self.weights) {
+            Some(run) if self.weights.is_file() => residual::train::run_files(&run),
+            _ => Ok((None, None)),
+        }
+    }
+
     /// The preprocessing for --image: --preprocess, else what a model folder given as --weights
-    /// states, else torchvision's default; then the flags.
+    /// states, else the transform of the training run that wrote the weights, else torchvision's
+    /// default; then the flags.
     fn preprocess(&self) -> Result<Preprocess> {
         let mut p = if let Some(path) = &self.preprocess {
             Preprocess::from_file(path)?
+        } else if let (false, (_, Some(p))) = (self.weights.is_dir(), self.run_files()?) {
+            eprintln!("preprocessing of the training run (preprocess.json)");
+            p
         } else if self.weights.is_dir() {
             match residual::preprocess::for_model_folder(&self.weights)? {
                 Some(p) => {

@@ -6,9 +6,11 @@ pub mod convert;
 pub mod doctor;
 pub mod eval;
 pub mod experiment;
+mod folder;
 pub mod infer;
 pub mod inspect;
 pub mod parity;
+pub mod probe;
 pub mod train;
 
 mod serde_enum;
@@ -27,6 +29,10 @@ pub struct WeightOptions {
     /// `model.` are stripped without asking when every key has them). Repeatable.
     #[arg(long = "strip-prefix")]
     strip_prefix: Vec<String>,
+    /// The most bytes deflated storages may inflate to (default: RESIDUAL_INFLATE_LIMIT, else
+    /// the available memory); larger ones are refused before anything is allocated.
+    #[arg(long = "inflate-limit", value_name = "BYTES")]
+    inflate_limit: Option<u64>,
 }
 
 impl WeightOptions {
@@ -34,6 +40,7 @@ impl WeightOptions {
         ReadOptions {
             key: self.key.clone(),
             strip_prefixes: self.strip_prefix.clone(),
+            inflate_limit: self.inflate_limit,
         }
     }
 }

@@ -7,9 +7,11 @@ use anyhow::{bail, Result};
 use residual::backend::AutocastDtype;
 use residual::data::{Augment, DataFormat};
 use residual::device::parse_device;
-use residual::train::{Outcome, RunData, Schedule, TrainOptions, Trainer};
+use residual::distributed::{default_timeout, Backend, LaunchEnv, ProcessGroup};
+use residual::train::{OptimizerKind, Outcome, RunData, Schedule, TrainOptions, Trainer};
 use residual::ModelConfig;
 
+use super::folder::FolderArgs;
 use super::serde_enum;
 
 #[derive(clap::Args)]
@@ -31,20 +33,39 @@ impl Args {
     pub fn run(&self) -> Result<ExitCode> {
         super::install_ctrl_c();
         let device = parse_device(&self.settings.device)?;
-        let mut trainer = match (&self.resume, &self.config, &self.out) {
-            (Some(dir), _, _) => Trainer::resume(dir, device, self.settings.epochs)?,
-            (None, Some(config), Some(out)) => Trainer::create(
+        let setup = match (&self.resume, &self.config, &self.out) {
+            (Some(dir), _, _) => (dir, None),
+            (None, Some(config), Some(out)) => (
                 out,
-                ModelConfig::from_file(config)?,
-                self.settings.options(),
-                device,
-            )?,
+                Some((ModelConfig::from_file(config)?, self.settings.options())),
+            ),
             _ => bail!("give --config and --out for a new run, or --resume RUN_DIR"),
         };
-        trainer.quiet = self.settings.quiet;
-        let data = self.settings.data(&trainer.options, device)?;
+        let mut trainer = match (LaunchEnv::from_env()?, setup) {
+            // Under torchrun: one data-parallel rank, on cuda:LOCAL_RANK with a CUDA device.
+            (Some(env), (dir, setup)) => {
+                let device = env.device(device);
+                residual::device::check_available(device)?;
+                let backend = Backend::for_device(device);
+                let group = ProcessGroup::init(&env, backend, default_timeout()?)?;
+                let epochs = self.settings.epochs;
+                Trainer::create_distributed(dir, setup, epochs, device, group, &env)?
+            }
+            (None, (dir, None)) => Trainer::resume(dir, device, self.settings.epochs)?,
+            (None, (out, Some((config, options)))) => {
+                Trainer::create(out, config, options, device)?
+            }
+        };
+        trainer.quiet |= self.settings.quiet;
+        let data = self.settings.data(&trainer.options, trainer.vs.device())?;
+        if trainer.is_writer() {
+            data.write_run_files(&trainer.run.path, &trainer.config, &trainer.options)?;
+        }
         if trainer.run(&data)? == Outcome::Interrupted {
             return Ok(ExitCode::from(130));
+        }
+        if !trainer.is_writer() {
+            return Ok(ExitCode::SUCCESS);
         }
         println!(
             "finished {} epochs; metrics in {}, weights in {}",
@@ -59,12 +80,13 @@ impl Args {
 /// The data and optimisation settings shared by `train` and `experiment`.
 #[derive(clap::Args, Clone)]
 pub struct Settings {
-    /// Data folder (IDX: MNIST / Fashion-MNIST files; or CIFAR-10/100 binaries).
+    /// Data folder (IDX: MNIST / Fashion-MNIST files; CIFAR-10/100 binaries; or an image folder:
+    /// one sub-folder of images per class, in train/ and val/ or directly here).
     #[arg(long, default_value = residual::data::FASHION_MNIST_DIR)]
     data: PathBuf,
     /// Data format (default: detected from the files): idx (`train-images-idx3-ubyte[.gz]`,
     /// `t10k-*`), cifar10 (`data_batch_{1..5}.bin`, `test_batch.bin`) or cifar100 (`train.bin`,
-    /// `test.bin`; fine labels).
+    /// `test.bin`; fine labels) or image-folder.
     #[arg(long, value_parser = serde_enum::<DataFormat>())]
     format: Option<DataFormat>,
     /// Epochs (default 10; with --resume, extends the run to this many).
@@ -130,6 +152,17 @@ pub struct Settings {
     /// Log lines only, no progress bar.
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    folder: FolderArgs,
+    /// sgd (with --momentum) or adamw (torch.optim.AdamW: decoupled --weight-decay).
+    #[arg(long, default_value = "sgd", value_parser = ["sgd", "adamw"])]
+    optimizer: String,
+    /// AdamW's betas.
+    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0.9, 0.999])]
+    betas: Vec<f64>,
+    /// AdamW's eps.
+    #[arg(long, default_value_t = 1e-8)]
+    eps: f64,
 }
 
 impl Settings {
@@ -159,10 +192,31 @@ impl Settings {
             cudnn_benchmark: self.cudnn_benchmark,
             deterministic: self.deterministic,
             eval_test: true,
+            optimizer: match self.optimizer.as_str() {
+                "adamw" => OptimizerKind::Adamw {
+                    betas: [self.betas[0], self.betas[1]],
+                    eps: self.eps,
+                },
+                _ => OptimizerKind::Sgd,
+            },
+            image_folder: self
+                .is_image_folder()
+                .then(|| self.folder.options(!self.no_augment, !self.no_flip)),
+        }
+    }
+
+    /// Whether --data is an image folder (named by --format, or detected).
+    fn is_image_folder(&self) -> bool {
+        match self.format {
+            Some(f) => f == DataFormat::ImageFolder,
+            None => DataFormat::detect(&self.data).ok() == Some(DataFormat::ImageFolder),
         }
     }
 
     pub fn data(&self, options: &TrainOptions, device: tch::Device) -> Result<RunData> {
+        if options.image_folder.is_some() {
+            return RunData::from_image_folder(&self.data, options, device);
+        }
         let (train, test) = residual::data::load(&self.data, self.format)?;
         RunData::prepare(train, test, options, device)
     }

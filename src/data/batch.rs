@@ -106,6 +106,17 @@ pub struct Batches<'a> {
 }
 
 impl<'a> Batches<'a> {
+    /// The order of epoch `epoch` of `n` examples that [`Batches::new`] draws for `(seed, epoch)`.
+    pub fn shuffled_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+        let mut rng = SplitMix::new(seed, epoch);
+        let mut order: Vec<usize> = (0..n).collect();
+        for i in (1..order.len()).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            order.swap(i, j);
+        }
+        order
+    }
+
     /// `shuffle_seed`: `Some((seed, epoch))` for a training epoch, `None` for evaluation order.
     pub fn new(
         data: &'a Dataset,
@@ -113,6 +124,21 @@ impl<'a> Batches<'a> {
         batch_size: i64,
         shuffle_seed: Option<(u64, u64)>,
         augment: Option<Augment>,
+    ) -> Self {
+        Self::sharded(data, normalizer, batch_size, shuffle_seed, augment, (0, 1))
+    }
+
+    /// As [`Batches::new`], for rank `shard.0` of `shard.1` data-parallel processes, with
+    /// `DistributedSampler`'s semantics: every rank draws the same order, pads it by repeating
+    /// its start to a multiple of the world size, and takes every `world`-th index from its
+    /// rank on (one rank: the order itself).
+    pub fn sharded(
+        data: &'a Dataset,
+        normalizer: &'a Normalizer,
+        batch_size: i64,
+        shuffle_seed: Option<(u64, u64)>,
+        augment: Option<Augment>,
+        shard: (usize, usize),
     ) -> Self {
         let n = data.len();
         let (order, rng) = match shuffle_seed {
@@ -126,6 +152,16 @@ impl<'a> Batches<'a> {
                 (order, rng)
             }
             None => ((0..n).collect(), SplitMix::new(0, 0)),
+        };
+        let (rank, world) = (shard.0, shard.1.max(1));
+        let order: Vec<i64> = if world > 1 && !order.is_empty() {
+            let total = order.len().div_ceil(world) * world;
+            (rank..total)
+                .step_by(world)
+                .map(|i| order[i % order.len()])
+                .collect()
+        } else {
+            order
         };
         let order = Tensor::from_slice(&order).to_device(data.images.device());
         Self {
@@ -141,7 +177,7 @@ impl<'a> Batches<'a> {
 
     /// Batches in an epoch.
     pub fn len(&self) -> i64 {
-        (self.data.len() + self.batch_size - 1) / self.batch_size
+        (self.order.size()[0] + self.batch_size - 1) / self.batch_size
     }
 
     pub fn is_empty(&self) -> bool {
@@ -151,7 +187,7 @@ impl<'a> Batches<'a> {
     /// Skips `n` batches (resuming inside an epoch), drawing the same randomness they would have.
     pub fn skip_batches(&mut self, n: i64) -> Result<()> {
         for _ in 0..n {
-            if self.position >= self.data.len() {
+            if self.position >= self.order.size()[0] {
                 break;
             }
             self.position += self.batch_size;
@@ -162,7 +198,7 @@ impl<'a> Batches<'a> {
 
     /// The next `(images [B, C, H, W] float normalised, labels [B])`, or `None` at the end.
     pub fn next_batch(&mut self) -> Result<Option<(Tensor, Tensor)>> {
-        let n = self.data.len();
+        let n = self.order.size()[0];
         if self.position >= n {
             return Ok(None);
         }

@@ -20,6 +20,9 @@ pub enum DataFormat {
     Cifar10,
     /// `train.bin`, `test.bin` (coarse and fine label bytes + 3072 pixel bytes; fine labels used).
     Cifar100,
+    /// One folder of images per class (torchvision's `ImageFolder`), in `train/` and `val/`
+    /// (or `test/`), or directly in the folder (a share is then held out).
+    ImageFolder,
 }
 
 impl DataFormat {
@@ -34,10 +37,13 @@ impl DataFormat {
             Ok(DataFormat::Cifar10)
         } else if dir.join("train.bin").exists() && dir.join("test.bin").exists() {
             Ok(DataFormat::Cifar100)
+        } else if super::is_image_folder(dir) {
+            Ok(DataFormat::ImageFolder)
         } else {
             bail!(
-                "{} holds neither IDX files (train-images-idx3-ubyte[.gz]) nor CIFAR binaries \
-                 (data_batch_1.bin or train.bin); name the format with --format",
+                "{} holds neither IDX files (train-images-idx3-ubyte[.gz]), CIFAR binaries \
+                 (data_batch_1.bin or train.bin) nor class folders of images; name the format \
+                 with --format",
                 dir.display()
             )
         }
@@ -140,7 +146,9 @@ pub fn read_cifar(dir: &Path, format: DataFormat) -> Result<(Dataset, Dataset)> 
                 10,
             ),
             DataFormat::Cifar100 => (vec!["train.bin".into()], vec!["test.bin".into()], 2, 100),
-            DataFormat::Idx => bail!("read_cifar called for IDX data"),
+            DataFormat::Idx | DataFormat::ImageFolder => {
+                bail!("read_cifar called for {format:?} data")
+            }
         };
     let record = label_bytes + 3072;
     let read = |files: &[String]| -> Result<Dataset> {

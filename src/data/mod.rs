@@ -1,11 +1,21 @@
-//! Image classification data: IDX (MNIST / Fashion-MNIST) and CIFAR-10/100 binary readers, and
-//! batching with the ResNet paper's augmentation, on the training device.
+//! Image classification data: IDX (MNIST / Fashion-MNIST) and CIFAR-10/100 binary readers,
+//! image-folder datasets (torchvision's `ImageFolder`), and batching with the ResNet paper's augmentation, on the training device.
 
 mod batch;
+mod folder;
 mod formats;
+mod pipeline;
 
-pub use batch::{Augment, Batches, Normalizer};
+pub use batch::{Augment, Batches, Normalizer, SplitMix};
+pub use folder::{
+    decode_all, decode_rgb, default_workers, folder_splits, is_image_folder, FolderOptions,
+    ImageFolder, IMG_EXTENSIONS,
+};
 pub use formats::{read_cifar, read_idx_pair, DataFormat};
+pub use pipeline::{
+    random_resized_crop_params, resized_crop, sample_rng, EpochBatches, FolderStream,
+    StreamBatches, TrainTransform,
+};
 
 use std::path::Path;
 
@@ -110,5 +120,10 @@ pub fn load(dir: &Path, format: Option<DataFormat>) -> Result<(Dataset, Dataset)
             Ok((train, test))
         }
         DataFormat::Cifar10 | DataFormat::Cifar100 => read_cifar(dir, format),
+        DataFormat::ImageFolder => bail!(
+            "{} is an image folder: it is read with its transforms (FolderOptions), see \
+             RunData::from_image_folder",
+            dir.display()
+        ),
     }
 }

@@ -6,8 +6,9 @@
 //! `results.json`, `plot` draws the error curves.
 
 mod findings;
-mod plot;
+pub(crate) mod plot;
 mod report;
+pub mod veit;
 
 use std::path::{Path, PathBuf};
 
@@ -97,7 +98,7 @@ fn network_name(depth: i64, plain: bool) -> String {
 }
 
 /// The paper's CIFAR net of `depth` layers (shortcut option A) for `data`'s images and classes.
-fn cifar_config(data: &RunData, depth: i64, plain: bool) -> Result<ModelConfig> {
+pub(crate) fn cifar_config(data: &RunData, depth: i64, plain: bool) -> Result<ModelConfig> {
     let [c, _, _] = data.train.image_shape();
     let config = ModelConfig::CifarResnet(CifarResNetConfig {
         depth,
@@ -112,7 +113,7 @@ fn cifar_config(data: &RunData, depth: i64, plain: bool) -> Result<ModelConfig> 
 
 /// Trains one network to `options.epochs` in `out/runs/{name}/seed-{seed}`, resuming the run
 /// there if it has a checkpoint, and returns its metrics; `None` when Ctrl-C interrupted it.
-fn train_network(
+pub(crate) fn train_network(
     data: &RunData,
     out: &Path,
     depth: i64,

@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
-use super::layers::{self, conv3x3, BiasInit, Norm2d, NormKind};
+use super::layers::{self, conv3x3, BiasInit, Conv2d, Norm2d, NormKind};
 use super::resnet::{
     global_pool, run_stages, stem, Block, BlockKind, BlockSettings, ShortcutKind, StageBuilder,
 };
@@ -67,7 +67,7 @@ impl CifarResNetConfig {
 /// `layer1.0.conv1`, `layer2.0.downsample.0`, `fc`).
 #[derive(Debug)]
 pub struct CifarResNet {
-    pub conv1: nn::Conv2D,
+    pub conv1: Conv2d,
     pub bn1: Norm2d,
     pub layer1: Vec<Block>,
     pub layer2: Vec<Block>,
@@ -102,12 +102,12 @@ impl CifarResNet {
     }
 
     /// Folds every batch norm into the convolution before it, for eval-mode inference only; see
-    /// [`Norm2d::fold_into`].
-    pub fn fold_batch_norm(&mut self) {
-        self.bn1.fold_into(&mut self.conv1);
+    /// [`Norm2d::fold_into`]; with `pack` the convolutions are packed for oneDNN.
+    pub fn fold_batch_norm(&mut self, pack: bool) {
+        self.bn1.fold_into(&mut self.conv1, pack);
         let stages = [&mut self.layer1, &mut self.layer2, &mut self.layer3];
         for block in stages.into_iter().flatten() {
-            block.fold_batch_norm();
+            block.fold_batch_norm(pack);
         }
     }
 
@@ -143,8 +143,8 @@ impl Model for CifarResNet {
         CifarResNet::forward_features(self, input(inputs, "input")?, train)
     }
 
-    fn fold_batch_norm(&mut self) -> Result<()> {
-        CifarResNet::fold_batch_norm(self);
+    fn fold_batch_norm(&mut self, pack: bool) -> Result<()> {
+        CifarResNet::fold_batch_norm(self, pack);
         Ok(())
     }
 }

@@ -8,6 +8,7 @@
 pub mod cifar;
 pub mod conv_sds;
 pub mod huggingface;
+mod inference;
 pub mod layers;
 pub mod resnet;
 pub mod sid;
@@ -17,6 +18,8 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
+
+pub use inference::{for_inference, InferenceOptions};
 
 /// Named input tensors (`input`; SiD: `categorical`, `numerical`, `text`).
 pub type Inputs = BTreeMap<String, Tensor>;
@@ -36,22 +39,12 @@ pub trait Model: std::fmt::Debug {
     }
 
     /// Folds every batch norm into the convolution before it (ResNets), after which the model
-    /// runs in eval mode only (a training forward is refused). Models without one are left as
+    /// runs in eval mode only (a training forward is refused); with `pack`, those convolutions
+    /// are packed for oneDNN where it runs them (CPU, float32). Models without one are left as
     /// they are. Used through [`for_inference`].
-    fn fold_batch_norm(&mut self) -> Result<()> {
+    fn fold_batch_norm(&mut self, _pack: bool) -> Result<()> {
         Ok(())
     }
-}
-
-/// The inference-only form of `model`, the fast path of `residual infer` and `bench-infer`: its
-/// batch norms folded into the convolutions before them ([`Model::fold_batch_norm`]), so an
-/// eval-mode forward matches the model as built (to float rounding) with fewer ops. Run it under
-/// `tch::no_grad` and with `train = false`.
-pub fn for_inference(mut model: Box<dyn Model>) -> Result<Box<dyn Model>> {
-    model
-        .fold_batch_norm()
-        .context("cannot fold the batch norms for inference")?;
-    Ok(model)
 }
 
 /// The tensor of `inputs` named `name`, or an error listing what was given.

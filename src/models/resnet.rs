@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
 use super::layers::{
-    self, conv1x1, conv2d_no_bias, conv3x3, BiasInit, Conv2dSpec, Norm2d, NormKind,
+    self, conv1x1, conv2d_no_bias, conv3x3, conv_norm_add_relu, conv_norm_relu, BiasInit, Conv2d,
+    Conv2dSpec, Norm2d, NormKind,
 };
 use super::timm::{shortcut_conv, AttnLayer, DeepStem, ShortcutPool, SqueezeExcite, StemType};
 use super::{input, Dtype, Expect, Inputs, Model};
@@ -95,12 +96,12 @@ pub struct BlockPlace {
 #[derive(Debug)]
 pub enum Downsample {
     /// `downsample.0` (1x1 conv, strided) and `downsample.1` (norm).
-    Projection { conv: nn::Conv2D, norm: Norm2d },
+    Projection { conv: Conv2d, norm: Norm2d },
     /// timm's average-pool shortcut: `downsample.0` (pool, no parameters), `downsample.1` (1x1
     /// conv), `downsample.2` (norm).
     AvgProjection {
         pool: ShortcutPool,
-        conv: nn::Conv2D,
+        conv: Conv2d,
         norm: Norm2d,
     },
     /// Option A: `x[:, :, ::stride, ::stride]` with `front` zero channels before and `back` after.
@@ -159,10 +160,10 @@ impl Downsample {
         }
     }
 
-    fn fold_batch_norm(&mut self) {
+    fn fold_batch_norm(&mut self, pack: bool) {
         match self {
             Downsample::Projection { conv, norm }
-            | Downsample::AvgProjection { conv, norm, .. } => norm.fold_into(conv),
+            | Downsample::AvgProjection { conv, norm, .. } => norm.fold_into(conv, pack),
             Downsample::Pad { .. } => {}
         }
     }
@@ -197,52 +198,68 @@ fn excite(se: &Option<SqueezeExcite>, out: Tensor) -> Tensor {
     }
 }
 
-/// `relu(out + shortcut(x))`, or `relu(out)` for plain networks.
-fn join(
-    out: Tensor,
+/// The end of a residual branch: `relu(se(norm(conv(out))) + shortcut(x))`, or without the
+/// shortcut for plain networks; one fused op where `conv` is packed and nothing comes between.
+#[allow(clippy::too_many_arguments)]
+fn close(
+    conv: &Conv2d,
+    norm: &Norm2d,
+    out: &Tensor,
+    se: &Option<SqueezeExcite>,
     x: &Tensor,
     downsample: &Option<Downsample>,
     plain: bool,
     train: bool,
 ) -> Result<Tensor> {
+    if plain && se.is_none() {
+        return conv_norm_relu(conv, norm, out, train);
+    }
+    let branch = || -> Result<Tensor> { Ok(excite(se, norm.forward_t(&out.apply(conv), train)?)) };
     if plain {
-        return Ok(out.relu());
+        return Ok(branch()?.relu());
     }
     let identity = match downsample {
         Some(d) => d.forward_t(x, train)?,
         None => x.shallow_clone(),
     };
-    Ok((out + identity).relu())
+    match se {
+        None => conv_norm_add_relu(conv, norm, out, &identity, train),
+        Some(_) => Ok((branch()? + identity).relu()),
+    }
 }
 
 /// torchvision's `BasicBlock`: `relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`,
 /// `[B, inplanes, H, W] -> [B, planes, H / stride, W / stride]`.
 #[derive(Debug)]
 pub struct BasicBlock {
-    pub conv1: nn::Conv2D,
+    pub conv1: Conv2d,
     pub bn1: Norm2d,
-    pub conv2: nn::Conv2D,
+    pub conv2: Conv2d,
     pub bn2: Norm2d,
     /// timm's squeeze-and-excitation after `bn2`.
     pub se: Option<SqueezeExcite>,
     pub downsample: Option<Downsample>,
     pub plain: bool,
+    /// The block's stride (on `conv1`, or on the 3x3 conv of a bottleneck).
+    pub stride: i64,
 }
 
 /// torchvision's `Bottleneck`: 1x1 to `width`, 3x3 (stride, groups, dilation), 1x1 to
 /// `4 * planes`, with `width = floor(planes * width_per_group / 64) * groups`.
 #[derive(Debug)]
 pub struct Bottleneck {
-    pub conv1: nn::Conv2D,
+    pub conv1: Conv2d,
     pub bn1: Norm2d,
-    pub conv2: nn::Conv2D,
+    pub conv2: Conv2d,
     pub bn2: Norm2d,
-    pub conv3: nn::Conv2D,
+    pub conv3: Conv2d,
     pub bn3: Norm2d,
     /// timm's squeeze-and-excitation after `bn3`.
     pub se: Option<SqueezeExcite>,
     pub downsample: Option<Downsample>,
     pub plain: bool,
+    /// The block's stride (on `conv1`, or on the 3x3 conv of a bottleneck).
+    pub stride: i64,
 }
 
 /// One residual block of either kind.
@@ -281,6 +298,7 @@ impl Block {
                 se,
                 downsample,
                 plain: s.plain,
+                stride,
             }),
             BlockKind::Bottleneck => {
                 let width = bottleneck_width(planes, s.width_per_group, s.groups);
@@ -299,28 +317,29 @@ impl Block {
                     se,
                     downsample,
                     plain: s.plain,
+                    stride,
                 })
             }
         }
     }
 
     /// Folds every batch norm of the block into its convolution ([`Norm2d::fold_into`]).
-    pub fn fold_batch_norm(&mut self) {
+    pub fn fold_batch_norm(&mut self, pack: bool) {
         let downsample = match self {
             Block::Basic(b) => {
-                b.bn1.fold_into(&mut b.conv1);
-                b.bn2.fold_into(&mut b.conv2);
+                b.bn1.fold_into(&mut b.conv1, pack);
+                b.bn2.fold_into(&mut b.conv2, pack);
                 &mut b.downsample
             }
             Block::Bottleneck(b) => {
-                b.bn1.fold_into(&mut b.conv1);
-                b.bn2.fold_into(&mut b.conv2);
-                b.bn3.fold_into(&mut b.conv3);
+                b.bn1.fold_into(&mut b.conv1, pack);
+                b.bn2.fold_into(&mut b.conv2, pack);
+                b.bn3.fold_into(&mut b.conv3, pack);
                 &mut b.downsample
             }
         };
         if let Some(d) = downsample {
-            d.fold_batch_norm();
+            d.fold_batch_norm(pack);
         }
     }
 
@@ -343,16 +362,140 @@ impl Block {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {
             Block::Basic(b) => {
+                let out = conv_norm_relu(&b.conv1, &b.bn1, x, train)?;
+                close(
+                    &b.conv2,
+                    &b.bn2,
+                    &out,
+                    &b.se,
+                    x,
+                    &b.downsample,
+                    b.plain,
+                    train,
+                )
+            }
+            Block::Bottleneck(b) => {
+                let out = conv_norm_relu(&b.conv1, &b.bn1, x, train)?;
+                let out = conv_norm_relu(&b.conv2, &b.bn2, &out, train)?;
+                close(
+                    &b.conv3,
+                    &b.bn3,
+                    &out,
+                    &b.se,
+                    x,
+                    &b.downsample,
+                    b.plain,
+                    train,
+                )
+            }
+        }
+    }
+}
+
+/// The parts of a block taken apart, for lesion studies and gradient-path analysis
+/// (`crate::analysis`): the forward is `join(branch(x), shortcut(x))`.
+impl Block {
+    /// The residual branch before the join, `F(x)`: `bn2(conv2(relu(bn1(conv1(x)))))` (basic),
+    /// with squeeze-and-excitation where built.
+    pub fn branch_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(match self {
+            Block::Basic(b) => {
                 let out = b.bn1.forward_t(&x.apply(&b.conv1), train)?.relu();
-                let out = excite(&b.se, b.bn2.forward_t(&out.apply(&b.conv2), train)?);
-                join(out, x, &b.downsample, b.plain, train)
+                excite(&b.se, b.bn2.forward_t(&out.apply(&b.conv2), train)?)
             }
             Block::Bottleneck(b) => {
                 let out = b.bn1.forward_t(&x.apply(&b.conv1), train)?.relu();
                 let out = b.bn2.forward_t(&out.apply(&b.conv2), train)?.relu();
-                let out = excite(&b.se, b.bn3.forward_t(&out.apply(&b.conv3), train)?);
-                join(out, x, &b.downsample, b.plain, train)
+                excite(&b.se, b.bn3.forward_t(&out.apply(&b.conv3), train)?)
             }
+        })
+    }
+
+    /// The shortcut `s(x)`: identity, projection or option-A pad. A plain block has none; there
+    /// this is the parameter-free option-A shortcut (identity when the shape stays), which is what
+    /// a deleted plain block leaves in place.
+    pub fn shortcut_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let downsample = match self {
+            Block::Basic(b) => &b.downsample,
+            Block::Bottleneck(b) => &b.downsample,
+        };
+        match downsample {
+            Some(d) if !self.is_plain() => d.forward_t(x, train),
+            _ => {
+                let (inplanes, outplanes) = self.channels();
+                let stride = self.stride();
+                if stride == 1 && inplanes == outplanes {
+                    return Ok(x.shallow_clone());
+                }
+                let front = (outplanes - inplanes) / 2;
+                if front < 0 {
+                    bail!("a block from {inplanes} to {outplanes} channels has no parameter-free shortcut");
+                }
+                Downsample::Pad {
+                    stride,
+                    front,
+                    back: outplanes - inplanes - front,
+                }
+                .forward_t(x, train)
+            }
+        }
+    }
+
+    /// `relu(branch + shortcut)`, or `relu(branch)` for a plain block.
+    pub fn join(&self, branch: Tensor, shortcut: Tensor) -> Tensor {
+        if self.is_plain() {
+            branch.relu()
+        } else {
+            (branch + shortcut).relu()
+        }
+    }
+
+    /// The block deleted (Veit et al. 2016): its residual branch removed, `relu(s(x))`, which is
+    /// `x` itself after a ReLU for the identity and option-A shortcuts. Plain blocks become the
+    /// parameter-free shortcut of [`Block::shortcut_t`].
+    pub fn skip_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.shortcut_t(x, train)?.relu())
+    }
+
+    pub fn is_plain(&self) -> bool {
+        match self {
+            Block::Basic(b) => b.plain,
+            Block::Bottleneck(b) => b.plain,
+        }
+    }
+
+    /// `(in, out)` channels.
+    pub fn channels(&self) -> (i64, i64) {
+        match self {
+            Block::Basic(b) => (b.conv1.ws.size()[1], b.conv2.ws.size()[0]),
+            Block::Bottleneck(b) => (b.conv1.ws.size()[1], b.conv3.ws.size()[0]),
+        }
+    }
+
+    /// The block's total stride.
+    pub fn stride(&self) -> i64 {
+        match self {
+            Block::Basic(b) => b.stride,
+            Block::Bottleneck(b) => b.stride,
+        }
+    }
+
+    /// Whether the block changes its input's shape (channels or resolution).
+    pub fn reshapes(&self) -> bool {
+        let (i, o) = self.channels();
+        i != o || self.stride() != 1
+    }
+
+    /// The convolution weights of the residual branch, input side first, with their names
+    /// relative to the block (`conv1.weight`, ...).
+    pub fn conv_weights(&self) -> Vec<(&'static str, &Tensor)> {
+        match self {
+            Block::Basic(b) => vec![("conv1.weight", &b.conv1.ws), ("conv2.weight", &b.conv2.ws)],
+            Block::Bottleneck(b) => vec![
+                ("conv1.weight", &b.conv1.ws),
+                ("conv2.weight", &b.conv2.ws),
+                ("conv3.weight", &b.conv3.ws),
+            ],
         }
     }
 }
@@ -430,9 +573,9 @@ pub fn zero_init_residual<'a>(blocks: impl Iterator<Item = &'a Block>) {
 }
 
 /// The stem of a network: `relu(bn1(conv1(x)))` on a checked image batch; errors name the layer.
-pub fn stem(conv1: &nn::Conv2D, bn1: &Norm2d, x: &Tensor, train: bool) -> Result<Tensor> {
+pub fn stem(conv1: &Conv2d, bn1: &Norm2d, x: &Tensor, train: bool) -> Result<Tensor> {
     check_image(x, conv1)?;
-    Ok(bn1.forward_t(&x.apply(conv1), train).context("bn1")?.relu())
+    conv_norm_relu(conv1, bn1, x, train).context("bn1")
 }
 
 /// Runs `layer1`, `layer2`, ... from `h` and returns each one's output; errors name the block.
@@ -815,13 +958,13 @@ impl ResNetConfig {
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // one per network; boxing would only add indirection
 pub enum Stem {
-    Conv(nn::Conv2D),
+    Conv(Conv2d),
     Deep(DeepStem),
 }
 
 impl Stem {
     /// The first convolution: its weight fixes the input's channels and dtype.
-    pub fn first_conv(&self) -> &nn::Conv2D {
+    pub fn first_conv(&self) -> &Conv2d {
         match self {
             Stem::Conv(conv) => conv,
             Stem::Deep(stem) => &stem.conv0,
@@ -918,16 +1061,17 @@ impl ResNet {
 
     /// Folds every batch norm into the convolution before it (stem, blocks, shortcuts), for
     /// eval-mode inference only; see [`Norm2d::fold_into`].
-    pub fn fold_batch_norm(&mut self) {
+    /// With `pack`, the convolutions are packed for oneDNN ([`Conv2d::pack`]).
+    pub fn fold_batch_norm(&mut self, pack: bool) {
         let last_stem_conv = match &mut self.conv1 {
             Stem::Conv(conv) => conv,
             Stem::Deep(stem) => {
-                stem.bn1.fold_into(&mut stem.conv0);
-                stem.bn4.fold_into(&mut stem.conv3);
+                stem.bn1.fold_into(&mut stem.conv0, pack);
+                stem.bn4.fold_into(&mut stem.conv3, pack);
                 &mut stem.conv6
             }
         };
-        self.bn1.fold_into(last_stem_conv);
+        self.bn1.fold_into(last_stem_conv, pack);
         let stages = [
             &mut self.layer1,
             &mut self.layer2,
@@ -935,7 +1079,7 @@ impl ResNet {
             &mut self.layer4,
         ];
         for block in stages.into_iter().flatten() {
-            block.fold_batch_norm();
+            block.fold_batch_norm(pack);
         }
     }
 
@@ -982,7 +1126,7 @@ pub fn global_pool(x: &Tensor) -> Tensor {
 /// Checks an image batch `[B, C, H, W]` for the stem `conv1`: as PyTorch, any `B` (0 too) and
 /// any `H, W >= 1`, `C` and dtype the stem's, on its device. (PyTorch's conv alone would take an
 /// unbatched `[C, H, W]`; torchvision's BatchNorm after it refuses it.)
-pub fn check_image(x: &Tensor, conv1: &nn::Conv2D) -> Result<()> {
+pub fn check_image(x: &Tensor, conv1: &Conv2d) -> Result<()> {
     let channels = conv1.ws.size()[1];
     Expect {
         name: "input",
@@ -1016,8 +1160,8 @@ impl Model for ResNet {
         ResNet::forward_features(self, input(inputs, "input")?, train)
     }
 
-    fn fold_batch_norm(&mut self) -> Result<()> {
-        ResNet::fold_batch_norm(self);
+    fn fold_batch_norm(&mut self, pack: bool) -> Result<()> {
+        ResNet::fold_batch_norm(self, pack);
         Ok(())
     }
 }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
 use tch::Tensor;
 
-use super::layers::{conv2d_no_bias, conv3x3, Conv2dSpec, Norm2d, NormKind};
+use super::layers::{conv2d_no_bias, conv3x3, Conv2d, Conv2dSpec, Norm2d, NormKind};
 use super::resnet::{Architecture, BlockKind, Constructor};
 
 /// The stem's convolutions (timm's `stem_type`).
@@ -55,15 +55,15 @@ impl StemType {
 #[derive(Debug)]
 pub struct DeepStem {
     /// `conv1.0`, 3x3 stride 2.
-    pub conv0: nn::Conv2D,
+    pub conv0: Conv2d,
     /// `conv1.1`.
     pub bn1: Norm2d,
     /// `conv1.3`, 3x3.
-    pub conv3: nn::Conv2D,
+    pub conv3: Conv2d,
     /// `conv1.4`.
     pub bn4: Norm2d,
     /// `conv1.6`, 3x3.
-    pub conv6: nn::Conv2D,
+    pub conv6: Conv2d,
 }
 
 impl DeepStem {
@@ -198,7 +198,7 @@ impl ShortcutPool {
 }
 
 /// The 1x1 conv of a shortcut (`downsample.1`); the pool before it does the striding.
-pub fn shortcut_conv(path: nn::Path, in_ch: i64, out_ch: i64) -> nn::Conv2D {
+pub fn shortcut_conv(path: nn::Path, in_ch: i64, out_ch: i64) -> Conv2d {
     let spec = Conv2dSpec {
         kernel: 1,
         stride: 1,

@@ -149,7 +149,8 @@ fn clip8(sum: i64) -> u8 {
     (sum >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// One convolution pass along rows (`horizontal`) or columns.
+/// One convolution pass along rows (`horizontal`) or columns, with Pillow's 32-bit integer sums
+/// (`ImagingResampleHorizontal_8bpc` / `ImagingResampleVertical_8bpc`).
 fn pass(image: &RgbImage, taps: &Taps, out_len: usize, horizontal: bool) -> RgbImage {
     let (out_h, out_w) = if horizontal {
         (image.height, out_len)
@@ -157,26 +158,42 @@ fn pass(image: &RgbImage, taps: &Taps, out_len: usize, horizontal: bool) -> RgbI
         (out_len, image.width)
     };
     let mut out = vec![0u8; out_h * out_w * 3];
-    let half = 1i64 << (PRECISION_BITS - 1);
-    for y in 0..out_h {
-        for x in 0..out_w {
-            let (i, fixed) = if horizontal { (x, y) } else { (y, x) };
-            let mut sums = [half; 3];
-            for (t, &w) in taps.weights[i].iter().enumerate() {
-                let src = taps.start[i] + t;
-                let (sy, sx) = if horizontal {
-                    (fixed, src)
-                } else {
-                    (src, fixed)
-                };
-                let p = (sy * image.width + sx) * 3;
-                for (sum, &v) in sums.iter_mut().zip(&image.data[p..p + 3]) {
-                    *sum += i64::from(v) * i64::from(w);
+    let half = 1i32 << (PRECISION_BITS - 1);
+    let row_len = image.width * 3;
+    if horizontal {
+        for (src_row, out_row) in image
+            .data
+            .chunks_exact(row_len)
+            .zip(out.chunks_exact_mut(out_w * 3))
+        {
+            for (x, px) in out_row.chunks_exact_mut(3).enumerate() {
+                let start = taps.start[x] * 3;
+                let weights = &taps.weights[x];
+                let src = &src_row[start..start + 3 * weights.len()];
+                let mut sums = [half; 3];
+                for (p, &w) in src.chunks_exact(3).zip(weights) {
+                    for c in 0..3 {
+                        sums[c] = sums[c].wrapping_add(i32::from(p[c]).wrapping_mul(w));
+                    }
+                }
+                for c in 0..3 {
+                    px[c] = clip8(i64::from(sums[c]));
                 }
             }
-            let o = (y * out_w + x) * 3;
-            for (v, &sum) in out[o..o + 3].iter_mut().zip(&sums) {
-                *v = clip8(sum);
+        }
+    } else {
+        let mut sums = vec![0i32; row_len];
+        for (y, out_row) in out.chunks_exact_mut(row_len).enumerate() {
+            sums.iter_mut().for_each(|s| *s = half);
+            let start = taps.start[y];
+            for (t, &w) in taps.weights[y].iter().enumerate() {
+                let src = &image.data[(start + t) * row_len..(start + t + 1) * row_len];
+                for (s, &v) in sums.iter_mut().zip(src) {
+                    *s = s.wrapping_add(i32::from(v).wrapping_mul(w));
+                }
+            }
+            for (o, &s) in out_row.iter_mut().zip(&sums) {
+                *o = clip8(i64::from(s));
             }
         }
     }

@@ -237,7 +237,7 @@ pub fn bench_inference(
 ) -> Result<InferenceBench> {
     let (_vs, model, inputs) = bench_model(config, settings)?;
     let model = if fast {
-        crate::models::for_inference(model)?
+        crate::models::for_inference(model, &Default::default())?
     } else {
         model
     };

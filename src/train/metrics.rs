@@ -32,6 +32,21 @@ impl Tally {
         self.seen += n;
     }
 
+    /// `[loss sum, wrong, seen]`, to be summed over data-parallel ranks.
+    pub fn sums(&self) -> [f64; 3] {
+        [self.loss, self.wrong as f64, self.seen as f64]
+    }
+
+    /// The tally of [`Tally::sums`] summed over ranks.
+    pub fn from_sums(sums: &[f64]) -> Self {
+        let get = |i: usize| sums.get(i).copied().unwrap_or(0.0);
+        Self {
+            loss: get(0),
+            wrong: get(1).round() as i64,
+            seen: get(2).round() as i64,
+        }
+    }
+
     pub fn mean_loss(&self) -> f64 {
         self.loss / self.seen.max(1) as f64
     }

@@ -8,16 +8,20 @@
 //! with `checkpoints/LATEST` naming the newest complete one.
 //!
 //! Files: `options` (what shapes a run), `schedule` (the learning rate over time), `loss`
-//! (cross-entropy and fp16 loss scaling), `sgd` (the optimiser), `run_data` (the splits on
-//! their device), `run_dir` (the folder layout and checkpoints), `metrics` (what an epoch
+//! (cross-entropy and fp16 loss scaling), `sgd` (the optimiser), `adamw` (AdamW), `optimizer` (the
+//! choice between them), `run_data` (the splits on
+//! their device), `folder_data` (image-folder datasets and the files their runs keep), `run_dir` (the folder layout and checkpoints), `metrics` (what an epoch
 //! measured), `trainer` (the loop), `eval` (evaluation of a trained model), `bench` (speed
 //! of the training step and of inference), `memory_format` (channels-last tensors).
 
+mod adamw;
 mod bench;
 mod eval;
+mod folder_data;
 mod loss;
 mod memory_format;
 mod metrics;
+mod optimizer;
 mod options;
 mod run_data;
 mod run_dir;
@@ -25,14 +29,17 @@ mod schedule;
 mod sgd;
 mod trainer;
 
+pub use adamw::AdamW;
 pub use bench::{
     bench_config, bench_inference, bench_inputs, benchmark, resident_set_kb, BenchSettings,
     InferenceBench,
 };
 pub use eval::{confusion, load_model};
+pub use folder_data::{run_files, run_folder_of, CLASSES_FILE, PREPROCESS_FILE};
 pub use loss::{logits_loss, LossScaler};
 pub use memory_format::channels_last;
 pub use metrics::EpochMetrics;
+pub use optimizer::{Optimizer, OptimizerKind};
 pub use options::TrainOptions;
 pub use run_data::RunData;
 pub use run_dir::{latest_weights, RunDir, RunState};

@@ -3,9 +3,10 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use super::optimizer::OptimizerKind;
 use super::schedule::Schedule;
 use crate::backend::AutocastDtype;
-use crate::data::Augment;
+use crate::data::{Augment, FolderOptions};
 use crate::validate::{at_least, probability};
 
 /// Everything that shapes a training run; saved in `run.json` so a resumed run continues alike.
@@ -46,6 +47,12 @@ pub struct TrainOptions {
     pub deterministic: bool,
     /// Evaluate the test set every epoch (the experiment's curves need it).
     pub eval_test: bool,
+    /// Image-folder datasets: input size, evaluation transform, normalisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_folder: Option<FolderOptions>,
+    /// SGD (absent from `run.json`) or AdamW.
+    #[serde(default, skip_serializing_if = "OptimizerKind::is_sgd")]
+    pub optimizer: OptimizerKind,
 }
 
 impl Default for TrainOptions {
@@ -72,6 +79,8 @@ impl Default for TrainOptions {
             cudnn_benchmark: false,
             deterministic: false,
             eval_test: true,
+            image_folder: None,
+            optimizer: OptimizerKind::Sgd,
         }
     }
 }
@@ -95,6 +104,12 @@ impl TrainOptions {
                 ("label_smoothing", self.label_smoothing),
             ],
         )?;
+        if let OptimizerKind::Adamw { betas, eps } = self.optimizer {
+            probability(false, [("beta1", betas[0]), ("beta2", betas[1])])?;
+            if !(eps > 0.0 && eps.is_finite()) {
+                bail!("eps: must be a positive number, got {eps}");
+            }
+        }
         if !(self.warmup >= 0.0 && self.warmup.is_finite()) {
             bail!("warmup: must be >= 0 epochs, got {}", self.warmup);
         }

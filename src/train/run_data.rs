@@ -12,6 +12,13 @@ pub struct RunData {
     pub validation: Option<Dataset>,
     pub test: Dataset,
     pub normalizer: Normalizer,
+    /// The class names of an image-folder dataset, index order.
+    pub classes: Option<Vec<String>>,
+    /// Files that could not be read (image folders), skipped.
+    pub skipped: Vec<std::path::PathBuf>,
+    /// An image folder's training split, streamed through its training transform each epoch
+    /// (`train` is then empty).
+    pub stream: Option<crate::data::FolderStream>,
 }
 
 impl RunData {
@@ -45,6 +52,9 @@ impl RunData {
             validation: validation.map(|v| v.to_device(device)),
             test: test.to_device(device),
             normalizer,
+            classes: None,
+            skipped: Vec::new(),
+            stream: None,
         })
     }
 }

@@ -12,8 +12,8 @@ use tch::nn::VarStore;
 
 use super::loss::LossScaler;
 use super::metrics::EpochMetrics;
+use super::optimizer::Optimizer;
 use super::options::TrainOptions;
-use super::sgd::Sgd;
 use crate::checkpoint::{load_state_dict, ReadOptions, StateDict};
 use crate::config::ModelConfig;
 use crate::fs::write_atomic;
@@ -103,7 +103,7 @@ impl RunDir {
     pub(super) fn save_checkpoint(
         &self,
         vs: &VarStore,
-        sgd: &Sgd,
+        sgd: &Optimizer,
         state: &RunState,
     ) -> Result<PathBuf> {
         let root = self.checkpoints();
@@ -129,7 +129,7 @@ impl RunDir {
     }
 
     /// Loads the newest checkpoint into `vs` (strict) and `sgd`; returns where the run stood.
-    pub(super) fn load_latest(&self, vs: &VarStore, sgd: &mut Sgd) -> Result<RunState> {
+    pub(super) fn load_latest(&self, vs: &VarStore, sgd: &mut Optimizer) -> Result<RunState> {
         let ckpt = self
             .latest()?
             .with_context(|| format!("{} has no checkpoint to resume from", self.path.display()))?;

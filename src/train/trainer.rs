@@ -12,13 +12,14 @@ use tch::{Device, Kind, Tensor};
 use super::loss::logits_loss;
 use super::memory_format::{channels_last, vars_channels_last};
 use super::metrics::{EpochMetrics, Tally};
+use super::optimizer::Optimizer;
 use super::options::TrainOptions;
 use super::run_data::RunData;
 use super::run_dir::{RunDir, RunState};
-use super::sgd::Sgd;
 use crate::backend::{AutocastDtype, SwitchGuard, Switches};
 use crate::config::ModelConfig;
-use crate::data::Batches;
+use crate::data::EpochBatches;
+use crate::distributed::{Ddp, LaunchEnv, ProcessGroup};
 use crate::models::{Inputs, Model};
 
 /// Set by a Ctrl-C handler; the trainer checkpoints and stops at the next batch.
@@ -45,11 +46,16 @@ pub struct Trainer {
     pub options: TrainOptions,
     pub run: RunDir,
     pub state: RunState,
-    sgd: Sgd,
+    /// The optimiser (SGD or AdamW, as the options say).
+    sgd: Optimizer,
     pub quiet: bool,
     /// Device-to-host reads made by the training loop (loss and error sums, every
     /// [`READ_EVERY`] batches; plus one per step with fp16 loss scaling).
     pub host_reads: u64,
+    /// Data-parallel training (`residual train` under torchrun): this rank's share of the work.
+    pub ddp: Option<Ddp>,
+    /// `RESIDUAL_FAULT_EXIT`: exit after this global step (tests of torchrun's restarts).
+    fault_exit: Option<u64>,
 }
 
 /// Loss and error sums of the batches since the last read, still on the device.
@@ -106,12 +112,7 @@ impl Trainer {
     ) -> Result<Self> {
         let vs = VarStore::new(device);
         let model = config.build(vs.root())?;
-        let sgd = Sgd::new(
-            &vs,
-            options.momentum,
-            options.weight_decay,
-            options.decay_norm_and_bias,
-        );
+        let sgd = Optimizer::new(&vs, &options);
         Ok(Self {
             vs,
             model,
@@ -122,11 +123,87 @@ impl Trainer {
             sgd,
             quiet: false,
             host_reads: 0,
+            ddp: None,
+            fault_exit: None,
         })
+    }
+
+    /// Rank `group.rank`'s trainer of a data-parallel run in `dir`, as `DistributedDataParallel`
+    /// sets one up: rank 0 creates the run folder (the other ranks never write to it), and
+    /// every rank then takes rank 0's parameters and buffers. With `resume` (or when torchrun
+    /// restarted the group and the folder has a checkpoint), every rank reads the newest
+    /// checkpoint instead, so the folder must be on a file system all nodes share.
+    pub fn create_distributed(
+        dir: &Path,
+        setup: Option<(ModelConfig, TrainOptions)>,
+        epochs: Option<u64>,
+        device: Device,
+        group: ProcessGroup,
+        env: &LaunchEnv,
+    ) -> Result<Self> {
+        let restarted = env.restart_count > 0 && RunDir::new(dir).latest()?.is_some();
+        let mut trainer = match setup {
+            Some((config, options)) if !restarted => {
+                options.validate()?;
+                let run = RunDir::new(dir);
+                if group.rank == 0 {
+                    run.start(&config, &options)?;
+                }
+                tch::manual_seed(options.seed as i64);
+                Self::build(run, config, options, device)?
+            }
+            _ => Self::resume(dir, device, epochs)?,
+        };
+        trainer.quiet |= group.rank != 0;
+        trainer.fault_exit = crate::distributed::injected_exit(env);
+        let ddp = Ddp::new(group, &trainer.vs);
+        ddp.sync_module_states()?;
+        let first = trainer.state.global_step == 0 && ddp.rank() == 0;
+        trainer.ddp = Some(ddp);
+        // A checkpoint at step 0, so that a restart before the first epoch ends resumes too.
+        if first && trainer.run.latest()?.is_none() {
+            trainer.save_checkpoint()?;
+        }
+        trainer.barrier()?;
+        Ok(trainer)
+    }
+
+    /// Whether this process writes the run folder: always, except on data-parallel ranks > 0.
+    pub fn is_writer(&self) -> bool {
+        self.ddp.as_ref().is_none_or(|d| d.rank() == 0)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        match &self.ddp {
+            Some(ddp) => ddp.group.barrier(),
+            None => Ok(()),
+        }
+    }
+
+    /// This rank's batches of epoch `epoch` (all of them without data parallelism).
+    fn epoch_batches<'a>(
+        &self,
+        data: &'a RunData,
+        epoch: Option<u64>,
+    ) -> Result<Box<dyn EpochBatches + 'a>> {
+        let shard = self
+            .ddp
+            .as_ref()
+            .map_or((0, 1), |d| (d.rank(), d.world_size()));
+        data.train_batches(
+            self.options.batch_size,
+            self.options.seed,
+            epoch,
+            self.options.augment,
+            shard,
+        )
     }
 
     /// Writes a checkpoint of the current state and points `LATEST` at it; older ones are removed.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        if !self.is_writer() {
+            return Ok(self.run.path.clone());
+        }
         self.run.save_checkpoint(&self.vs, &self.sgd, &self.state)
     }
 
@@ -181,14 +258,7 @@ impl Trainer {
     /// Trains until `options.epochs`, evaluating and checkpointing after each epoch.
     pub fn run(&mut self, data: &RunData) -> Result<Outcome> {
         let _switches = self.apply_settings()?;
-        let steps = Batches::new(
-            &data.train,
-            &data.normalizer,
-            self.options.batch_size,
-            None,
-            None,
-        )
-        .len();
+        let steps = self.epoch_batches(data, None)?.len();
         while self.state.epoch < self.options.epochs {
             let Some(trained) = self.train_epoch(data, steps)? else {
                 let dir = self.save_checkpoint()?;
@@ -209,13 +279,7 @@ impl Trainer {
     /// `None` when Ctrl-C stopped it.
     fn train_epoch(&mut self, data: &RunData, steps: i64) -> Result<Option<TrainedEpoch>> {
         let epoch = self.state.epoch;
-        let mut batches = Batches::new(
-            &data.train,
-            &data.normalizer,
-            self.options.batch_size,
-            Some((self.options.seed, epoch)),
-            self.options.augment,
-        );
+        let mut batches = self.epoch_batches(data, Some(epoch))?;
         batches.skip_batches(self.state.batch)?;
         let bar = self.progress_bar(steps as u64, epoch);
         bar.set_position(self.state.batch as u64);
@@ -249,6 +313,13 @@ impl Trainer {
             });
             self.state.batch += 1;
             self.state.global_step += 1;
+            if self.fault_exit == Some(self.state.global_step) {
+                eprintln!(
+                    "RESIDUAL_FAULT_EXIT: exiting after step {}",
+                    self.state.global_step
+                );
+                std::process::exit(17);
+            }
             bar.inc(1);
             if self.state.batch % READ_EVERY == 0 {
                 self.drain(&mut tally, pending.take())?;
@@ -262,7 +333,17 @@ impl Trainer {
             }
         }
         self.drain(&mut tally, pending)?;
+        if let Some(ddp) = &self.ddp {
+            tally = Tally::from_sums(&ddp.sum_f64(&tally.sums())?);
+        }
         bar.finish_and_clear();
+        if !batches.unreadable().is_empty() {
+            eprintln!(
+                "epoch {}: skipped {} unreadable file(s)",
+                epoch + 1,
+                batches.unreadable().len()
+            );
+        }
         Ok(Some(TrainedEpoch {
             tally,
             lr,
@@ -273,14 +354,16 @@ impl Trainer {
     /// The epoch's metrics: its training figures, plus validation and test (when asked) in eval
     /// mode.
     fn evaluate_epoch(&self, data: &RunData, trained: TrainedEpoch) -> Result<EpochMetrics> {
+        // Data-parallel ranks > 0 hold the same weights and write nothing: they skip evaluation.
+        let evaluates = self.is_writer();
         let (val_loss, val_error) = match &data.validation {
-            Some(v) => {
+            Some(v) if evaluates => {
                 let (l, e) = self.evaluate(v, &data.normalizer)?;
                 (Some(l), Some(e))
             }
-            None => (None, None),
+            _ => (None, None),
         };
-        let (test_loss, test_error) = if self.options.eval_test {
+        let (test_loss, test_error) = if self.options.eval_test && evaluates {
             let (l, e) = self.evaluate(&data.test, &data.normalizer)?;
             (Some(l), Some(e))
         } else {
@@ -303,15 +386,32 @@ impl Trainer {
 
     /// Records a finished epoch: its line of metrics, then a checkpoint at the next epoch's start.
     fn finish_epoch(&mut self, metrics: &EpochMetrics) -> Result<()> {
-        self.run.append_metrics(metrics)?;
+        if self.is_writer() {
+            self.run.append_metrics(metrics)?;
+        }
         self.state = RunState {
             epoch: self.state.epoch + 1,
             batch: 0,
             ..self.state
         };
         self.save_checkpoint()?;
-        self.log_epoch(metrics);
-        Ok(())
+        if self.is_writer() {
+            self.log_epoch(metrics);
+        }
+        if let Some(ddp) = &mut self.ddp {
+            let comm = ddp.take_comm_seconds();
+            if ddp.rank() == 0 {
+                eprintln!(
+                    "{}: rank 0 of {}: gradient and buffer communication {comm:.2}s of the epoch's {:.1}s ({:.0}%)",
+                    self.run.path.display(),
+                    ddp.world_size(),
+                    metrics.seconds,
+                    100.0 * comm / metrics.seconds.max(1e-9)
+                );
+            }
+        }
+        // Every rank goes on only once the checkpoint a restart would resume from is complete.
+        self.barrier()
     }
 
     /// A device-to-host read, counted (the hot loop keeps them rare).
@@ -323,12 +423,16 @@ impl Trainer {
     /// One optimizer step on a batch; returns the summed loss and the wrong predictions as
     /// tensors on the device, without waiting for them.
     fn train_step(&mut self, x: &Tensor, y: &Tensor, lr: f64) -> Result<(Tensor, Tensor)> {
+        if let Some(ddp) = &mut self.ddp {
+            ddp.sync_buffers()?;
+        }
         let logits = self.forward(x, true)?;
         let loss = logits_loss(&logits, y, self.options.label_smoothing);
         self.sgd.zero_grad();
         if self.options.amp == Some(AutocastDtype::Fp16) {
             let scale = self.state.loss_scaler.scale;
             (&loss * scale).backward();
+            self.all_reduce_grads()?;
             let grads = self.sgd.grads();
             let finite = tch::no_grad(|| {
                 let all: Vec<Tensor> = grads.iter().map(|g| g.isfinite().all()).collect();
@@ -347,6 +451,7 @@ impl Trainer {
             self.state.loss_scaler.update(finite);
         } else {
             loss.backward();
+            self.all_reduce_grads()?;
             self.sgd.step(lr);
         }
         let n = y.size()[0] as f64;
@@ -354,6 +459,14 @@ impl Trainer {
             let wrong = logits.argmax(1, false).ne_tensor(y).sum(Kind::Int64);
             (loss.detach().to_kind(Kind::Double) * n, wrong)
         }))
+    }
+
+    /// Averages the gradients over the data-parallel ranks (DDP's reducer, after the backward).
+    fn all_reduce_grads(&mut self) -> Result<()> {
+        match &mut self.ddp {
+            Some(ddp) => ddp.all_reduce_grads(),
+            None => Ok(()),
+        }
     }
 
     /// Folds the device-side sums into `tally` (one read each) and stops on a non-finite loss.

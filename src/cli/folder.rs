@@ -1,0 +1,67 @@
+//! The flags of image-folder datasets, shared by `train` and `experiment`.
+
+use residual::data::{FolderOptions, TrainTransform};
+
+/// Image folders (one sub-folder of images per class, in `train/` and `val/`, or directly in
+/// `--data`).
+#[derive(clap::Args, Clone)]
+pub struct FolderArgs {
+    /// Side of the square network input for image folders.
+    #[arg(long, default_value_t = 224)]
+    image_size: i64,
+    /// Shorter side before the evaluation center crop [default: image size / 0.875].
+    #[arg(long)]
+    eval_resize: Option<i64>,
+    /// The share of the images held out for testing when the folder has no val/ or test/
+    /// [default: 0.1].
+    #[arg(long)]
+    val_fraction: Option<f64>,
+    /// Per-channel normalisation mean for image folders [default: ImageNet's].
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    image_mean: Option<Vec<f64>>,
+    /// Per-channel normalisation std for image folders [default: ImageNet's].
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    image_std: Option<Vec<f64>>,
+    /// Decoding threads [default: one per core].
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Training batches each worker prepares ahead.
+    #[arg(long, default_value_t = 2)]
+    prefetch: usize,
+    /// RandomResizedCrop's range of the crop's share of the image area.
+    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0.08, 1.0])]
+    scale: Vec<f64>,
+    /// RandomResizedCrop's range of aspect ratios (width / height).
+    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0.75, 4.0 / 3.0])]
+    ratio: Vec<f64>,
+    /// ColorJitter's brightness, contrast and saturation strengths, e.g. 0.4,0.4,0.4.
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    color_jitter: Option<Vec<f64>>,
+}
+
+impl FolderArgs {
+    /// The options; `augment`: a training transform (RandomResizedCrop, flips when `flip`,
+    /// ColorJitter when asked) instead of the evaluation transform.
+    pub fn options(&self, augment: bool, flip: bool) -> FolderOptions {
+        let mut o = FolderOptions::with_size(self.image_size);
+        if let Some(r) = self.eval_resize {
+            o.resize = r;
+        }
+        o.val_fraction = self.val_fraction;
+        if let Some(m) = &self.image_mean {
+            o.mean.clone_from(m);
+        }
+        if let Some(s) = &self.image_std {
+            o.std.clone_from(s);
+        }
+        o.workers = self.workers;
+        o.prefetch = self.prefetch;
+        o.train_transform = augment.then(|| TrainTransform {
+            scale: [self.scale[0], self.scale[1]],
+            ratio: [self.ratio[0], self.ratio[1]],
+            flip,
+            color_jitter: self.color_jitter.as_ref().map(|j| [j[0], j[1], j[2]]),
+        });
+        o
+    }
+}

@@ -1,0 +1,159 @@
+//! The inference form of a model ([`for_inference`]): what `residual infer` and `bench-infer` run
+//! by default, set by [`InferenceOptions`].
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::{Inputs, Model};
+use crate::backend::{self, AutocastDtype, Flag, InferenceMode};
+
+/// How [`for_inference`] prepares a model and how its forward runs. The defaults are the fastest
+/// measured fp32 path (README, "Inference fast path"); every field has a serde default, so
+/// `{}` is a valid options file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InferenceOptions {
+    /// Reorder the weights of the folded convolutions into oneDNN's blocked layout once and run
+    /// each convolution with its bias, ReLU and residual addition fused (CPU, float32; ignored
+    /// elsewhere).
+    pub pack_mkldnn: bool,
+    /// Run under libtorch's `c10::InferenceMode` ([`InferenceMode`]) rather than only without
+    /// gradients.
+    pub inference_mode: bool,
+    /// Hand inputs to the model in channels-last (NHWC) memory order: a win for cuDNN, mostly
+    /// with `cuda_dtype`; on the CPU the packed convolutions pick their own layout.
+    pub channels_last: bool,
+    /// Intra-op threads (`torch.set_num_threads`), set for the process by [`for_inference`];
+    /// `None` keeps libtorch's choice.
+    pub threads: Option<usize>,
+    /// On CUDA, compute in float16 or bfloat16 (autocast: convolutions and matmuls in the
+    /// reduced type, reductions in float32); outputs come back as float32. Ignored on the CPU.
+    pub cuda_dtype: Option<AutocastDtype>,
+    /// cuDNN benchmark mode (`torch.backends.cudnn.benchmark`) on the first CUDA forward: each
+    /// new input shape is timed once to choose the fastest convolution algorithms.
+    pub cudnn_benchmark: bool,
+}
+
+impl Default for InferenceOptions {
+    fn default() -> Self {
+        Self {
+            pack_mkldnn: true,
+            inference_mode: true,
+            channels_last: false,
+            threads: None,
+            cuda_dtype: None,
+            cudnn_benchmark: true,
+        }
+    }
+}
+
+/// The inference-only form of `model`, the fast path of `residual infer` and `bench-infer`:
+/// every batch norm folded into the convolution before it ([`Model::fold_batch_norm`]), those
+/// convolutions packed for oneDNN with ReLU and residual additions fused into them
+/// (`opts.pack_mkldnn`), and a forward that runs under `c10::InferenceMode` and without
+/// gradients. Its eval-mode outputs match the model as built to float rounding (~1e-6 relative
+/// in fp32, `tests/inference.rs`); a training forward is refused where a norm was folded and
+/// runs the model as built elsewhere. GroupNorm, ConvSDS and SiD keep their layers.
+pub fn for_inference(mut model: Box<dyn Model>, opts: &InferenceOptions) -> Result<Box<dyn Model>> {
+    if let Some(threads) = opts.threads {
+        if threads == 0 {
+            bail!("threads must be at least 1");
+        }
+        tch::set_num_threads(threads as i32);
+    }
+    model
+        .fold_batch_norm(opts.pack_mkldnn)
+        .context("cannot fold the batch norms for inference")?;
+    Ok(Box::new(Fast {
+        inner: model,
+        opts: opts.clone(),
+    }))
+}
+
+/// A model prepared by [`for_inference`].
+#[derive(Debug)]
+struct Fast {
+    inner: Box<dyn Model>,
+    opts: InferenceOptions,
+}
+
+impl Fast {
+    /// `f(inputs)` in the mode the options ask for; a training forward runs as it is.
+    fn run(
+        &self,
+        inputs: &Inputs,
+        train: bool,
+        f: impl Fn(&dyn Model, &Inputs) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if train {
+            return f(self.inner.as_ref(), inputs);
+        }
+        let cuda = inputs.values().any(|t| t.device().is_cuda());
+        if cuda && self.opts.cudnn_benchmark {
+            backend::set_flag(Flag::BenchmarkCudnn, true)?;
+        }
+        let _mode = if self.opts.inference_mode {
+            Some(InferenceMode::new()?)
+        } else {
+            None
+        };
+        tch::no_grad(|| {
+            let prepared;
+            let inputs = if self.opts.channels_last {
+                prepared = inputs
+                    .iter()
+                    .map(|(k, t)| (k.clone(), channels_last(t)))
+                    .collect();
+                &prepared
+            } else {
+                inputs
+            };
+            match self.opts.cuda_dtype {
+                Some(dtype) if cuda => {
+                    backend::set_autocast_dtype(dtype)?;
+                    let out = tch::autocast(true, || f(self.inner.as_ref(), inputs))?;
+                    Ok(if out.is_floating_point() {
+                        out.to_kind(tch::Kind::Float)
+                    } else {
+                        out
+                    })
+                }
+                _ => f(self.inner.as_ref(), inputs),
+            }
+        })
+    }
+}
+
+impl Model for Fast {
+    fn input_names(&self) -> &'static [&'static str] {
+        self.inner.input_names()
+    }
+
+    fn forward_named(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
+        self.run(inputs, train, |m, x| m.forward_named(x, train))
+    }
+
+    fn forward_features(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
+        self.run(inputs, train, |m, x| m.forward_features(x, train))
+    }
+
+    fn fold_batch_norm(&mut self, pack: bool) -> Result<()> {
+        self.inner.fold_batch_norm(pack)
+    }
+}
+
+/// A floating-point 4-D tensor in channels-last (NHWC) memory order, others as they are.
+fn channels_last(t: &Tensor) -> Tensor {
+    let size = t.size();
+    let [_, c, h, w] = size[..] else {
+        return t.shallow_clone();
+    };
+    let strides = [h * w * c, 1, w * c, c];
+    if !t.is_floating_point() || t.stride() == strides {
+        return t.shallow_clone();
+    }
+    let mut out = Tensor::empty_strided(&size, strides, (t.kind(), t.device()));
+    out.copy_(t);
+    out
+}

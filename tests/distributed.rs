@@ -1,0 +1,320 @@
+//! Data-parallel training on c10d: collectives between two local processes, a dead peer named in
+//! the error, and `residual train` under torchrun matching one process and PyTorch DDP.
+
+mod common;
+
+use std::process::{Command, Output};
+
+/// A port no one listens on now (the store binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `residual ARGS` as ranks 0..world of one group on 127.0.0.1, the way torchrun sets them.
+fn spawn_ranks(world: usize, args: &[&str], env: &[(&str, &str)]) -> Vec<Output> {
+    let port = free_port().to_string();
+    let children: Vec<_> = (0..world)
+        .map(|rank| {
+            let mut cmd = Command::new(common::residual_bin());
+            cmd.args(args)
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .env("RESIDUAL_DIST_TIMEOUT", "20");
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn gloo_or_skip() -> bool {
+    if !residual::distributed::backends().gloo {
+        println!("skipped: this build has no Gloo backend (install libgloo-dev and rebuild)");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn two_processes_allreduce_broadcast_and_pass_a_barrier() {
+    if !gloo_or_skip() {
+        return;
+    }
+    let out = spawn_ranks(2, &["doctor", "--collectives"], &[]);
+    for (rank, o) in out.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
+    }
+    let report = text(&out[0].stdout);
+    // Rank 0 holds 1 and rank 1 holds 2: both end with 3.
+    assert!(
+        report.contains("allreduce sum of rank+1: 3 on every rank"),
+        "{report}"
+    );
+    assert!(
+        report.contains("allreduce of 4194304 floats (16 MB): exact"),
+        "{report}"
+    );
+    assert!(
+        report.contains("200 allreduces in a row: exact"),
+        "{report}"
+    );
+    assert!(report.contains("barrier: passed"), "{report}");
+}
+
+#[test]
+fn a_dead_peer_is_an_error_that_names_its_rank() {
+    if !gloo_or_skip() {
+        return;
+    }
+    let start = std::time::Instant::now();
+    // Rank 1 joins the group and exits before the first allreduce.
+    let out = spawn_ranks(
+        2,
+        &["doctor", "--collectives"],
+        &[("RESIDUAL_FAULT_EXIT", "1:1")],
+    );
+    assert_eq!(out[1].status.code(), Some(17));
+    assert!(!out[0].status.success());
+    let err = text(&out[0].stderr);
+    assert!(
+        err.contains("allreduce failed on rank 0 of 2") && err.contains("rank 1 has exited"),
+        "{err}"
+    );
+    // The closed connection is noticed at once, long before the 20 s timeout.
+    assert!(start.elapsed().as_secs() < 15, "took {:?}", start.elapsed());
+}
+
+#[test]
+fn nccl_collectives_and_a_training_run_on_cuda() {
+    let gpus = tch::Cuda::device_count();
+    if gpus == 0 {
+        println!("skipped: no CUDA device");
+        return;
+    }
+    assert!(
+        residual::distributed::backends().nccl,
+        "a CUDA host runs a build without NCCL"
+    );
+    // Every GPU of the host (at most 2) as one rank; world size 1 exercises the whole path.
+    let world = gpus.min(2) as usize;
+    let out = spawn_ranks(world, &["doctor", "--collectives", "--device", "cuda"], &[]);
+    for (rank, o) in out.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
+    }
+    let report = text(&out[0].stdout);
+    assert!(
+        report.contains(&format!("Nccl, world size {world}")),
+        "{report}"
+    );
+    assert!(
+        report.contains("200 allreduces in a row: exact"),
+        "{report}"
+    );
+
+    let dir = common::temp_dir("ddp-nccl");
+    let run = dir.join("run");
+    run_from_reference(&run, 1);
+    let data = ddp_reference().join("data");
+    let mut args = train_args(run.to_str().unwrap(), data.to_str().unwrap());
+    let cpu = args.iter().position(|a| *a == "cpu").unwrap();
+    args[cpu] = "cuda";
+    let out = spawn_ranks(world, &args, &[]);
+    for (rank, o) in out.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 1, "{metrics}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `python -m torch.distributed.run` (torchrun) with `nproc` local processes running
+/// `residual ARGS`, on a free port of 127.0.0.1.
+fn torchrun(nproc: usize, extra: &[&str], args: &[&str], env: &[(&str, &str)]) -> Output {
+    let python =
+        std::env::var("RESIDUAL_PYTHON").expect("RESIDUAL_PYTHON comes from .cargo/config.toml");
+    let mut cmd = Command::new(python);
+    cmd.args(["-m", "torch.distributed.run"])
+        .arg(format!("--nproc_per_node={nproc}"))
+        .args(["--master_addr=127.0.0.1"])
+        .arg(format!("--master_port={}", free_port()))
+        .args(extra)
+        .arg("--no-python")
+        .arg(common::residual_bin())
+        .args(args)
+        .env("RESIDUAL_DIST_TIMEOUT", "60");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn ddp_reference() -> std::path::PathBuf {
+    common::reference_dir("ddp", "final.safetensors")
+}
+
+/// A run folder at step 0 holding the reference's initial weights and training options.
+fn run_from_reference(run: &std::path::Path, epochs: u64) {
+    use residual::train::{Schedule, TrainOptions, Trainer};
+    let reference = ddp_reference();
+    let config = residual::ModelConfig::from_file(&reference.join("model.json")).unwrap();
+    let options = TrainOptions {
+        epochs,
+        batch_size: 8,
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 1e-4,
+        schedule: Schedule::Step,
+        milestones: vec![100],
+        seed: 3,
+        augment: None,
+        ..Default::default()
+    };
+    let trainer = Trainer::create(run, config, options, tch::Device::Cpu).unwrap();
+    let init = residual::checkpoint::StateDict::read(
+        &reference.join("init.safetensors"),
+        &Default::default(),
+    )
+    .unwrap();
+    let report = residual::checkpoint::load_state_dict(&trainer.vs, &init, true).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    trainer.save_checkpoint().unwrap();
+}
+
+fn final_weights(run: &std::path::Path) -> residual::checkpoint::StateDict {
+    let path = residual::train::latest_weights(run).unwrap();
+    residual::checkpoint::StateDict::read(&path, &Default::default()).unwrap()
+}
+
+/// The largest |a - b| over the entries of two state_dicts with the same keys.
+fn max_abs_diff(a: &residual::checkpoint::StateDict, b: &residual::checkpoint::StateDict) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.entries
+        .iter()
+        .map(|(k, v)| {
+            let w = b.get(k).unwrap_or_else(|| panic!("{k} missing"));
+            (v.to_kind(tch::Kind::Double) - w.to_kind(tch::Kind::Double))
+                .abs()
+                .max()
+                .double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+fn train_args<'a>(run: &'a str, data: &'a str) -> Vec<&'a str> {
+    vec![
+        "train", "--resume", run, "--data", data, "--device", "cpu", "--quiet",
+    ]
+}
+
+#[test]
+fn two_ranks_under_torchrun_match_pytorch_ddp() {
+    if !gloo_or_skip() {
+        return;
+    }
+    let reference = ddp_reference();
+    let dir = common::temp_dir("ddp-parity");
+    let run = dir.join("run");
+    run_from_reference(&run, 2);
+    let data = reference.join("data");
+    let out = torchrun(
+        2,
+        &[],
+        &train_args(run.to_str().unwrap(), data.to_str().unwrap()),
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    // Rank 0 alone wrote the metrics: one line per epoch.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+    let pytorch = residual::checkpoint::StateDict::read(
+        &reference.join("final.safetensors"),
+        &Default::default(),
+    )
+    .unwrap();
+    let diff = max_abs_diff(&final_weights(&run), &pytorch);
+    println!("max |Δ| between Rust DDP and PyTorch DDP after 8 steps: {diff:e}");
+    // Same kernels, same order of the two-term sums: equal up to a last-bit slip at most.
+    assert!(diff <= 1e-6, "max |Δ| {diff}");
+
+    // Each epoch's training loss is the mean over both ranks' (padded) shards, as PyTorch's.
+    let losses: Vec<Vec<f64>> =
+        serde_json::from_str(&std::fs::read_to_string(reference.join("losses.json")).unwrap())
+            .unwrap();
+    let sizes = [8.0, 8.0, 8.0, 2.0]; // 26 indices per rank and epoch, in batches of 8
+    for (epoch, line) in metrics.lines().enumerate() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        let sum: f64 = losses
+            .iter()
+            .flat_map(|rank| rank[epoch * 4..epoch * 4 + 4].iter().zip(sizes))
+            .map(|(l, n)| l * n)
+            .sum();
+        let want = sum / 52.0;
+        let got = m["train_loss"].as_f64().unwrap();
+        assert!(
+            (got - want).abs() <= 1e-6 * want,
+            "epoch {epoch}: {got} vs {want}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_ends_as_an_uninterrupted_run() {
+    if !gloo_or_skip() {
+        return;
+    }
+    let reference = ddp_reference();
+    let dir = common::temp_dir("ddp-elastic");
+    let run = dir.join("run");
+    run_from_reference(&run, 2);
+    let data = reference.join("data");
+    // Rank 1 exits after global step 6 of 8 (the middle of epoch 2) on the first attempt; torchrun
+    // restarts both ranks, which resume from the checkpoint of step 4.
+    let out = torchrun(
+        2,
+        &["--max-restarts=1"],
+        &train_args(run.to_str().unwrap(), data.to_str().unwrap()),
+        &[("RESIDUAL_FAULT_EXIT", "1:6")],
+    );
+    let log = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("RESIDUAL_FAULT_EXIT: exiting after step 6"),
+        "{log}"
+    );
+    // The uninterrupted run is the PyTorch reference (the parity test shows them equal).
+    let pytorch = residual::checkpoint::StateDict::read(
+        &reference.join("final.safetensors"),
+        &Default::default(),
+    )
+    .unwrap();
+    let diff = max_abs_diff(&final_weights(&run), &pytorch);
+    assert!(diff <= 1e-6, "max |Δ| {diff}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
