@@ -104,9 +104,18 @@ experiment-full: build data
 	  --epochs $(FULL_EPOCHS) --batch-size 128 --lr 0.1 --device cuda --amp bf16 --cudnn-benchmark \
 	  --quiet --data $(FASHION_MNIST) --out target/experiment-full-$(FULL_EPOCHS)ep
 
-# Training throughput, PyTorch eager vs residual, same model, batch and threads.
-bench: build
-	cd python_ref && ../.venv/bin/python bench_train.py --residual ../target/debug/residual
+# Inference latency (PyTorch eager and frozen TorchScript vs residual plain and fast), training
+# throughput (python_ref/bench_train.py's comparison), start-up time, peak RSS and memory growth,
+# side by side in one run, on the release build. QUICK=1 for a shorter run (fewer calls).
+# Table: printed, and in target/bench/inference.{md,json}.
+bench: setup
+	cargo build --release
+	$(PYTHON) python_ref/bench_infer.py --residual target/release/residual --out target/bench $(if $(filter-out 0,$(QUICK)),--quick)
+	@echo "== checkpoint loading: residual vs torch.load / safetensors (scripts/bench-load.sh)"
+	scripts/bench-load.sh
+	@echo "== image-folder input pipeline vs DataLoader(num_workers=2) (python_ref/bench_pipeline.py)"
+	cargo build --release --quiet --example bench_pipeline
+	$(PYTHON) python_ref/bench_pipeline.py --residual-bench target/release/examples/bench_pipeline
 
 clean-artifacts:
 	rm -rf $(ARTIFACTS)

@@ -1,7 +1,7 @@
 """Training throughput, PyTorch eager vs residual, side by side in one run.
 
 Usage: python python_ref/bench_train.py [--depth 20] [--batch-size 128] [--steps 30] [--warmup 5]
-                                        [--device cpu] [--residual target/debug/residual]
+                                        [--device cpu] [--residual target/release/residual]
 
 Both time the same loop on the same model (the paper's CIFAR ResNet, 1x28x28 inputs, 10 classes):
 forward in training mode, cross-entropy, backward, SGD step (momentum 0.9, weight decay 1e-4), on a
@@ -49,6 +49,41 @@ def pytorch_images_per_second(depth, batch, steps, warmup, device):
     return batch * steps / (time.perf_counter() - start)
 
 
+def same_switches():
+    """Sets the libtorch switches residual bench-train runs with, and returns them as it reports
+    them."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.deterministic = False
+    return {"tf32_cudnn": False, "tf32_cublas": False, "cudnn_benchmark": True, "cudnn_deterministic": False,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+
+
+def compare(depth=20, batch=128, steps=30, warmup=5, device="cpu", rounds=3, residual="target/release/residual"):
+    """Images/s of the training step, PyTorch eager and `residual bench-train` alternating `rounds`
+    times; the best of each and their ratio."""
+    ours = same_switches()
+    threads = torch.get_num_threads()
+    rust_cmd = [residual, "bench-train", "--arch", f"cifar_resnet{depth}", "--batch-size", str(batch),
+                "--steps", str(steps), "--warmup", str(warmup), "--device", device, "--json"]
+    torch_runs, rust_runs = [], []
+    for _ in range(rounds):
+        torch_runs.append(pytorch_images_per_second(depth, batch, steps, warmup, device))
+        out = subprocess.run(rust_cmd, check=True, capture_output=True, text=True)
+        report = json.loads(out.stdout)
+        theirs = {k: v for k, v in report["switches"].items() if k != "autocast"}
+        if theirs != ours:
+            sys.exit(f"residual bench-train ran with {theirs}, PyTorch with {ours}")
+        if report["threads"] != threads:
+            sys.exit(f"residual bench-train ran with {report['threads']} threads, PyTorch with {threads}")
+        rust_runs.append(report["images_per_second"])
+    t, r = max(torch_runs), max(rust_runs)
+    return {"model": f"cifar_resnet{depth}", "batch": batch, "device": device, "threads": threads,
+            "pytorch_images_per_second": t, "residual_images_per_second": r, "ratio_residual_over_pytorch": r / t,
+            "pytorch_runs": torch_runs, "residual_runs": rust_runs}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--depth", type=int, default=20)
@@ -57,33 +92,12 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=3, help="alternate the two this many times")
-    p.add_argument("--residual", default="target/debug/residual")
+    p.add_argument("--residual", default="target/release/residual")
     a = p.parse_args()
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.deterministic = False
-    ours = {"tf32_cudnn": False, "tf32_cublas": False, "cudnn_benchmark": True, "cudnn_deterministic": False,
-            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
-    threads = torch.get_num_threads()
-    rust_cmd = [a.residual, "bench-train", "--arch", f"cifar_resnet{a.depth}", "--batch-size", str(a.batch_size),
-                "--steps", str(a.steps), "--warmup", str(a.warmup), "--device", a.device, "--json"]
-    torch_runs, rust_runs = [], []
-    for _ in range(a.rounds):
-        torch_runs.append(pytorch_images_per_second(a.depth, a.batch_size, a.steps, a.warmup, a.device))
-        out = subprocess.run(rust_cmd, check=True, capture_output=True, text=True)
-        report = json.loads(out.stdout)
-        theirs = {k: v for k, v in report["switches"].items() if k != "autocast"}
-        if theirs != ours:
-            sys.exit(f"residual bench-train ran with {theirs}, PyTorch with {ours}")
-        rust_runs.append(report["images_per_second"])
-    t, r = max(torch_runs), max(rust_runs)
-    result = {"model": f"cifar_resnet{a.depth}", "batch": a.batch_size, "device": a.device, "threads": threads,
-              "pytorch_images_per_second": t, "residual_images_per_second": r, "ratio_residual_over_pytorch": r / t,
-              "pytorch_runs": torch_runs, "residual_runs": rust_runs}
+    result = compare(a.depth, a.batch_size, a.steps, a.warmup, a.device, a.rounds, a.residual)
+    r, t = result["residual_images_per_second"], result["pytorch_images_per_second"]
     print(json.dumps(result, indent=1))
     print(f"residual / PyTorch = {r / t:.3f} ({r:.0f} vs {t:.0f} images/s, best of {a.rounds})", file=sys.stderr)
-
 
 if __name__ == "__main__":
     main()

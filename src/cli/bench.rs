@@ -1,6 +1,7 @@
 //! `residual bench-train` and `bench-infer`: the Rust half of python_ref/bench_train.py and
 //! bench_gpu.py.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
@@ -15,8 +16,12 @@ use super::serde_enum;
 #[derive(clap::Args)]
 pub struct Args {
     /// `cifar_resnetN` (1x28x28 inputs) or a torchvision constructor (`resnet50`).
-    #[arg(long, default_value = "cifar_resnet20")]
+    #[arg(long, default_value = "cifar_resnet20", conflicts_with = "config")]
     arch: String,
+    /// A model config file instead of `--arch` (any model: ResNets, ConvSDS, SiD); its inputs
+    /// are random, of the shapes its config fixes (images of `--image-size`).
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]
     batch_size: i64,
     /// Input image side (28 for the CIFAR-style nets on Fashion-MNIST, 224 for ImageNet nets).
@@ -41,6 +46,10 @@ pub struct Args {
     /// into the convolutions).
     #[arg(long)]
     plain: bool,
+    /// bench-infer: read the resident set size after these calls (warm-up included, from 1),
+    /// reported as `rss_kb` with `--json`; e.g. `100,10000` shows whether memory grows.
+    #[arg(long, value_delimiter = ',')]
+    rss_at: Vec<u64>,
     /// bench-infer: serve the model from a `residual::Predictor` with this many workers, called
     /// by `--clients` threads at once; reports images per second and the mean latency of a call.
     #[arg(long)]
@@ -67,6 +76,15 @@ impl Args {
         if self.plain && timed == Timed::Training {
             bail!("--plain is for bench-infer: training always runs the model as built");
         }
+        if !self.rss_at.is_empty() && timed == Timed::Training {
+            bail!("--rss-at is for bench-infer");
+        }
+        if cfg!(debug_assertions) {
+            eprintln!(
+                "WARNING: this is a debug build of residual: its timings are not what a release \
+                 build runs (build with `cargo build --release` and run target/release/residual)"
+            );
+        }
         let device = parse_device(&self.device)?;
         // The switches python_ref/bench_gpu.py and bench_train.py set on the PyTorch side: TF32 as
         // asked (off by default), cuDNN benchmark on, cuDNN free to choose nondeterministic
@@ -81,32 +99,55 @@ impl Args {
             ..Switches::current()?
         }
         .apply()?;
-        let config = residual::train::bench_config(&self.arch)?;
-        let channels = if self.arch.starts_with("cifar_resnet") {
-            1
-        } else {
-            3
+        let config = match &self.config {
+            Some(path) => ModelConfig::from_file(path)?,
+            None => residual::train::bench_config(&self.arch)?,
+        };
+        let name = match &self.config {
+            Some(path) => path.display().to_string(),
+            None => self.arch.clone(),
         };
         if let Some(workers) = self.workers {
+            let channels = match &config {
+                ModelConfig::CifarResnet(c) => c.in_channels,
+                other => match other.resnet() {
+                    Some(c) => c.in_channels,
+                    None => bail!("--workers times image models, not a {} model", other.arch()),
+                },
+            };
             return self.run_predictor(timed, &config, channels, device, workers);
         }
         let settings = BenchSettings {
-            shape: [self.batch_size, channels, self.image_size, self.image_size],
+            batch_size: self.batch_size,
+            image_size: self.image_size,
             steps: self.steps,
             warmup: self.warmup,
             device,
             amp: self.amp,
             channels_last: self.channels_last,
+            rss_at: self.rss_at.clone(),
         };
+        let mut extra = serde_json::Map::new();
         let (key, value) = match timed {
             Timed::Training => (
                 "images_per_second",
                 residual::train::benchmark(&config, &settings)?,
             ),
-            Timed::Inference => (
-                "ms_per_batch",
-                residual::train::bench_inference(&config, &settings, !self.plain)?,
-            ),
+            Timed::Inference => {
+                let bench = residual::train::bench_inference(&config, &settings, !self.plain)?;
+                if !bench.ms_samples.is_empty() {
+                    extra.insert("ms_samples".into(), bench.ms_samples.into());
+                }
+                if !self.rss_at.is_empty() {
+                    let rss: serde_json::Map<_, _> = bench
+                        .rss_kb
+                        .iter()
+                        .map(|(call, kb)| (call.to_string(), (*kb).into()))
+                        .collect();
+                    extra.insert("rss_kb".into(), rss.into());
+                }
+                ("ms_per_batch", bench.ms_per_batch)
+            }
         };
         if self.json {
             let now = Switches::current()?;
@@ -122,17 +163,16 @@ impl Args {
                     Timed::Inference => "forward",
                 }),
             });
-            println!(
-                "{}",
-                serde_json::json!({
-                    key: value,
-                    "threads": tch::get_num_threads(),
-                    "device": device_name(device),
-                    "switches": switches,
-                })
-            );
+            let mut report = serde_json::json!({
+                key: value,
+                "threads": tch::get_num_threads(),
+                "device": device_name(device),
+                "switches": switches,
+            });
+            report.as_object_mut().expect("an object").extend(extra);
+            println!("{report}");
         } else {
-            println!("{} batch {}: {value:.3} {key}", self.arch, self.batch_size);
+            println!("{name} batch {}: {value:.3} {key}", self.batch_size);
         }
         Ok(ExitCode::SUCCESS)
     }

@@ -30,7 +30,10 @@ mod sgd;
 mod trainer;
 
 pub use adamw::AdamW;
-pub use bench::{bench_config, bench_inference, benchmark, BenchSettings};
+pub use bench::{
+    bench_config, bench_inference, bench_inputs, benchmark, resident_set_kb, BenchSettings,
+    InferenceBench,
+};
 pub use eval::{confusion, load_model};
 pub use folder_data::{run_files, run_folder_of, CLASSES_FILE, PREPROCESS_FILE};
 pub use loss::{logits_loss, LossScaler};
