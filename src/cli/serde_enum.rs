@@ -84,7 +84,10 @@ mod tests {
     #[test]
     fn names_are_the_serde_names() {
         assert_eq!(variants::<Schedule>(), ["step", "cosine"]);
-        assert_eq!(variants::<DataFormat>(), ["idx", "cifar10", "cifar100"]);
+        assert_eq!(
+            variants::<DataFormat>(),
+            ["idx", "cifar10", "cifar100", "image-folder"]
+        );
         assert_eq!(variants::<AutocastDtype>(), ["fp16", "bf16"]);
         assert!(variants::<i64>().is_empty());
     }
@@ -98,7 +101,7 @@ mod tests {
         assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue);
         assert!(
             err.to_string()
-                .contains("[possible values: idx, cifar10, cifar100]"),
+                .contains("[possible values: idx, cifar10, cifar100, image-folder]"),
             "{err}"
         );
     }
