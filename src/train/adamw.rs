@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use tch::nn::VarStore;
 use tch::Tensor;
 
-use super::sgd::is_norm_or_bias;
+use super::sgd::{defined_grads, trainable, zero_grads};
 use crate::checkpoint::StateDict;
 
 #[derive(Debug)]
@@ -41,16 +41,7 @@ impl AdamW {
         weight_decay: f64,
         decay_norm_and_bias: bool,
     ) -> Self {
-        let mut params: Vec<(String, Tensor, bool)> = vs
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .map(|(name, t)| {
-                let decays = decay_norm_and_bias || !is_norm_or_bias(&name, &t);
-                (name, t, decays)
-            })
-            .collect();
-        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let params = trainable(vs, decay_norm_and_bias);
         Self {
             betas,
             eps,
@@ -62,18 +53,12 @@ impl AdamW {
     }
 
     pub fn zero_grad(&mut self) {
-        for (_, p, _) in &mut self.params {
-            p.zero_grad();
-        }
+        zero_grads(&mut self.params);
     }
 
     /// Gradients of every parameter, for inspection (fp16 loss scaling unscales them in place).
     pub fn grads(&self) -> Vec<Tensor> {
-        self.params
-            .iter()
-            .map(|(_, p, _)| p.grad())
-            .filter(|g| g.defined())
-            .collect()
+        defined_grads(&self.params)
     }
 
     /// One update at rate `lr`, in place.

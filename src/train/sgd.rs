@@ -39,20 +39,44 @@ pub fn is_norm_or_bias(name: &str, t: &Tensor) -> bool {
     t.dim() <= 1 || name.ends_with(".bias")
 }
 
+/// `(name, parameter, decays)` of every trainable variable of `vs`, sorted by name (the order
+/// torch's optimisers see them in a state_dict); `decay_norm_and_bias: false` exempts 1-D
+/// tensors (norm weights, biases) from weight decay. Shared by SGD and AdamW.
+pub(super) fn trainable(vs: &VarStore, decay_norm_and_bias: bool) -> Vec<(String, Tensor, bool)> {
+    let mut params: Vec<(String, Tensor, bool)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(name, t)| {
+            let decays = decay_norm_and_bias || !is_norm_or_bias(&name, &t);
+            (name, t, decays)
+        })
+        .collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    params
+}
+
+/// Zeroes the gradients of `params` (as [`trainable`] lists them).
+pub(super) fn zero_grads(params: &mut [(String, Tensor, bool)]) {
+    for (_, p, _) in params {
+        p.zero_grad();
+    }
+}
+
+/// The defined gradients of `params`, for inspection (fp16 loss scaling unscales them in place).
+pub(super) fn defined_grads(params: &[(String, Tensor, bool)]) -> Vec<Tensor> {
+    params
+        .iter()
+        .map(|(_, p, _)| p.grad())
+        .filter(|g| g.defined())
+        .collect()
+}
+
 impl Sgd {
     /// Every trainable variable of `vs`; `decay_norm_and_bias: false` exempts 1-D tensors
     /// (norm weights, biases) from weight decay.
     pub fn new(vs: &VarStore, momentum: f64, weight_decay: f64, decay_norm_and_bias: bool) -> Self {
-        let mut params: Vec<(String, Tensor, bool)> = vs
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .map(|(name, t)| {
-                let decays = decay_norm_and_bias || !is_norm_or_bias(&name, &t);
-                (name, t, decays)
-            })
-            .collect();
-        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let params = trainable(vs, decay_norm_and_bias);
         Self {
             momentum,
             weight_decay,
@@ -63,18 +87,12 @@ impl Sgd {
     }
 
     pub fn zero_grad(&mut self) {
-        for (_, p, _) in &mut self.params {
-            p.zero_grad();
-        }
+        zero_grads(&mut self.params);
     }
 
     /// Gradients of every parameter, for inspection (fp16 loss scaling unscales them in place).
     pub fn grads(&self) -> Vec<Tensor> {
-        self.params
-            .iter()
-            .map(|(_, p, _)| p.grad())
-            .filter(|g| g.defined())
-            .collect()
+        defined_grads(&self.params)
     }
 
     /// One update, in place: no tensor is allocated after the first step (the gradient itself
