@@ -14,9 +14,11 @@ Usage: python ddp_ref.py --out DIR            (prepares, then runs torchrun itse
 """
 
 import argparse
+import datetime
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -108,7 +110,7 @@ def prepare(out: str) -> None:
 
 def worker(out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     images = read_idx(os.path.join(out, "data", "train-images-idx3-ubyte")).unsqueeze(1)
     labels = read_idx(os.path.join(out, "data", "train-labels-idx1-ubyte")).long()
@@ -145,7 +147,11 @@ def worker(out: str) -> None:
                   os.path.join(out, "final.safetensors"))
         with open(os.path.join(out, "losses.json"), "w") as f:
             json.dump(gathered, f)
-    dist.destroy_process_group()
+    dist.barrier()
+    # Leave without tearing the group down: a rank that outlived its peer could wait in Gloo's
+    # shutdown for ever (seen once); everything is written and synchronised by now.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def main() -> None:
@@ -163,12 +169,25 @@ def export(root: str) -> str:
     """Writes ROOT/ddp (data, initial weights, and the DDP run's results); returns "ddp"."""
     out = os.path.join(root, "ddp")
     prepare(out)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
-                    "--master_addr=127.0.0.1", f"--master_port={port}", os.path.abspath(__file__),
-                    "--worker", out], check=True)
+    for attempt in range(3):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        # Its own session, so that a run that hangs is killed with its ranks, then tried again.
+        run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run",
+                                f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1",
+                                f"--master_port={port}", os.path.abspath(__file__), "--worker", out],
+                               start_new_session=True)
+        try:
+            if run.wait(timeout=300) == 0:
+                break
+            print(f"the DDP run failed (exit {run.returncode}), attempt {attempt + 1} of 3")
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+            print(f"the DDP run hung for 300 s and was killed, attempt {attempt + 1} of 3")
+    else:
+        raise SystemExit("the DDP reference run failed 3 times")
     print(f"wrote the DDP reference to {out}")
     return "ddp"
 
