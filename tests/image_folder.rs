@@ -365,6 +365,8 @@ fn flips_and_jitter_happen_as_often_as_asked() {
         ratio: [1.0, 1.0],
         flip: true,
         color_jitter: None,
+        hue: None,
+        auto_augment: None,
     };
     let plain = resized_crop(&image, 0, 0, 4, 4, 4, 4);
     let n = 2000;

@@ -1,6 +1,15 @@
 //! The flags of image-folder datasets, shared by `train` and `experiment`.
 
-use residual::data::{FolderOptions, TrainTransform};
+use residual::data::{AutoAugment, FolderOptions, TrainTransform};
+
+/// The automatic augmentation policies (torchvision's).
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum AutoAugmentArg {
+    /// `TrivialAugmentWide(num_magnitude_bins)`.
+    Trivial,
+    /// `RandAugment(num_ops, magnitude, num_magnitude_bins)`.
+    Rand,
+}
 
 /// Image folders (one sub-folder of images per class, in `train/` and `val/`, or directly in
 /// `--data`).
@@ -34,9 +43,22 @@ pub struct FolderArgs {
     /// RandomResizedCrop's range of aspect ratios (width / height).
     #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0.75, 4.0 / 3.0])]
     ratio: Vec<f64>,
-    /// ColorJitter's brightness, contrast and saturation strengths, e.g. 0.4,0.4,0.4.
-    #[arg(long, value_delimiter = ',', num_args = 3)]
+    /// ColorJitter's brightness, contrast, saturation and optional hue strengths, e.g.
+    /// 0.4,0.4,0.4 or 0.4,0.4,0.4,0.1 (hue <= 0.5).
+    #[arg(long, value_delimiter = ',', num_args = 3..=4)]
     color_jitter: Option<Vec<f64>>,
+    /// TrivialAugmentWide or RandAugment after the flip (PIL ops, nearest, fill 0).
+    #[arg(long, value_enum)]
+    auto_augment: Option<AutoAugmentArg>,
+    /// The magnitude bins of --auto-augment.
+    #[arg(long, default_value_t = 31)]
+    magnitude_bins: usize,
+    /// RandAugment's number of ops per image.
+    #[arg(long, default_value_t = 2)]
+    rand_augment_ops: usize,
+    /// RandAugment's magnitude bin.
+    #[arg(long, default_value_t = 9)]
+    rand_augment_magnitude: usize,
 }
 
 impl FolderArgs {
@@ -61,6 +83,17 @@ impl FolderArgs {
             ratio: [self.ratio[0], self.ratio[1]],
             flip,
             color_jitter: self.color_jitter.as_ref().map(|j| [j[0], j[1], j[2]]),
+            hue: self.color_jitter.as_ref().and_then(|j| j.get(3).copied()),
+            auto_augment: self.auto_augment.map(|a| match a {
+                AutoAugmentArg::Trivial => AutoAugment::TrivialAugmentWide {
+                    num_magnitude_bins: self.magnitude_bins,
+                },
+                AutoAugmentArg::Rand => AutoAugment::RandAugment {
+                    num_ops: self.rand_augment_ops,
+                    magnitude: self.rand_augment_magnitude,
+                    num_magnitude_bins: self.magnitude_bins,
+                },
+            }),
         });
         o
     }

@@ -1,11 +1,16 @@
 //! Image classification data: IDX (MNIST / Fashion-MNIST) and CIFAR-10/100 binary readers,
 //! image-folder datasets (torchvision's `ImageFolder`), and batching with the ResNet paper's augmentation, on the training device.
 
+mod augment;
 mod batch;
 mod folder;
 mod formats;
 mod pipeline;
 
+pub use augment::{
+    adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, adjust_sharpness,
+    autocontrast, equalize, posterize, rotate, solarize, AugmentOp, AutoAugment,
+};
 pub use batch::{Augment, Batches, Normalizer, SplitMix};
 pub use folder::{
     decode_all, decode_rgb, default_workers, folder_splits, is_image_folder, FolderOptions,

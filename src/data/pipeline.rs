@@ -16,14 +16,18 @@ use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
+use super::augment::{
+    adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, AutoAugment,
+};
 use super::batch::{Batches, Normalizer, SplitMix};
 use super::folder::{decode_rgb, to_chw_bytes, ImageFolder};
 use crate::preprocess::pil::{self, Filter};
 use crate::preprocess::RgbImage;
 
 /// torchvision's training transforms on a PIL image, in this order: `RandomResizedCrop(size,
-/// scale, ratio)` (bilinear), `RandomHorizontalFlip()` when `flip`, `ColorJitter(brightness,
-/// contrast, saturation)` when `color_jitter` is given.
+/// scale, ratio)` (bilinear), `RandomHorizontalFlip()` when `flip`, `TrivialAugmentWide()` or
+/// `RandAugment()` when `auto_augment` is given, `ColorJitter(brightness, contrast, saturation,
+/// hue)` when `color_jitter` is given.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainTransform {
@@ -35,6 +39,12 @@ pub struct TrainTransform {
     /// Brightness, contrast and saturation strengths (factors drawn from `[max(0, 1 - s), 1 + s]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub color_jitter: Option<[f64; 3]>,
+    /// ColorJitter's hue strength (the hue factor drawn from `[-hue, hue]`, `hue <= 0.5`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hue: Option<f64>,
+    /// TrivialAugmentWide or RandAugment, after the flip.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_augment: Option<AutoAugment>,
 }
 
 impl Default for TrainTransform {
@@ -45,6 +55,8 @@ impl Default for TrainTransform {
             ratio: [3.0 / 4.0, 4.0 / 3.0],
             flip: true,
             color_jitter: None,
+            hue: None,
+            auto_augment: None,
         }
     }
 }
@@ -69,6 +81,15 @@ impl TrainTransform {
                 "color jitter strengths must be >= 0, got {j:?}"
             );
         }
+        if let Some(h) = self.hue {
+            ensure!(
+                (0.0..=0.5).contains(&h),
+                "hue strength must be in [0, 0.5], got {h}"
+            );
+        }
+        if let Some(a) = &self.auto_augment {
+            a.validate()?;
+        }
         Ok(())
     }
 
@@ -81,8 +102,11 @@ impl TrainTransform {
         if self.flip && uniform_f32(rng) < 0.5 {
             out = hflip(&out);
         }
-        if let Some(strengths) = self.color_jitter {
-            out = color_jitter(&out, strengths, rng);
+        if let Some(a) = &self.auto_augment {
+            out = a.apply(&out, rng);
+        }
+        if self.color_jitter.is_some() || self.hue.is_some() {
+            out = color_jitter(&out, self.color_jitter.unwrap_or([0.0; 3]), self.hue, rng);
         }
         out
     }
@@ -172,47 +196,46 @@ fn hflip(image: &RgbImage) -> RgbImage {
     }
 }
 
-/// PIL's `convert("L")`: `(19595 R + 38470 G + 7471 B + 2^15) >> 16`.
-fn luma(px: &[u8]) -> u8 {
-    ((19595 * px[0] as u32 + 38470 * px[1] as u32 + 7471 * px[2] as u32 + 0x8000) >> 16) as u8
-}
-
-/// PIL's `Image.blend(degenerate, image, factor)`: `d + factor * (x - d)`, clipped, truncated.
-fn blend(x: u8, degenerate: u8, factor: f32) -> u8 {
-    let v = degenerate as f32 + factor * (x as f32 - degenerate as f32);
-    v.clamp(0.0, 255.0) as u8
-}
-
-/// torchvision's `ColorJitter` on a PIL image (brightness, contrast, saturation; PIL's
-/// `ImageEnhance`): factors drawn first, then applied in a random order.
-fn color_jitter(image: &RgbImage, strengths: [f64; 3], rng: &mut SplitMix) -> RgbImage {
+/// torchvision's `ColorJitter` on a PIL image: the brightness, contrast, saturation factors
+/// (`[max(0, 1 - s), 1 + s]`) and the hue factor (`[-hue, hue]`) drawn first, then the ops applied
+/// in a random order (torchvision's `randperm`).
+fn color_jitter(
+    image: &RgbImage,
+    strengths: [f64; 3],
+    hue: Option<f64>,
+    rng: &mut SplitMix,
+) -> RgbImage {
     let factors = strengths
         .map(|s| (s > 0.0).then(|| uniform_in(rng, (1.0 - s).max(0.0) as f32, (1.0 + s) as f32)));
-    let mut order = [0usize, 1, 2];
-    for i in (1..3).rev() {
+    let hue = hue
+        .filter(|&h| h > 0.0)
+        .map(|h| uniform_in(rng, -h as f32, h as f32));
+    // Without hue the permutation is of three ops, as before hue existed (same draws).
+    let mut order = [0usize, 1, 2, 3];
+    let n = if hue.is_some() { 4 } else { 3 };
+    for i in (1..n).rev() {
         order.swap(i, rng.below(i as u64 + 1) as usize);
     }
     let mut out = image.clone();
-    for op in order {
-        let Some(f) = factors[op] else { continue };
-        match op {
-            // Brightness: blend with black.
-            0 => out.data.iter_mut().for_each(|v| *v = blend(*v, 0, f)),
-            // Contrast: blend with the rounded mean grey level.
-            1 => {
-                let n = (out.width * out.height).max(1) as f64;
-                let sum: f64 = out.data.chunks_exact(3).map(|p| luma(p) as f64).sum();
-                let mean = (sum / n + 0.5) as u8;
-                out.data.iter_mut().for_each(|v| *v = blend(*v, mean, f));
-            }
-            // Saturation: blend with the image's grey version.
-            _ => {
-                for px in out.data.chunks_exact_mut(3) {
-                    let g = luma(px);
-                    px.iter_mut().for_each(|v| *v = blend(*v, g, f));
-                }
-            }
-        }
+    for &op in &order[..n] {
+        out = match op {
+            0 => match factors[0] {
+                Some(f) => adjust_brightness(&out, f),
+                None => continue,
+            },
+            1 => match factors[1] {
+                Some(f) => adjust_contrast(&out, f),
+                None => continue,
+            },
+            2 => match factors[2] {
+                Some(f) => adjust_saturation(&out, f),
+                None => continue,
+            },
+            _ => match hue {
+                Some(h) => adjust_hue(&out, h as f64),
+                None => continue,
+            },
+        };
     }
     out
 }
@@ -498,11 +521,8 @@ mod tests {
             data: vec![1, 2, 3, 4, 5, 6],
         };
         assert_eq!(hflip(&image).data, [4, 5, 6, 1, 2, 3]);
-        assert_eq!(luma(&[255, 255, 255]), 255);
-        assert_eq!(blend(200, 0, 1.5), 255);
-        assert_eq!(blend(100, 50, 0.5), 75);
         let mut rng = SplitMix::new(3, 4);
-        let out = color_jitter(&image, [0.4, 0.4, 0.4], &mut rng);
+        let out = color_jitter(&image, [0.4, 0.4, 0.4], Some(0.1), &mut rng);
         assert_eq!(out.data.len(), 6);
         assert_ne!(out.data, image.data);
     }

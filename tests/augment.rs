@@ -1,0 +1,246 @@
+//! The automatic augmentations and ColorJitter's hue against torchvision (python_ref/augment.py
+//! applies every op of `TrivialAugmentWide` and `RandAugment` at fixed magnitudes, and the
+//! ColorJitter ops at fixed factors, to tiny PIL images); the random draws by their statistics.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use residual::checkpoint::{ReadOptions, StateDict};
+use residual::data::{
+    adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, sample_rng, AugmentOp,
+    AutoAugment, SplitMix,
+};
+use residual::preprocess::RgbImage;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Expected {
+    cases: Vec<Case>,
+    tables: HashMap<String, HashMap<AugmentOp, Vec<f64>>>,
+    hue: Vec<Factor>,
+    brightness: Vec<Factor>,
+    contrast: Vec<Factor>,
+    saturation: Vec<Factor>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    image: String,
+    op: AugmentOp,
+    magnitude: f64,
+    key: String,
+}
+
+#[derive(Deserialize)]
+struct Factor {
+    factor: f64,
+    key: String,
+}
+
+/// torchvision's images by key (expected.safetensors).
+type Images = HashMap<String, RgbImage>;
+
+fn fixture() -> &'static (PathBuf, Expected, Images) {
+    static FIXTURE: std::sync::OnceLock<(PathBuf, Expected, Images)> = std::sync::OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let dir = common::temp_dir("augment");
+        let python = std::env::var("RESIDUAL_PYTHON")
+            .expect("RESIDUAL_PYTHON comes from .cargo/config.toml");
+        let out = Command::new(python)
+            .arg(common::source_dir().join("python_ref/augment.py"))
+            .arg(&dir)
+            .output()
+            .expect("cannot run python");
+        assert!(
+            out.status.success(),
+            "python_ref/augment.py: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let expected: Expected =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+                .unwrap();
+        let tensors =
+            StateDict::read(&dir.join("expected.safetensors"), &ReadOptions::default()).unwrap();
+        let images = tensors
+            .entries
+            .iter()
+            .map(|(k, t)| {
+                let s = t.size();
+                let image = RgbImage {
+                    height: s[0] as usize,
+                    width: s[1] as usize,
+                    data: Vec::<u8>::try_from(t.flatten(0, -1)).unwrap(),
+                };
+                (k.clone(), image)
+            })
+            .collect();
+        (dir, expected, images)
+    })
+}
+
+fn image(images: &Images, key: &str) -> RgbImage {
+    images[key].clone()
+}
+
+/// The largest |difference| between our output and torchvision's (`key`).
+fn max_diff(have: &RgbImage, images: &Images, key: &str) -> i64 {
+    let want = &images[key];
+    assert_eq!(
+        (have.height, have.width),
+        (want.height, want.width),
+        "{key}"
+    );
+    have.data
+        .iter()
+        .zip(&want.data)
+        .map(|(&a, &b)| (a as i64 - b as i64).abs())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn every_op_at_a_fixed_magnitude_gives_torchvisions_pixels() {
+    let (_, expected, tensors) = fixture();
+    let mut worst: HashMap<AugmentOp, i64> = HashMap::new();
+    for c in &expected.cases {
+        let input = image(tensors, &format!("input.{}", c.image));
+        // The magnitudes are float32 values (serde_json may parse a float64 one unit off).
+        let m = c.magnitude as f32 as f64;
+        let d = max_diff(&c.op.apply(&input, m), tensors, &c.key);
+        let w = worst.entry(c.op).or_default();
+        *w = (*w).max(d);
+    }
+    println!("max |diff| per op: {worst:?}");
+    assert_eq!(worst.len(), AugmentOp::ALL.len());
+    for (op, d) in &worst {
+        assert_eq!(*d, 0, "{op:?} differs from torchvision by up to {d}");
+    }
+    assert!(expected.cases.len() > 200, "{}", expected.cases.len());
+}
+
+#[test]
+fn magnitude_tables_are_torchvisions() {
+    let (_, expected, tensors) = fixture();
+    let rect = image(tensors, "input.rect");
+    for (name, policy) in [
+        ("ta", AutoAugment::trivial_augment_wide()),
+        ("ra", AutoAugment::rand_augment()),
+    ] {
+        let want = &expected.tables[name];
+        for op in AugmentOp::ALL {
+            // float32 values: serde_json may parse a float64 one unit off.
+            let f32s = |t: &Vec<f64>| t.iter().map(|&v| v as f32).collect::<Vec<_>>();
+            let have = policy.magnitudes(op, rect.height, rect.width);
+            assert_eq!(
+                have.map(|t| f32s(&t)),
+                want.get(&op).map(f32s),
+                "{name} {op:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn colour_jitter_ops_at_fixed_factors_give_torchvisions_pixels() {
+    let (_, expected, tensors) = fixture();
+    let rect = image(tensors, "input.rect");
+    let mut worst = Vec::new();
+    for (name, cases) in [
+        ("hue", &expected.hue),
+        ("brightness", &expected.brightness),
+        ("contrast", &expected.contrast),
+        ("saturation", &expected.saturation),
+    ] {
+        let mut m = 0;
+        for c in cases {
+            let out = match name {
+                "hue" => adjust_hue(&rect, c.factor),
+                "brightness" => adjust_brightness(&rect, c.factor as f32),
+                "contrast" => adjust_contrast(&rect, c.factor as f32),
+                _ => adjust_saturation(&rect, c.factor as f32),
+            };
+            m = m.max(max_diff(&out, tensors, &c.key));
+        }
+        worst.push((name, m));
+    }
+    println!("max |diff|: {worst:?}");
+    assert!(worst.iter().all(|(_, d)| *d == 0), "{worst:?}");
+}
+
+/// Share of `n` draws per op, per sign and per magnitude bin.
+#[test]
+fn trivial_augment_draws_ops_bins_and_signs_uniformly() {
+    let policy = AutoAugment::trivial_augment_wide();
+    let n = 28000;
+    let mut ops: HashMap<AugmentOp, usize> = HashMap::new();
+    let (mut negative, mut signed) = (0, 0);
+    let mut bins = [0usize; 31];
+    let rotate = policy.magnitudes(AugmentOp::Rotate, 8, 8).unwrap();
+    let mut rotations = 0;
+    for i in 0..n {
+        let drawn = policy.draw(8, 8, &mut sample_rng(4, 1, i));
+        assert_eq!(drawn.len(), 1);
+        let (op, m) = drawn[0];
+        *ops.entry(op).or_default() += 1;
+        if op.signed() {
+            signed += 1;
+            negative += usize::from(m < 0.0 || (m == 0.0 && m.is_sign_negative()));
+        }
+        if op == AugmentOp::Rotate {
+            rotations += 1;
+            bins[rotate.iter().position(|&r| r == m.abs()).unwrap()] += 1;
+        }
+    }
+    // 1/14 of 28000 is 2000, standard deviation 43.
+    for op in AugmentOp::ALL {
+        let k = ops[&op];
+        assert!((k as f64 - 2000.0).abs() < 200.0, "{op:?}: {k} of {n}");
+    }
+    let share = negative as f64 / signed as f64;
+    assert!((share - 0.5).abs() < 0.015, "negative share {share}");
+    // About 65 a bin out of ~2000 rotations: every bin drawn, none more than twice its share.
+    let per_bin = rotations as f64 / 31.0;
+    assert!(
+        bins.iter()
+            .all(|&b| b as f64 > 0.4 * per_bin && (b as f64) < 1.6 * per_bin),
+        "{bins:?}"
+    );
+}
+
+#[test]
+fn rand_augment_draws_its_ops_at_its_magnitude() {
+    let policy = AutoAugment::rand_augment();
+    let n = 14000;
+    let mut ops: HashMap<AugmentOp, usize> = HashMap::new();
+    for i in 0..n {
+        let drawn = policy.draw(13, 17, &mut sample_rng(5, 0, i));
+        assert_eq!(drawn.len(), 2);
+        for (op, m) in drawn {
+            *ops.entry(op).or_default() += 1;
+            let want = policy.magnitudes(op, 13, 17).map_or(0.0, |t| t[9]);
+            assert_eq!(m.abs(), want, "{op:?}");
+        }
+    }
+    for op in AugmentOp::ALL {
+        let k = ops[&op];
+        assert!(
+            (k as f64 - 2000.0).abs() < 200.0,
+            "{op:?}: {k} of {}",
+            2 * n
+        );
+    }
+    // The same (seed, epoch, index) draws the same ops: resumed runs replay them.
+    let a = policy.draw(13, 17, &mut sample_rng(5, 0, 7));
+    assert_eq!(a, policy.draw(13, 17, &mut sample_rng(5, 0, 7)));
+    let mut other = SplitMix::new(1, 2);
+    let image = RgbImage {
+        height: 5,
+        width: 6,
+        data: (0..90).map(|v| (v * 2) as u8).collect(),
+    };
+    let out = policy.apply(&image, &mut other);
+    assert_eq!((out.height, out.width, out.data.len()), (5, 6, 90));
+}
