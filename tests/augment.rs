@@ -1,6 +1,7 @@
 //! The automatic augmentations and ColorJitter's hue against torchvision (python_ref/augment.py
 //! applies every op of `TrivialAugmentWide` and `RandAugment` at fixed magnitudes, and the
-//! ColorJitter ops at fixed factors, to tiny PIL images); the random draws by their statistics.
+//! ColorJitter ops at fixed factors, to tiny PIL images); the random draws by their statistics;
+//! mixup and cutmix by their statistics and an exact small batch.
 
 mod common;
 
@@ -10,8 +11,8 @@ use std::process::Command;
 
 use residual::checkpoint::{ReadOptions, StateDict};
 use residual::data::{
-    adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, sample_rng, AugmentOp,
-    AutoAugment, SplitMix,
+    adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, batch_rng, mix_batch,
+    sample_rng, AugmentOp, AutoAugment, Mix, MixDraw, SplitMix,
 };
 use residual::preprocess::RgbImage;
 use serde::Deserialize;
@@ -243,4 +244,83 @@ fn rand_augment_draws_its_ops_at_its_magnitude() {
     };
     let out = policy.apply(&image, &mut other);
     assert_eq!((out.height, out.width, out.data.len()), (5, 6, 90));
+}
+
+#[test]
+fn mixup_lambdas_follow_beta_alpha_alpha() {
+    let mix = Mix::new(0.2, 0.0);
+    let n = 20000;
+    let lams: Vec<f64> = (0..n)
+        .map(|b| {
+            let d = mix.draw(8, 8, &mut batch_rng(3, 0, b));
+            assert!(d.cutmix_box.is_none() && (0.0..=1.0).contains(&d.lam));
+            d.lam
+        })
+        .collect();
+    let mean = lams.iter().sum::<f64>() / n as f64;
+    let var = lams.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / n as f64;
+    // Beta(0.2, 0.2): mean 1/2, variance 1 / (4 * 1.4) = 0.1786; standard errors 0.003, 0.001.
+    assert!((mean - 0.5).abs() < 0.015, "mean {mean}");
+    assert!((var - 0.1786).abs() < 0.006, "variance {var}");
+    let extreme = lams
+        .iter()
+        .filter(|&&l| !(0.05..=0.95).contains(&l))
+        .count() as f64;
+    // P(lam < 0.05 or > 0.95) = 0.580 for Beta(0.2, 0.2) (numpy, 200000 draws).
+    assert!((extreme / n as f64 - 0.580).abs() < 0.02, "{extreme}");
+}
+
+#[test]
+fn cutmix_boxes_cover_one_minus_lambda_and_batches_switch_evenly() {
+    let mix = Mix::new(0.2, 1.0);
+    let (n, side) = (20000, 32);
+    let (mut cut, mut lam_sum) = (0, 0.0);
+    for b in 0..n {
+        let d = mix.draw(side, side, &mut batch_rng(8, 2, b));
+        let Some((top, bottom, left, right)) = d.cutmix_box else {
+            continue;
+        };
+        cut += 1;
+        lam_sum += d.lam;
+        let area = ((bottom - top) * (right - left)) as f64 / (side * side) as f64;
+        assert_eq!(area, 1.0 - d.lam, "box {:?}", d.cutmix_box);
+        assert!(bottom <= side && right <= side);
+    }
+    let share = cut as f64 / n as f64;
+    assert!((share - 0.5).abs() < 0.015, "cutmix share {share}");
+    // lam ~ U(0, 1) before the box is truncated and clipped to the image, which shrinks it: the
+    // corrected mean is 0.701 (timm's rand_bbox at 32x32 in numpy, 200000 draws; standard
+    // error here 0.003).
+    let mean = lam_sum / cut as f64;
+    assert!((mean - 0.701).abs() < 0.012, "mean lam {mean}");
+}
+
+#[test]
+fn a_small_batch_mixes_exactly() {
+    // Three one-channel 2x2 images with labels 0, 1, 2 of 3 classes.
+    let images: Vec<f32> = (0..12).map(|v| v as f32).collect();
+    let labels = [0, 1, 2];
+    let mut mixed = images.clone();
+    let draw = MixDraw {
+        lam: 0.25,
+        cutmix_box: None,
+    };
+    let targets = mix_batch(&mut mixed, &labels, 3, 2, 2, draw);
+    // Image 0 is 0.25 * itself + 0.75 * image 2; image 1 is mixed with itself.
+    assert_eq!(&mixed[..4], &[6.0, 7.0, 8.0, 9.0]);
+    assert_eq!(&mixed[4..8], &images[4..8]);
+    assert_eq!(&mixed[8..], &[2.0, 3.0, 4.0, 5.0]);
+    assert_eq!(targets, [0.25, 0.0, 0.75, 0.0, 1.0, 0.0, 0.75, 0.0, 0.25]);
+    let mut cut = images.clone();
+    let draw = MixDraw {
+        lam: 0.75,
+        cutmix_box: Some((0, 1, 1, 2)),
+    };
+    let targets = mix_batch(&mut cut, &labels, 3, 2, 2, draw);
+    // The top-right pixel comes from the mirrored image.
+    assert_eq!(
+        cut,
+        [0.0, 9.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 1.0, 10.0, 11.0]
+    );
+    assert_eq!(targets, [0.75, 0.0, 0.25, 0.0, 1.0, 0.0, 0.25, 0.0, 0.75]);
 }

@@ -12,8 +12,8 @@ use residual::checkpoint::{ReadOptions, StateDict};
 use std::sync::Arc;
 
 use residual::data::{
-    decode_all, decode_rgb, random_resized_crop_params, resized_crop, sample_rng, FolderOptions,
-    FolderStream, ImageFolder, Normalizer, SplitMix, TrainTransform,
+    decode_all, decode_rgb, random_resized_crop_params, resized_crop, sample_rng, AutoAugment,
+    FolderOptions, FolderStream, ImageFolder, Mix, Normalizer, SplitMix, TrainTransform,
 };
 use residual::preprocess::{Preprocess, RgbImage};
 use residual::train::{OptimizerKind, RunData, TrainOptions, Trainer};
@@ -367,6 +367,7 @@ fn flips_and_jitter_happen_as_often_as_asked() {
         color_jitter: None,
         hue: None,
         auto_augment: None,
+        mix: None,
     };
     let plain = resized_crop(&image, 0, 0, 4, 4, 4, 4);
     let n = 2000;
@@ -417,8 +418,12 @@ fn resumed_image_folder_runs_with_adamw_end_bit_identical() {
         image_folder: Some(FolderOptions {
             val_fraction: Some(0.3),
             workers: 2,
+            // Every random transform, mixup/cutmix (soft targets) included, replays on resume.
             train_transform: Some(TrainTransform {
                 color_jitter: Some([0.2, 0.2, 0.2]),
+                hue: Some(0.1),
+                auto_augment: Some(AutoAugment::trivial_augment_wide()),
+                mix: Some(Mix::new(0.2, 1.0)),
                 ..TrainTransform::default()
             }),
             ..FolderOptions::with_size(8)

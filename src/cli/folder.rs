@@ -1,6 +1,6 @@
 //! The flags of image-folder datasets, shared by `train` and `experiment`.
 
-use residual::data::{AutoAugment, FolderOptions, TrainTransform};
+use residual::data::{AutoAugment, FolderOptions, Mix, TrainTransform};
 
 /// The automatic augmentation policies (torchvision's).
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -45,8 +45,8 @@ pub struct FolderArgs {
     ratio: Vec<f64>,
     /// ColorJitter's brightness, contrast, saturation and optional hue strengths, e.g.
     /// 0.4,0.4,0.4 or 0.4,0.4,0.4,0.1 (hue <= 0.5).
-    #[arg(long, value_delimiter = ',', num_args = 3..=4)]
-    color_jitter: Option<Vec<f64>>,
+    #[arg(long, value_parser = parse_jitter)]
+    color_jitter: Option<Jitter>,
     /// TrivialAugmentWide or RandAugment after the flip (PIL ops, nearest, fill 0).
     #[arg(long, value_enum)]
     auto_augment: Option<AutoAugmentArg>,
@@ -59,6 +59,31 @@ pub struct FolderArgs {
     /// RandAugment's magnitude bin.
     #[arg(long, default_value_t = 9)]
     rand_augment_magnitude: usize,
+    /// Mixup on training batches: lam ~ Beta(ALPHA, ALPHA) (timm's mixup_alpha, e.g. 0.2).
+    #[arg(long, value_name = "ALPHA")]
+    mixup: Option<f64>,
+    /// Cutmix on training batches: lam ~ Beta(ALPHA, ALPHA) (timm's cutmix_alpha, e.g. 1.0);
+    /// with --mixup too, each batch picks one (cutmix with probability 0.5).
+    #[arg(long, value_name = "ALPHA")]
+    cutmix: Option<f64>,
+}
+
+/// `--color-jitter`'s 3 or 4 comma-separated strengths.
+#[derive(Clone, Debug)]
+pub struct Jitter(Vec<f64>);
+
+fn parse_jitter(s: &str) -> Result<Jitter, String> {
+    let v = s
+        .split(',')
+        .map(|x| x.trim().parse::<f64>().map_err(|e| format!("{x:?}: {e}")))
+        .collect::<Result<Vec<f64>, String>>()?;
+    if !(3..=4).contains(&v.len()) {
+        return Err(format!(
+            "expected brightness,contrast,saturation[,hue], got {} values",
+            v.len()
+        ));
+    }
+    Ok(Jitter(v))
 }
 
 impl FolderArgs {
@@ -82,8 +107,10 @@ impl FolderArgs {
             scale: [self.scale[0], self.scale[1]],
             ratio: [self.ratio[0], self.ratio[1]],
             flip,
-            color_jitter: self.color_jitter.as_ref().map(|j| [j[0], j[1], j[2]]),
-            hue: self.color_jitter.as_ref().and_then(|j| j.get(3).copied()),
+            color_jitter: self.color_jitter.as_ref().map(|j| [j.0[0], j.0[1], j.0[2]]),
+            hue: self.color_jitter.as_ref().and_then(|j| j.0.get(3).copied()),
+            mix: (self.mixup.is_some() || self.cutmix.is_some())
+                .then(|| Mix::new(self.mixup.unwrap_or(0.0), self.cutmix.unwrap_or(0.0))),
             auto_augment: self.auto_augment.map(|a| match a {
                 AutoAugmentArg::Trivial => AutoAugment::TrivialAugmentWide {
                     num_magnitude_bins: self.magnitude_bins,

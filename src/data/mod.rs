@@ -5,6 +5,7 @@ mod augment;
 mod batch;
 mod folder;
 mod formats;
+mod mix;
 mod pipeline;
 
 pub use augment::{
@@ -17,8 +18,9 @@ pub use folder::{
     ImageFolder, IMG_EXTENSIONS,
 };
 pub use formats::{read_cifar, read_idx_pair, DataFormat};
+pub use mix::{beta, mix_batch, Mix, MixDraw};
 pub use pipeline::{
-    random_resized_crop_params, resized_crop, sample_rng, EpochBatches, FolderStream,
+    batch_rng, random_resized_crop_params, resized_crop, sample_rng, EpochBatches, FolderStream,
     StreamBatches, TrainTransform,
 };
 

@@ -21,6 +21,7 @@ use super::augment::{
 };
 use super::batch::{Batches, Normalizer, SplitMix};
 use super::folder::{decode_rgb, to_chw_bytes, ImageFolder};
+use super::mix::{mix_batch, Mix};
 use crate::preprocess::pil::{self, Filter};
 use crate::preprocess::RgbImage;
 
@@ -45,6 +46,9 @@ pub struct TrainTransform {
     /// TrivialAugmentWide or RandAugment, after the flip.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_augment: Option<AutoAugment>,
+    /// Batch-level mixup/cutmix (soft targets) on the normalised batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mix: Option<Mix>,
 }
 
 impl Default for TrainTransform {
@@ -57,6 +61,7 @@ impl Default for TrainTransform {
             color_jitter: None,
             hue: None,
             auto_augment: None,
+            mix: None,
         }
     }
 }
@@ -89,6 +94,9 @@ impl TrainTransform {
         }
         if let Some(a) = &self.auto_augment {
             a.validate()?;
+        }
+        if let Some(m) = &self.mix {
+            m.validate()?;
         }
         Ok(())
     }
@@ -246,6 +254,12 @@ pub fn sample_rng(seed: u64, epoch: u64, index: usize) -> SplitMix {
     SplitMix::new(g.next_u64(), index as u64)
 }
 
+/// The generator of batch `batch` in `epoch` (mixup/cutmix draws).
+pub fn batch_rng(seed: u64, epoch: u64, batch: usize) -> SplitMix {
+    let mut g = SplitMix::new(seed, epoch.wrapping_add(0x2_0000));
+    SplitMix::new(g.next_u64(), batch as u64)
+}
+
 /// An image folder's training split streamed through [`TrainTransform`] by worker threads.
 #[derive(Debug, Clone)]
 pub struct FolderStream {
@@ -262,6 +276,8 @@ pub struct FolderStream {
 struct RawBatch {
     pixels: Vec<f32>,
     labels: Vec<i64>,
+    /// Soft targets `[B, classes]` when mixed.
+    targets: Option<Vec<f32>>,
     unreadable: Vec<PathBuf>,
 }
 
@@ -379,6 +395,7 @@ impl StreamBatches<'_> {
                     let mut batch = RawBatch {
                         pixels: Vec::with_capacity(indices.len() * 3 * stream.size * stream.size),
                         labels: Vec::with_capacity(indices.len()),
+                        targets: None,
                         unreadable: Vec::new(),
                     };
                     for &i in indices {
@@ -399,6 +416,19 @@ impl StreamBatches<'_> {
                             }
                         }
                     }
+                    if let (Some(mix), false) = (stream.transform.mix, batch.labels.is_empty()) {
+                        let s = stream.size;
+                        let draw = mix.draw(s, s, &mut batch_rng(seed, epoch, b));
+                        let classes = stream.folder.classes.len();
+                        batch.targets = Some(mix_batch(
+                            &mut batch.pixels,
+                            &batch.labels,
+                            classes,
+                            s,
+                            s,
+                            draw,
+                        ));
+                    }
                     if tx.send(batch).is_err() {
                         return;
                     }
@@ -415,8 +445,9 @@ impl StreamBatches<'_> {
         }
     }
 
-    /// The next `(normalised images [B, 3, size, size], labels [B])` on the host; `None` at the
-    /// end. A batch whose images were all unreadable is passed over.
+    /// The next `(normalised images [B, 3, size, size], labels [B])` on the host, or soft targets
+    /// `[B, classes]` (float) with mixup/cutmix; `None` at the end. A batch whose images were all
+    /// unreadable is passed over.
     pub fn next_host(&mut self) -> Result<Option<(Tensor, Tensor)>> {
         loop {
             if self.next >= self.len() as usize {
@@ -438,7 +469,11 @@ impl StreamBatches<'_> {
             let s = self.stream.size as i64;
             let b = batch.labels.len() as i64;
             let images = Tensor::from_slice(&batch.pixels).view([b, 3, s, s]);
-            return Ok(Some((images, Tensor::from_slice(&batch.labels))));
+            let targets = match &batch.targets {
+                Some(t) => Tensor::from_slice(t).view([b, -1]),
+                None => Tensor::from_slice(&batch.labels),
+            };
+            return Ok(Some((images, targets)));
         }
     }
 
@@ -459,7 +494,8 @@ pub trait EpochBatches {
     }
     /// Skips `n` batches (resuming inside an epoch).
     fn skip_batches(&mut self, n: i64) -> Result<()>;
-    /// The next `(images [B, C, H, W] float normalised, labels [B])` on the device.
+    /// The next `(images [B, C, H, W] float normalised, labels [B])` on the device; the labels
+    /// are soft targets `[B, classes]` (float) when the batch was mixed.
     fn next_batch(&mut self) -> Result<Option<(Tensor, Tensor)>>;
     /// Files that could not be read so far this epoch.
     fn unreadable(&self) -> &[PathBuf] {

@@ -4,9 +4,18 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Reduction, Tensor};
 
 /// The training loss: mean cross-entropy of `logits` `[B, K]` (computed in fp32 whatever the
-/// autocast dtype) against class indices `labels` `[B]`, with label smoothing as
-/// `F.cross_entropy(..., label_smoothing=smoothing)`.
+/// autocast dtype) against class indices `labels` `[B]`, or against soft targets `[B, K]` (class
+/// probabilities, from mixup/cutmix), with label smoothing as
+/// `F.cross_entropy(..., label_smoothing=smoothing)` (soft targets become
+/// `(1 - smoothing) * targets + smoothing / K`, as timm's `mixup_target` with smoothing).
 pub fn logits_loss(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Tensor {
+    let soft;
+    let labels = if labels.dim() == 2 {
+        soft = labels.to_kind(Kind::Float);
+        &soft
+    } else {
+        labels
+    };
     logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
         labels,
         None,
@@ -50,6 +59,34 @@ impl Default for LossScaler {
         Self {
             scale: Self::INIT_SCALE,
             clean_steps: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn soft_targets_give_the_mixed_hard_losses() {
+        let logits = Tensor::from_slice(&[1.0f32, -0.5, 2.0, 0.3, 0.0, -1.0]).view([2, 3]);
+        let y = Tensor::from_slice(&[2i64, 0]);
+        let y_flipped = Tensor::from_slice(&[0i64, 2]);
+        for smoothing in [0.0, 0.1] {
+            let lam = 0.3f32;
+            let one_hot = |t: &Tensor| t.one_hot(3).to_kind(Kind::Float);
+            let soft = one_hot(&y) * f64::from(lam) + one_hot(&y_flipped) * f64::from(1.0 - lam);
+            let mixed = logits_loss(&logits, &soft, smoothing).double_value(&[]);
+            let want = f64::from(lam) * logits_loss(&logits, &y, smoothing).double_value(&[])
+                + f64::from(1.0 - lam)
+                    * logits_loss(&logits, &y_flipped, smoothing).double_value(&[]);
+            assert!(
+                (mixed - want).abs() < 1e-6,
+                "{smoothing}: {mixed} vs {want}"
+            );
+            let hard = logits_loss(&logits, &y, smoothing).double_value(&[]);
+            let as_soft = logits_loss(&logits, &one_hot(&y), smoothing).double_value(&[]);
+            assert!((hard - as_soft).abs() < 1e-6, "{hard} vs {as_soft}");
         }
     }
 }

@@ -456,7 +456,13 @@ impl Trainer {
         }
         let n = y.size()[0] as f64;
         Ok(tch::no_grad(|| {
-            let wrong = logits.argmax(1, false).ne_tensor(y).sum(Kind::Int64);
+            // Mixed batches: the wrong predictions are counted against the dominant class.
+            let hard = if y.dim() == 2 {
+                y.argmax(1, false)
+            } else {
+                y.shallow_clone()
+            };
+            let wrong = logits.argmax(1, false).ne_tensor(&hard).sum(Kind::Int64);
             (loss.detach().to_kind(Kind::Double) * n, wrong)
         }))
     }
