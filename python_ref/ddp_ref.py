@@ -4,13 +4,14 @@ Writes OUT/ddp/: a tiny IDX data set (`data/`), the model config (`model.json`),
 options (`train.json`), the initial weights (`init.safetensors`), and what 2 Gloo processes of
 `torch.nn.parallel.DistributedDataParallel` (launched by torchrun on 127.0.0.1) end with after
 `epochs` epochs of SGD: rank 0's state_dict (`final.safetensors`) and each step's loss per rank
-(`losses.json`). Each rank reads the epoch order `residual train` draws (a SplitMix64
+(`losses.json`). The model is a CIFAR ResNet (depth 8); OUT/ddp/resnet18/ holds the same files
+(the data aside) for torchvision's resnet18 at widths (4, 8, 16, 32), trained one epoch. Each rank reads the epoch order `residual train` draws (a SplitMix64
 Fisher-Yates shuffle seeded by (seed, epoch), src/data/batch.rs) through DistributedSampler's
 sharding: padded by repeating its start to a multiple of the world size, every world-th index from
 the rank on. No augmentation; normalisation as src/data/batch.rs's Normalizer.
 
-Usage: python ddp_ref.py --out DIR            (prepares, then runs torchrun itself)
-       torchrun ... ddp_ref.py --worker DIR   (one rank; torchrun sets RANK and WORLD_SIZE)
+Usage: python ddp_ref.py --out DIR                        (prepares, then runs torchrun itself)
+       torchrun ... ddp_ref.py --worker DIR --case NAME   (one rank; torchrun sets RANK, WORLD_SIZE)
 """
 
 import argparse
@@ -29,11 +30,21 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from resnet_ref import CifarResNet  # noqa: E402
+from resnet_ref import BasicBlock, CifarResNet, ResNet, init_like_torchvision  # noqa: E402
 
 N_TRAIN, N_TEST, SIDE = 51, 8, 12
-CONFIG = {"arch": "cifar_resnet", "depth": 8, "in_channels": 1}
 TRAIN = {"epochs": 2, "batch_size": 8, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "seed": 3}
+# Each case: its model config (as `residual train` reads it), its sub-folder of OUT/ddp, epochs,
+# batch size. resnet18's stage 4 sees 1x1 maps here: batches of 9 (26 indices per rank: 9, 9, 8)
+# keep its batch norms off 2 values, whose input gradient is 0 in exact arithmetic and rounding
+# noise times 1/std in floats (it differed by 2e-2 between two correct runs).
+CASES = {
+    "cifar_resnet8": ({"arch": "cifar_resnet", "depth": 8, "in_channels": 1}, "", 2, 8),
+    # resnet18's blocks and layers; torchvision's constructor fixes the widths, so given in full.
+    "resnet18": ({"arch": "resnet", "block": "basic", "layers": [2, 2, 2, 2],
+                  "channels": [4, 8, 16, 32], "stem_width": 4, "in_channels": 1,
+                  "num_classes": 10}, "resnet18", 1, 9),
+}
 WORLD = 2
 MASK = (1 << 64) - 1
 
@@ -72,6 +83,34 @@ def shard(order, rank: int, world: int):
     return padded[rank:total:world]
 
 
+class NarrowResNet(ResNet):
+    """torchvision's ResNet with stage widths `channels` and a stem of `stem_width` (residual's
+    `channels` / `stem_width` options)."""
+
+    def __init__(self, layers, channels, stem_width, in_channels, num_classes):
+        torch.nn.Module.__init__(self)
+        self.inplanes, self.groups, self.base_width = stem_width, 1, 64
+        self.shortcut, self.plain, self.norm_layer = "B", False, torch.nn.BatchNorm2d
+        self.conv1 = torch.nn.Conv2d(in_channels, stem_width, 7, 2, 3, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(stem_width)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.maxpool = torch.nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(BasicBlock, channels[0], layers[0])
+        self.layer2 = self._make_layer(BasicBlock, channels[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(BasicBlock, channels[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(BasicBlock, channels[3], layers[3], stride=2)
+        self.avgpool = torch.nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = torch.nn.Linear(channels[3], num_classes)
+        init_like_torchvision(self)
+
+
+def build(config):
+    if config["arch"] == "cifar_resnet":
+        return CifarResNet(config["depth"], in_channels=config["in_channels"])
+    return NarrowResNet(config["layers"], config["channels"], config["stem_width"],
+                        config["in_channels"], config["num_classes"])
+
+
 def idx_bytes(t: torch.Tensor) -> bytes:
     head = bytes([0, 0, 8, t.dim()]) + b"".join(int(d).to_bytes(4, "big") for d in t.shape)
     return head + t.to(torch.uint8).contiguous().numpy().tobytes()
@@ -85,7 +124,7 @@ def read_idx(path: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(dims)
 
 
-def prepare(out: str) -> None:
+def prepare_data(out: str) -> None:
     os.makedirs(os.path.join(out, "data"), exist_ok=True)
     g = torch.Generator().manual_seed(1234)
     for prefix, n in [("train", N_TRAIN), ("t10k", N_TEST)]:
@@ -98,17 +137,28 @@ def prepare(out: str) -> None:
         for kind, t in [("images-idx3", images), ("labels-idx1", labels)]:
             with open(os.path.join(out, "data", f"{prefix}-{kind}-ubyte"), "wb") as f:
                 f.write(idx_bytes(t))
+
+
+def prepare(out: str, case: str) -> str:
+    """Writes the initial weights and options of `case`; returns its folder."""
+    config, sub, epochs, batch = CASES[case]
+    folder = os.path.join(out, sub)
+    os.makedirs(folder, exist_ok=True)
     torch.manual_seed(TRAIN["seed"])
-    model = CifarResNet(CONFIG["depth"], in_channels=CONFIG["in_channels"])
+    model = build(config)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              os.path.join(out, "init.safetensors"))
-    with open(os.path.join(out, "model.json"), "w") as f:
-        json.dump(CONFIG, f)
-    with open(os.path.join(out, "train.json"), "w") as f:
-        json.dump({**TRAIN, "world_size": WORLD, "n_train": N_TRAIN}, f)
+              os.path.join(folder, "init.safetensors"))
+    with open(os.path.join(folder, "model.json"), "w") as f:
+        json.dump(config, f)
+    with open(os.path.join(folder, "train.json"), "w") as f:
+        json.dump({**TRAIN, "epochs": epochs, "batch_size": batch, "world_size": WORLD,
+                   "n_train": N_TRAIN}, f)
+    return folder
 
 
-def worker(out: str) -> None:
+def worker(out: str, case: str) -> None:
+    config, sub, epochs, b = CASES[case]
+    folder = os.path.join(out, sub)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -121,15 +171,14 @@ def worker(out: str) -> None:
     std = torch.where(std > 0, std, torch.ones_like(std))
     mean_t, std_t = mean.float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1)
 
-    model = CifarResNet(CONFIG["depth"], in_channels=CONFIG["in_channels"])
-    model.load_state_dict(load_file(os.path.join(out, "init.safetensors")))
+    model = build(config)
+    model.load_state_dict(load_file(os.path.join(folder, "init.safetensors")))
     model.train()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=TRAIN["lr"], momentum=TRAIN["momentum"],
                           weight_decay=TRAIN["weight_decay"])
     losses = []
-    b = TRAIN["batch_size"]
-    for epoch in range(TRAIN["epochs"]):
+    for epoch in range(epochs):
         mine = shard(epoch_order(N_TRAIN, TRAIN["seed"], epoch), rank, world)
         for start in range(0, len(mine), b):
             idx = torch.tensor(mine[start:start + b])
@@ -144,8 +193,8 @@ def worker(out: str) -> None:
     dist.all_gather_object(gathered, losses)
     if rank == 0:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  os.path.join(out, "final.safetensors"))
-        with open(os.path.join(out, "losses.json"), "w") as f:
+                  os.path.join(folder, "final.safetensors"))
+        with open(os.path.join(folder, "losses.json"), "w") as f:
             json.dump(gathered, f)
     dist.barrier()
     # Leave without tearing the group down: a rank that outlived its peer could wait in Gloo's
@@ -158,17 +207,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="reference folder; writes OUT/ddp")
     parser.add_argument("--worker", help="run one rank on this OUT/ddp folder")
+    parser.add_argument("--case", choices=sorted(CASES), default="cifar_resnet8")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker)
+        worker(args.worker, args.case)
         return
     export(args.out)
 
 
 def export(root: str) -> str:
-    """Writes ROOT/ddp (data, initial weights, and the DDP run's results); returns "ddp"."""
+    """Writes ROOT/ddp (data, initial weights, and the DDP runs' results); returns "ddp"."""
     out = os.path.join(root, "ddp")
-    prepare(out)
+    prepare_data(out)
+    for case in CASES:
+        prepare(out, case)
+        run_ddp(out, case)
+    print(f"wrote the DDP references to {out}")
+    return "ddp"
+
+
+def run_ddp(out: str, case: str) -> None:
+    """Runs `case` under torchrun with WORLD Gloo processes, three tries at most."""
     for attempt in range(3):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -176,7 +235,8 @@ def export(root: str) -> str:
         # Its own session, so that a run that hangs is killed with its ranks, then tried again.
         run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run",
                                 f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1",
-                                f"--master_port={port}", os.path.abspath(__file__), "--worker", out],
+                                f"--master_port={port}", os.path.abspath(__file__), "--worker", out,
+                                "--case", case],
                                start_new_session=True)
         try:
             if run.wait(timeout=300) == 0:
@@ -187,9 +247,7 @@ def export(root: str) -> str:
             run.wait()
             print(f"the DDP run hung for 300 s and was killed, attempt {attempt + 1} of 3")
     else:
-        raise SystemExit("the DDP reference run failed 3 times")
-    print(f"wrote the DDP reference to {out}")
-    return "ddp"
+        raise SystemExit(f"the DDP reference run of {case} failed 3 times")
 
 
 if __name__ == "__main__":

@@ -173,12 +173,16 @@ fn ddp_reference() -> std::path::PathBuf {
 
 /// A run folder at step 0 holding the reference's initial weights and training options.
 fn run_from_reference(run: &std::path::Path, epochs: u64) {
+    run_from_case(run, &ddp_reference(), epochs, 8);
+}
+
+/// As [`run_from_reference`], for the reference case in folder `reference`.
+fn run_from_case(run: &std::path::Path, reference: &std::path::Path, epochs: u64, batch_size: i64) {
     use residual::train::{Schedule, TrainOptions, Trainer};
-    let reference = ddp_reference();
     let config = residual::ModelConfig::from_file(&reference.join("model.json")).unwrap();
     let options = TrainOptions {
         epochs,
-        batch_size: 8,
+        batch_size,
         lr: 0.05,
         momentum: 0.9,
         weight_decay: 1e-4,
@@ -283,6 +287,39 @@ fn two_ranks_under_torchrun_match_pytorch_ddp() {
 }
 
 #[test]
+fn two_ranks_match_pytorch_ddp_on_a_narrow_resnet18() {
+    if !gloo_or_skip() {
+        return;
+    }
+    let reference = ddp_reference().join("resnet18");
+    let dir = common::temp_dir("ddp-resnet18");
+    let run = dir.join("run");
+    run_from_case(&run, &reference, 1, 9);
+    let data = ddp_reference().join("data");
+    // The ranks as torchrun would start them (one intra-op thread each, as torchrun sets and
+    // the reference uses), without its start-up time.
+    let out = spawn_ranks(
+        2,
+        &train_args(run.to_str().unwrap(), data.to_str().unwrap()),
+        &[("OMP_NUM_THREADS", "1")],
+    );
+    for (rank, o) in out.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
+    }
+    let pytorch = residual::checkpoint::StateDict::read(
+        &reference.join("final.safetensors"),
+        &Default::default(),
+    )
+    .unwrap();
+    let diff = max_abs_diff(&final_weights(&run), &pytorch);
+    println!(
+        "resnet18 (widths 4-32): max |Δ| between Rust DDP and PyTorch DDP after 3 steps: {diff:e}"
+    );
+    assert!(diff <= 1e-6, "max |Δ| {diff}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_ends_as_an_uninterrupted_run() {
     if !gloo_or_skip() {
         return;
@@ -318,3 +355,4 @@ fn a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_ends_as_an_uninterrupted
     assert_eq!(metrics.lines().count(), 2, "{metrics}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
