@@ -363,7 +363,7 @@ pub fn load(
     device: tch::Device,
     seed: u64,
 ) -> Result<Loaded> {
-    use crate::checkpoint::{load_state_dict, ReadOptions, StateDict};
+    use crate::checkpoint::{load_state_dict, Checkpoint, ReadOptions};
     use crate::ModelConfig;
     config.validate()?;
     tch::manual_seed(seed as i64);
@@ -377,7 +377,7 @@ pub fn load(
         ),
     };
     if let Some(w) = weights {
-        let state = StateDict::read(w, &ReadOptions::default())?;
+        let state = Checkpoint::open(w, &ReadOptions::default())?;
         load_state_dict(&vs, &state, true)
             .with_context(|| format!("cannot load {} into the model", w.display()))?;
     }

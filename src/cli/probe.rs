@@ -256,7 +256,7 @@ impl Lesion {
             _ => bail!("not a SiD or ConvSDS config"),
         };
         if let Some(w) = &self.weights {
-            let state = residual::checkpoint::StateDict::read(w, &Default::default())?;
+            let state = residual::checkpoint::Checkpoint::open(w, &Default::default())?;
             residual::checkpoint::load_state_dict(&vs, &state, true)?;
         }
         let n = self.test_subset.unwrap_or(512);

@@ -9,7 +9,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 use super::metrics::Tally;
 use super::trainer::Trainer;
-use crate::checkpoint::{load_state_dict, ReadOptions, StateDict};
+use crate::checkpoint::{load_state_dict, Checkpoint, ReadOptions};
 use crate::config::ModelConfig;
 use crate::data::{Batches, Dataset, Normalizer};
 use crate::models::{Inputs, Model};
@@ -85,7 +85,7 @@ pub fn load_model(
 ) -> Result<(VarStore, Box<dyn Model>)> {
     let vs = VarStore::new(device);
     let model = config.build(vs.root())?;
-    let state = StateDict::read(weights, &ReadOptions::default())?;
+    let state = Checkpoint::open(weights, &ReadOptions::default())?;
     load_state_dict(&vs, &state, true)?;
     Ok((vs, model))
 }

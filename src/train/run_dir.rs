@@ -14,7 +14,7 @@ use super::loss::LossScaler;
 use super::metrics::EpochMetrics;
 use super::optimizer::Optimizer;
 use super::options::TrainOptions;
-use crate::checkpoint::{load_state_dict, ReadOptions, StateDict};
+use crate::checkpoint::{load_state_dict, Checkpoint, ReadOptions, StateDict};
 use crate::config::ModelConfig;
 use crate::fs::write_atomic;
 
@@ -133,7 +133,7 @@ impl RunDir {
         let ckpt = self
             .latest()?
             .with_context(|| format!("{} has no checkpoint to resume from", self.path.display()))?;
-        let weights = StateDict::read(&ckpt.join("model.pth"), &ReadOptions::default())?;
+        let weights = Checkpoint::open(&ckpt.join("model.pth"), &ReadOptions::default())?;
         load_state_dict(vs, &weights, true)?;
         sgd.load_state(&StateDict::read(
             &ckpt.join("optimizer.safetensors"),
