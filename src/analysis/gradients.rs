@@ -5,9 +5,10 @@
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Reduction, Tensor};
+use tch::{Kind, Tensor};
 
-use super::{forward, units, Edit, Probed};
+use super::{forward, loss, unit_names, Edit, Probed};
+use crate::models::Inputs;
 
 /// One measured gradient norm.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,34 +30,24 @@ pub struct Gradients {
     pub first_to_last: f64,
 }
 
-/// Measures the gradient norms of `net` for images `x` `[B, C, H, W]` and labels `y` `[B]`; `train`
-/// picks batch statistics (as during training) or running ones for the batch norms.
-pub fn probe(net: &dyn Probed, x: &Tensor, y: &Tensor, train: bool) -> Result<Gradients> {
+/// Measures the gradient norms of `net` for inputs `x` (images `[B, C, H, W]` as `input`; see
+/// [`super::random_batch`] for the other models) and labels `y` (`[B]`, ConvSDS `[B, L]`);
+/// `train` picks batch statistics (as during training) or running ones for the batch norms, and
+/// dropout where the model has it.
+pub fn probe(net: &dyn Probed, x: &Inputs, y: &Tensor, train: bool) -> Result<Gradients> {
     let trace = forward(net, x, train, &Edit::default())?;
-    let loss = trace
-        .logits
-        .to_kind(Kind::Float)
-        .cross_entropy_loss::<Tensor>(y, None, Reduction::Mean, -100, 0.0);
+    let loss = loss(&trace.logits, y);
     let mut output_names = vec!["stem".to_string()];
     let mut outputs = vec![trace.stem.shallow_clone()];
-    let mut weight_names = Vec::new();
-    let mut weights = Vec::new();
-    for (name, w) in net.stem_weights() {
-        weight_names.push(name);
-        weights.push(w.shallow_clone());
-    }
-    for ((_, name, unit), out) in units(net).into_iter().zip(&trace.outputs) {
-        for (layer, w) in unit.weights() {
-            weight_names.push(format!("{name}.{layer}"));
-            weights.push(w.shallow_clone());
-        }
+    for (name, out) in unit_names(net).into_iter().zip(&trace.outputs) {
         output_names.push(name);
         outputs.push(out.shallow_clone());
     }
-    for (name, w) in net.head_weights() {
-        weight_names.push(name);
-        weights.push(w.shallow_clone());
-    }
+    let (weight_names, weights): (Vec<String>, Vec<Tensor>) = net
+        .weights()
+        .into_iter()
+        .map(|(name, w)| (name, w.shallow_clone()))
+        .unzip();
     let inputs: Vec<Tensor> = outputs
         .iter()
         .chain(&weights)

@@ -6,11 +6,12 @@ use std::collections::BTreeSet;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 use super::{forward, swappable_pairs, unit_names, Edit, Probed, Rng};
 use crate::data::{Batches, Dataset, Normalizer};
 use crate::experiment::Spread;
+use crate::models::Inputs;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -68,7 +69,7 @@ pub fn error(
     let (mut wrong, mut total) = (0i64, 0i64);
     tch::no_grad(|| -> Result<()> {
         while let Some((x, y)) = batches.next_batch()? {
-            let logits = forward(net, &x, false, edit)?.logits;
+            let logits = forward(net, &super::image(&x), false, edit)?.logits;
             wrong += logits
                 .argmax(1, false)
                 .ne_tensor(&y)
@@ -104,9 +105,41 @@ pub fn study(
     normalizer: &Normalizer,
     plan: &LesionPlan,
 ) -> Result<Lesion> {
+    let err = |edit: &Edit| error(net, data, normalizer, plan.batch_size, edit);
+    study_by(net, plan, data.len(), err)
+}
+
+/// The share of `x`'s predictions (argmax over the last axis: per example, or per position for
+/// ConvSDS) that differ from the intact network's, with `edit`, in eval mode.
+pub fn changed(net: &dyn Probed, x: &Inputs, intact: &Tensor, edit: &Edit) -> Result<f64> {
+    let logits = tch::no_grad(|| forward(net, x, false, edit))?.logits;
+    Ok(logits
+        .argmax(-1, false)
+        .ne_tensor(intact)
+        .to_kind(Kind::Double)
+        .mean(Kind::Double)
+        .double_value(&[]))
+}
+
+/// The study without labelled data (random inputs `x`): each "error" is the share of predictions
+/// that change ([`changed`]), so the baseline is 0.
+pub fn study_changes(net: &dyn Probed, x: &Inputs, plan: &LesionPlan) -> Result<Lesion> {
+    let intact = tch::no_grad(|| forward(net, x, false, &Edit::default()))?
+        .logits
+        .argmax(-1, false);
+    let err = |edit: &Edit| changed(net, x, &intact, edit);
+    study_by(net, plan, super::batch_size(x), err)
+}
+
+/// The study with `err(edit)` measuring one edited network on `images` examples.
+fn study_by(
+    net: &dyn Probed,
+    plan: &LesionPlan,
+    images: i64,
+    err: impl Fn(&Edit) -> Result<f64>,
+) -> Result<Lesion> {
     let names = unit_names(net);
     let n = names.len();
-    let err = |edit: &Edit| error(net, data, normalizer, plan.batch_size, edit);
     let baseline = err(&Edit::default())?;
     let mut deleted = Vec::with_capacity(n);
     for (i, name) in names.iter().enumerate() {
@@ -168,7 +201,7 @@ pub fn study(
     Ok(Lesion {
         residual: net.residual(),
         units: n,
-        images: data.len(),
+        images,
         baseline,
         deleted,
         deleted_k,

@@ -14,9 +14,9 @@
 
 pub mod gradients;
 pub mod lesion;
-pub mod masked;
 pub mod paths;
 pub mod plot;
+pub mod probed;
 pub mod study;
 
 use std::collections::BTreeSet;
@@ -24,9 +24,7 @@ use std::collections::BTreeSet;
 use anyhow::{bail, Context, Result};
 use tch::Tensor;
 
-use crate::models::cifar::CifarResNet;
-use crate::models::conv_sds::ConvSdsHead;
-use crate::models::resnet::{global_pool, stem, Block};
+use crate::models::Inputs;
 
 /// One residual unit, `join(branch(x), shortcut(x))`.
 pub trait Unit {
@@ -44,133 +42,52 @@ pub trait Unit {
     fn weights(&self) -> Vec<(&'static str, &Tensor)>;
 }
 
-impl Unit for Block {
-    fn branch_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        Block::branch_t(self, x, train)
-    }
-    fn shortcut_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        Block::shortcut_t(self, x, train)
-    }
-    fn join(&self, branch: Tensor, shortcut: Tensor) -> Tensor {
-        Block::join(self, branch, shortcut)
-    }
-    fn skip_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        Block::skip_t(self, x, train)
-    }
-    fn reshapes(&self) -> bool {
-        Block::reshapes(self)
-    }
-    fn weights(&self) -> Vec<(&'static str, &Tensor)> {
-        self.conv_weights()
-    }
-}
-
 /// A network as Veit et al. see it: a stem, stages of units, a head.
 pub trait Probed {
-    /// The tensor the first unit reads.
-    fn stem_t(&self, x: &Tensor, train: bool) -> Result<Tensor>;
-    /// The units, stage by stage, with their state_dict prefixes (`layer2.0`).
+    /// The tensor the first unit reads (`x`: the model's named inputs, `input` for images).
+    fn stem_t(&self, x: &Inputs, train: bool) -> Result<Tensor>;
+    /// The units, stage by stage, with their state_dict prefixes (`layer2.0`). A stage is a chain
+    /// of units (units may be reordered only within one).
     fn stages(&self) -> Vec<Vec<(String, &dyn Unit)>>;
+    /// From the stem's output to the head's input; `next(h)` runs the next unit in run order and
+    /// must be called once per unit. The default runs the units as one chain; a model whose units
+    /// sit inside other computations (SiD) overrides it.
+    fn body_t(
+        &self,
+        stem: &Tensor,
+        _train: bool,
+        next: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let n: usize = self.stages().iter().map(Vec::len).sum();
+        (0..n).try_fold(stem.shallow_clone(), |h, _| next(&h))
+    }
     /// From the last unit's output to the logits.
     fn head_t(&self, h: &Tensor, train: bool) -> Result<Tensor>;
     /// The stem's and the head's weights, named (`conv1.weight`, `fc.weight`).
     fn stem_weights(&self) -> Vec<(String, &Tensor)>;
     fn head_weights(&self) -> Vec<(String, &Tensor)>;
+    /// Every layer weight the gradient probe reports, named, input side first: by default the
+    /// stem's, the units' branches', the head's.
+    fn weights(&self) -> Vec<(String, &Tensor)> {
+        let mut all = self.stem_weights();
+        for (name, unit) in self.stages().into_iter().flatten() {
+            all.extend(probed::unit_weights(&name, unit));
+        }
+        all.extend(self.head_weights());
+        all
+    }
     /// Whether the units have shortcuts (false: a plain net).
     fn residual(&self) -> bool;
-}
-
-impl Probed for CifarResNet {
-    fn stem_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        stem(&self.conv1, &self.bn1, x, train)
-    }
-    fn stages(&self) -> Vec<Vec<(String, &dyn Unit)>> {
-        [&self.layer1, &self.layer2, &self.layer3]
-            .iter()
-            .enumerate()
-            .map(|(s, blocks)| {
-                blocks
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| (format!("layer{}.{i}", s + 1), b as &dyn Unit))
-                    .collect()
-            })
-            .collect()
-    }
-    fn head_t(&self, h: &Tensor, _train: bool) -> Result<Tensor> {
-        Ok(global_pool(h).apply(&self.fc))
-    }
-    fn stem_weights(&self) -> Vec<(String, &Tensor)> {
-        vec![("conv1.weight".into(), &self.conv1.ws)]
-    }
-    fn head_weights(&self) -> Vec<(String, &Tensor)> {
-        vec![("fc.weight".into(), &self.fc.ws)]
-    }
-    fn residual(&self) -> bool {
-        !self.layer1.first().is_some_and(Block::is_plain)
-    }
-}
-
-/// A `ConvSDSLayer` is `layer_norm(x + relu(conv2(conv1(x))))`: its branch is
-/// `relu(conv2(conv1(x)))`, its shortcut the identity; deleted, it is `layer_norm(x)`.
-impl Unit for crate::models::conv_sds::ConvSdsLayer {
-    fn branch_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        Ok(x.apply(&self.conv1).apply(&self.conv2).relu())
-    }
-    fn shortcut_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        Ok(x.shallow_clone())
-    }
-    fn join(&self, branch: Tensor, shortcut: Tensor) -> Tensor {
-        (shortcut + branch).apply(&self.layer_norm)
-    }
-    fn skip_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        Ok(x.apply(&self.layer_norm))
-    }
-    fn reshapes(&self) -> bool {
-        false
-    }
-    fn weights(&self) -> Vec<(&'static str, &Tensor)> {
-        vec![
-            ("conv1.weight", &self.conv1.ws),
-            ("conv2.weight", &self.conv2.ws),
-        ]
-    }
-}
-
-/// The ConvSDS head: no stem (its input is checked by [`ConvSdsHead::features`]' rules), the
-/// `convs` as one stage, the classifier as head.
-impl Probed for ConvSdsHead {
-    fn stem_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        let c = &self.config;
-        if x.dim() != 3 || x.size()[1..] != [c.input_size, c.hidden_size] {
-            bail!(
-                "input: expected [B, {}, {}], got {:?}",
-                c.input_size,
-                c.hidden_size,
-                x.size()
-            );
-        }
-        Ok(x.shallow_clone())
-    }
-    fn stages(&self) -> Vec<Vec<(String, &dyn Unit)>> {
-        vec![self
-            .convs
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (format!("convs.{i}"), l as &dyn Unit))
-            .collect()]
-    }
-    fn head_t(&self, h: &Tensor, _train: bool) -> Result<Tensor> {
-        Ok(h.apply(&self.classifier))
-    }
-    fn stem_weights(&self) -> Vec<(String, &Tensor)> {
-        Vec::new()
-    }
-    fn head_weights(&self) -> Vec<(String, &Tensor)> {
-        vec![("classifier.weight".into(), &self.classifier.ws)]
-    }
-    fn residual(&self) -> bool {
+    /// Whether the units form one chain from the stem to the head, every path from the stem's
+    /// output passing through each unit (its branch or its shortcut): then the network unravels
+    /// into the 2^n paths of Veit et al. that the path analysis measures.
+    fn chain(&self) -> bool {
         true
+    }
+    /// Whether training mode draws random numbers (dropout, stochastic depth); the gradient probe
+    /// then runs in eval mode, so that it measures one network.
+    fn stochastic(&self) -> bool {
+        false
     }
 }
 
@@ -219,7 +136,7 @@ pub fn units(net: &dyn Probed) -> Vec<(usize, String, &dyn Unit)> {
 }
 
 /// Runs `net` on `x` with `edit`.
-pub fn forward(net: &dyn Probed, x: &Tensor, train: bool, edit: &Edit) -> Result<Trace> {
+pub fn forward(net: &dyn Probed, x: &Inputs, train: bool, edit: &Edit) -> Result<Trace> {
     let units = units(net);
     let n = units.len();
     let order: Vec<usize> = if edit.order.is_empty() {
@@ -235,22 +152,25 @@ pub fn forward(net: &dyn Probed, x: &Tensor, train: bool, edit: &Edit) -> Result
         bail!("{} routes given for {n} units", edit.routes.len());
     }
     let stem = net.stem_t(x, train).context("stem")?;
-    let mut h = stem.shallow_clone();
     let mut outputs = Vec::with_capacity(n);
-    for &i in &order {
+    let mut next = |h: &Tensor| -> Result<Tensor> {
+        let Some(&i) = order.get(outputs.len()) else {
+            bail!("the network ran more than its {n} units");
+        };
         let (_, name, unit) = &units[i];
-        h = if edit.deleted.contains(&i) {
-            unit.skip_t(&h, train)
+        let out = if edit.deleted.contains(&i) {
+            unit.skip_t(h, train)
         } else {
-            run_routed(
-                *unit,
-                &h,
-                train,
-                edit.routes.get(i).copied().unwrap_or_default(),
-            )
+            let route = edit.routes.get(i).copied().unwrap_or_default();
+            run_routed(*unit, h, train, route)
         }
         .with_context(|| name.clone())?;
-        outputs.push(h.shallow_clone());
+        outputs.push(out.shallow_clone());
+        Ok(out)
+    };
+    let h = net.body_t(&stem, train, &mut next)?;
+    if outputs.len() != n {
+        bail!("the network ran {} of its {n} units", outputs.len());
     }
     let logits = net.head_t(&h, train)?;
     Ok(Trace {
@@ -258,6 +178,27 @@ pub fn forward(net: &dyn Probed, x: &Tensor, train: bool, edit: &Edit) -> Result
         stem,
         outputs,
     })
+}
+
+/// The mean cross-entropy of `logits` `[B, C]` (or `[B, L, C]`, per position) against class
+/// indices `y` `[B]` (`[B, L]`): `F.cross_entropy(logits.flatten(0, -2), y.flatten())`.
+pub fn loss(logits: &Tensor, y: &Tensor) -> Tensor {
+    logits
+        .to_kind(tch::Kind::Float)
+        .flatten(0, -2)
+        .cross_entropy_loss::<Tensor>(&y.flatten(0, -1), None, tch::Reduction::Mean, -100, 0.0)
+}
+
+/// The batch size of `x` (its first tensor's first dimension; 0 without tensors).
+pub fn batch_size(x: &Inputs) -> i64 {
+    x.values()
+        .next()
+        .map_or(0, |t| t.size().first().copied().unwrap_or(1))
+}
+
+/// `x` as the named inputs of an image model (`input`).
+pub fn image(x: &Tensor) -> Inputs {
+    Inputs::from([("input".to_string(), x.shallow_clone())])
 }
 
 fn run_routed(unit: &dyn Unit, x: &Tensor, train: bool, route: Route) -> Result<Tensor> {
@@ -355,8 +296,9 @@ pub struct Loaded {
 }
 
 /// Builds the model of `config` on `device` (from seed `seed`, so that "at initialisation" is
-/// reproducible) and, if given, loads `weights` (strict). The probes take the paper's CIFAR nets
-/// (`cifar_resnet`, plain or residual) and the ConvSDS head (`conv_sds_head`).
+/// reproducible) and, if given, loads `weights` (strict). The probes take every residual model
+/// the crate builds: the paper's CIFAR nets (plain or residual), torchvision's and timm's ResNets,
+/// the ConvSDS head and the SiD classifier; a lone ConvSDS layer or SiD block is refused.
 pub fn load(
     config: &crate::ModelConfig,
     weights: Option<&std::path::Path>,
@@ -364,16 +306,31 @@ pub fn load(
     seed: u64,
 ) -> Result<Loaded> {
     use crate::checkpoint::{load_state_dict, Checkpoint, ReadOptions};
+    use crate::models::{
+        cifar::CifarResNet, conv_sds::ConvSdsHead, resnet::ResNet, sid::SidClassifier,
+    };
     use crate::ModelConfig;
     config.validate()?;
     tch::manual_seed(seed as i64);
     let vs = tch::nn::VarStore::new(device);
+    let root = vs.root();
     let net: Box<dyn Probed> = match config {
-        ModelConfig::CifarResnet(c) => Box::new(CifarResNet::new(vs.root(), c)?),
-        ModelConfig::ConvSdsHead(c) => Box::new(ConvSdsHead::new(vs.root(), c)),
-        other => bail!(
-            "the probes take cifar_resnet and conv_sds_head models, not {}",
-            other.arch()
+        ModelConfig::CifarResnet(c) => Box::new(CifarResNet::new(root, c)?),
+        ModelConfig::Resnet(c) => Box::new(ResNet::new(root, &c.resolve(None)?)),
+        ModelConfig::Torchvision {
+            constructor,
+            config,
+        }
+        | ModelConfig::Timm {
+            constructor,
+            config,
+        } => Box::new(ResNet::new(root, &config.resolve(Some(constructor))?)),
+        ModelConfig::ConvSdsHead(c) => Box::new(ConvSdsHead::new(root, c)),
+        ModelConfig::SidClassifier(c) => Box::new(SidClassifier::new(root, c)?),
+        ModelConfig::ConvSdsLayer(_) | ModelConfig::SidResidualBlock(_) => bail!(
+            "{} is a single residual unit without a head or a loss: probe the model it belongs \
+             to (conv_sds_head, sid_classifier)",
+            config.arch()
         ),
     };
     if let Some(w) = weights {
@@ -384,13 +341,112 @@ pub fn load(
     Ok(Loaded { vs, net })
 }
 
-/// The first `n` images of `data`, normalised, with their labels.
+/// The image channels an image model takes (`None`: not an image model).
+pub fn image_channels(config: &crate::ModelConfig) -> Option<i64> {
+    use crate::ModelConfig;
+    match config {
+        ModelConfig::CifarResnet(c) => Some(c.in_channels),
+        ModelConfig::Resnet(c)
+        | ModelConfig::Torchvision { config: c, .. }
+        | ModelConfig::Timm { config: c, .. } => Some(c.in_channels),
+        _ => None,
+    }
+}
+
+/// The first `n` images of `data`, normalised, as named inputs, with their labels.
 pub fn first_batch(
     data: &crate::data::Dataset,
     normalizer: &crate::data::Normalizer,
     n: i64,
-) -> Result<(Tensor, Tensor)> {
-    crate::data::Batches::new(data, normalizer, n, None, None)
+) -> Result<(Inputs, Tensor)> {
+    let (x, y) = crate::data::Batches::new(data, normalizer, n, None, None)
         .next_batch()?
-        .context("no images in the data set")
+        .context("no images in the data set")?;
+    Ok((image(&x), y))
+}
+
+/// Seeded random inputs of `n` examples for `config`'s model, with random labels: SiD's
+/// categories within each feature's range, standard normal numbers and text vectors, labels
+/// `[n]`; ConvSDS `[n, L, H]` normal, labels `[n, L]` (one per position); image models
+/// `[n, C, 32, 32]` normal, labels `[n]`.
+pub fn random_batch(
+    config: &crate::ModelConfig,
+    n: i64,
+    seed: u64,
+    device: tch::Device,
+) -> Result<(Inputs, Tensor)> {
+    use crate::ModelConfig;
+    use tch::Kind;
+    tch::manual_seed(seed as i64);
+    let opts = (Kind::Float, device);
+    let labels =
+        |classes: i64, shape: &[i64]| Tensor::randint(classes, shape, (Kind::Int64, device));
+    let mut inputs = Inputs::new();
+    let y = match config {
+        ModelConfig::SidClassifier(c) => {
+            let columns: Vec<Tensor> = c
+                .num_categories_list
+                .iter()
+                .map(|&k| Tensor::randint(k.max(1), [n, 1], (Kind::Int64, device)))
+                .collect();
+            let categorical = if columns.is_empty() {
+                Tensor::zeros([n, 0], (Kind::Int64, device))
+            } else {
+                Tensor::cat(&columns, 1)
+            };
+            inputs.insert("categorical".into(), categorical);
+            inputs.insert(
+                "numerical".into(),
+                Tensor::randn([n, c.num_numerical_features], opts),
+            );
+            inputs.insert(
+                "text".into(),
+                Tensor::randn([n, c.num_text_features, c.text_input_size], opts),
+            );
+            labels(c.classifier_labels()?, &[n])
+        }
+        ModelConfig::ConvSdsHead(c) => {
+            inputs.insert(
+                "input".into(),
+                Tensor::randn([n, c.input_size, c.hidden_size], opts),
+            );
+            labels(c.num_labels, &[n, c.input_size])
+        }
+        ModelConfig::CifarResnet(crate::models::cifar::CifarResNetConfig {
+            in_channels,
+            num_classes,
+            ..
+        })
+        | ModelConfig::Resnet(crate::models::resnet::ResNetConfig {
+            in_channels,
+            num_classes,
+            ..
+        })
+        | ModelConfig::Torchvision {
+            config:
+                crate::models::resnet::ResNetConfig {
+                    in_channels,
+                    num_classes,
+                    ..
+                },
+            ..
+        }
+        | ModelConfig::Timm {
+            config:
+                crate::models::resnet::ResNetConfig {
+                    in_channels,
+                    num_classes,
+                    ..
+                },
+            ..
+        } => {
+            inputs.insert(
+                "input".into(),
+                Tensor::randn([n, *in_channels, 32, 32], opts),
+            );
+            labels(*num_classes, &[n])
+        }
+        other => bail!("no random inputs for {}", other.arch()),
+    };
+    Ok((inputs, y))
 }

@@ -8,9 +8,10 @@
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Reduction, Tensor};
+use tch::{Kind, Tensor};
 
-use super::{forward, units, Edit, Probed, Rng, Route};
+use super::{forward, loss, units, Edit, Probed, Rng, Route};
+use crate::models::Inputs;
 
 /// One path length.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,11 +51,20 @@ pub fn binomial(n: usize, k: usize) -> f64 {
     (0..k.min(n - k.min(n))).fold(1.0, |c, i| c * (n - i) as f64 / (i + 1) as f64)
 }
 
-/// Measures every path length `0..=n` of `net` on images `x`, labels `y` (eval-mode batch norms),
+/// Measures every path length `0..=n` of `net` on inputs `x`, labels `y` (eval mode),
 /// `draws` random unit sets per length.
-pub fn analyse(net: &dyn Probed, x: &Tensor, y: &Tensor, draws: usize, seed: u64) -> Result<Paths> {
+pub fn analyse(net: &dyn Probed, x: &Inputs, y: &Tensor, draws: usize, seed: u64) -> Result<Paths> {
     if !net.residual() {
         bail!("path analysis needs a residual network: a plain net has one path");
+    }
+    if !net.chain() {
+        bail!(
+            "path analysis needs the residual units to form one chain (Veit et al.'s unravelled \
+             view, 2^n paths through n units); this model's units do not: in SiD the embeddings \
+             reach every layer directly and the residual blocks sit inside the layers' attention \
+             and transform branches, so the gradient does not split into those 2^n paths (the \
+             gradient probe and the lesion study do apply)"
+        );
     }
     let n = units(net).len();
     let mut rng = Rng::new(seed, 6);
@@ -80,10 +90,7 @@ pub fn analyse(net: &dyn Probed, x: &Tensor, y: &Tensor, draws: usize, seed: u64
                 ..Edit::default()
             };
             let trace = forward(net, x, false, &edit)?;
-            let loss = trace
-                .logits
-                .to_kind(Kind::Float)
-                .cross_entropy_loss::<Tensor>(y, None, Reduction::Mean, -100, 0.0);
+            let loss = loss(&trace.logits, y);
             let grad = Tensor::f_run_backward(&[&loss], &[&trace.stem], false, false)?;
             norms.push(grad[0].to_kind(Kind::Double).norm().double_value(&[]));
         }
@@ -106,7 +113,7 @@ pub fn analyse(net: &dyn Probed, x: &Tensor, y: &Tensor, draws: usize, seed: u64
     Ok(Paths {
         units: n,
         draws,
-        images: x.size()[0],
+        images: super::batch_size(x),
         mean_length: n as f64 / 2.0,
         gradient_mean_length,
         effective: shortest_range(&shares, EFFECTIVE_SHARE),

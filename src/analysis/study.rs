@@ -15,6 +15,7 @@ use super::load;
 use super::paths::{self, Paths};
 use super::plot::{self, Labelled, COLORS};
 use crate::data::{Dataset, Normalizer};
+use crate::models::Inputs;
 use crate::ModelConfig;
 
 /// One model to probe.
@@ -37,30 +38,50 @@ impl Subject {
     }
 
     pub fn plain(&self) -> bool {
-        matches!(&self.config, ModelConfig::CifarResnet(c) if c.plain)
+        match &self.config {
+            ModelConfig::CifarResnet(c) => c.plain,
+            ModelConfig::Resnet(c)
+            | ModelConfig::Torchvision { config: c, .. }
+            | ModelConfig::Timm { config: c, .. } => c.plain,
+            _ => false,
+        }
     }
 }
 
-/// `ResNet-20`, `plain-20`, `ConvSDS-4`: a model's name in tables and plots.
+/// `ResNet-20`, `plain-20`, `resnet18`, `plain resnet18`, `timm resnet50d`, `ConvSDS-4`,
+/// `SiD-18`: a model's name in tables and plots.
 pub fn name(config: &ModelConfig) -> String {
+    let plain = |c: &crate::models::resnet::ResNetConfig| if c.plain { "plain " } else { "" };
     match config {
         ModelConfig::CifarResnet(c) if c.plain => format!("plain-{}", c.depth),
         ModelConfig::CifarResnet(c) => format!("ResNet-{}", c.depth),
+        ModelConfig::Torchvision {
+            constructor,
+            config,
+        } => format!("{}{}", plain(config), constructor.name),
+        ModelConfig::Timm {
+            constructor,
+            config,
+        } => format!("{}timm {}", plain(config), constructor.name),
+        ModelConfig::Resnet(c) => format!("{}resnet {:?}", plain(c), c.layers),
         ModelConfig::ConvSdsHead(c) => format!("ConvSDS-{}", c.n_layers),
+        ModelConfig::SidClassifier(c) => format!("SiD-{}", c.num_hidden_layers),
         other => other.arch().to_string(),
     }
 }
 
-/// The plain net of a residual CIFAR config and the other way round.
+/// The plain net of a residual CIFAR net or ResNet config and the other way round (`None`: the
+/// model has no plain form, as ConvSDS and SiD).
 pub fn twin(config: &ModelConfig) -> Option<ModelConfig> {
-    match config {
-        ModelConfig::CifarResnet(c) => {
-            let mut c = c.clone();
-            c.plain = !c.plain;
-            Some(ModelConfig::CifarResnet(c))
-        }
-        _ => None,
+    let mut twin = config.clone();
+    match &mut twin {
+        ModelConfig::CifarResnet(c) => c.plain = !c.plain,
+        ModelConfig::Resnet(c)
+        | ModelConfig::Torchvision { config: c, .. }
+        | ModelConfig::Timm { config: c, .. } => c.plain = !c.plain,
+        _ => return None,
     }
+    Some(twin)
 }
 
 /// One model's gradient norms.
@@ -72,11 +93,12 @@ pub struct GradientRun {
     pub gradients: Gradients,
 }
 
-/// The gradient probe of every subject on one batch (training-mode batch norms); writes
-/// `gradients.json` and `gradients.png` into `out`.
+/// The gradient probe of every subject on one batch (training-mode batch norms; eval mode for a
+/// model with dropout, [`super::Probed::stochastic`]); writes `gradients.json` and
+/// `gradients.png` into `out`.
 pub fn probe_gradients(
     subjects: &[Subject],
-    x: &Tensor,
+    x: &Inputs,
     y: &Tensor,
     device: Device,
     seed: u64,
@@ -89,7 +111,7 @@ pub fn probe_gradients(
             label: s.label.clone(),
             plain: s.plain(),
             trained: s.weights.is_some(),
-            gradients: gradients::probe(model.net.as_ref(), x, y, true)?,
+            gradients: gradients::probe(model.net.as_ref(), x, y, !model.net.stochastic())?,
         });
     }
     write_json(&out.join("gradients.json"), &runs)?;
@@ -137,18 +159,49 @@ pub fn lesion_study(
     device: Device,
     out: &Path,
 ) -> Result<Vec<(String, Lesion)>> {
+    lesion_runs(subjects, plan, device, out, "", |net| {
+        lesion::study(net, test, normalizer, plan)
+    })
+}
+
+/// The lesion study of every subject on random inputs `x` ([`lesion::study_changes`]: the
+/// "errors" are shares of changed predictions); writes the same files as [`lesion_study`], the
+/// table with a note saying so.
+pub fn lesion_changes(
+    subjects: &[Subject],
+    x: &Inputs,
+    plan: &LesionPlan,
+    device: Device,
+    out: &Path,
+) -> Result<Vec<(String, Lesion)>> {
+    let note = format!(
+        "On {} random inputs: the \"error\" columns are the share (%) of predictions that \
+         differ from the intact model's.\n\n",
+        super::batch_size(x)
+    );
+    lesion_runs(subjects, plan, device, out, &note, |net| {
+        lesion::study_changes(net, x, plan)
+    })
+}
+
+fn lesion_runs(
+    subjects: &[Subject],
+    plan: &LesionPlan,
+    device: Device,
+    out: &Path,
+    note: &str,
+    study: impl Fn(&dyn super::Probed) -> Result<Lesion>,
+) -> Result<Vec<(String, Lesion)>> {
     let mut runs = Vec::with_capacity(subjects.len());
     for s in subjects {
         let model = load(&s.config, s.weights.as_deref(), device, plan.seed)?;
-        runs.push((
-            s.label.clone(),
-            lesion::study(model.net.as_ref(), test, normalizer, plan)?,
-        ));
+        runs.push((s.label.clone(), study(model.net.as_ref())?));
     }
     write_json(&out.join("lesion.json"), &runs)?;
     let refs: Vec<(&str, &Lesion)> = runs.iter().map(|(l, r)| (l.as_str(), r)).collect();
     plot::lesion(&out.join("lesion.png"), &refs)?;
-    crate::fs::write_atomic(&out.join("lesion.md"), lesion_table(&runs).as_bytes())?;
+    let table = format!("{note}{}", lesion_table(&runs));
+    crate::fs::write_atomic(&out.join("lesion.md"), table.as_bytes())?;
     Ok(runs)
 }
 
@@ -252,7 +305,7 @@ pub fn lesion_table(runs: &[(String, Lesion)]) -> String {
 /// The path analysis of `subject` on one batch; writes `paths.json` and `paths.png` into `out`.
 pub fn path_analysis(
     subject: &Subject,
-    x: &Tensor,
+    x: &Inputs,
     y: &Tensor,
     draws: usize,
     device: Device,

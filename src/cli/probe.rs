@@ -1,5 +1,5 @@
-//! `residual probe gradients|paths` and `residual lesion`: Veit et al.'s measurements on a CIFAR
-//! net from a config and weights.
+//! `residual probe gradients|paths` and `residual lesion`: Veit et al.'s measurements on a
+//! residual model from a config and weights, on test images or random inputs.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,11 +8,12 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use residual::analysis::lesion::LesionPlan;
 use residual::analysis::study::{self, Subject};
-use residual::analysis::{first_batch, paths};
+use residual::analysis::{self, first_batch, paths};
 use residual::data::{DataFormat, Dataset, Normalizer};
 use residual::device::parse_device;
+use residual::models::Inputs;
 use residual::ModelConfig;
-use tch::Device;
+use tch::{Device, Tensor};
 
 use super::serde_enum;
 
@@ -37,13 +38,15 @@ impl Probe {
 /// The model and data every probe takes.
 #[derive(clap::Args)]
 pub struct Common {
-    /// Model config (`cifar_resnet`, plain or residual; `lesion` also takes `sid_classifier` and
-    /// `conv_sds_head`, on random inputs).
+    /// Model config: any residual model the crate builds (`cifar_resnet` plain or residual,
+    /// torchvision's and timm's ResNets, `conv_sds_head`, `sid_classifier`).
     #[arg(long)]
     config: PathBuf,
-    /// Data folder (as `residual train`).
-    #[arg(long, default_value = residual::data::FASHION_MNIST_DIR)]
-    data: PathBuf,
+    /// Data folder (as `residual train`; default: Fashion-MNIST), read for image models whose
+    /// channels and classes it fits. Other models, and image models it does not fit, run on
+    /// seeded random inputs and labels.
+    #[arg(long)]
+    data: Option<PathBuf>,
     #[arg(long, value_parser = serde_enum::<DataFormat>())]
     format: Option<DataFormat>,
     /// Output folder.
@@ -51,45 +54,111 @@ pub struct Common {
     out: PathBuf,
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Seeds the model at initialisation and the random draws.
+    /// Seeds the model at initialisation, the random inputs and the random draws.
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
 
-/// What a probe runs on: the test split, normalised, on the device.
+/// What a probe runs on.
 struct Prepared {
     config: ModelConfig,
     device: Device,
-    test: Dataset,
-    normalizer: Normalizer,
+    source: Source,
+}
+
+/// The examples: a labelled test split, or random inputs.
+enum Source {
+    /// The test split (its first `n` images where asked), normalised on the device.
+    Data {
+        test: Dataset,
+        normalizer: Normalizer,
+    },
+    /// Seeded random inputs and labels ([`residual::analysis::random_batch`]).
+    Random { x: Inputs, y: Tensor },
 }
 
 impl Common {
-    fn prepare(&self, test_subset: Option<i64>) -> Result<Prepared> {
+    /// Reads the config and the data (`n` test examples, or random ones) onto the device.
+    fn prepare(&self, n: i64, test_subset: Option<i64>) -> Result<Prepared> {
         let device = parse_device(&self.device)?;
         let config = ModelConfig::from_file(&self.config)?;
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("cannot create {}", self.out.display()))?;
-        if !matches!(config, ModelConfig::CifarResnet(_)) {
-            bail!(
-                "{}: the data-driven probes take cifar_resnet configs (plain or residual), not {}",
-                self.config.display(),
-                config.arch()
-            );
-        }
-        let (train, test) = residual::data::load(&self.data, self.format)?;
-        let normalizer = Normalizer::fit(&train, device);
-        let test = match test_subset {
-            Some(n) => test.take(n),
-            None => test,
-        }
-        .to_device(device);
+        let source = match analysis::image_channels(&config) {
+            Some(channels) => {
+                let dir = self
+                    .data
+                    .clone()
+                    .unwrap_or_else(|| residual::data::FASHION_MNIST_DIR.into());
+                let (train, test) = residual::data::load(&dir, self.format)?;
+                let (data_channels, classes) = (train.images.size()[1], train.num_classes);
+                if data_channels == channels && classes <= num_classes(&config) {
+                    let normalizer = Normalizer::fit(&train, device);
+                    let test = match test_subset {
+                        Some(n) => test.take(n),
+                        None => test,
+                    }
+                    .to_device(device);
+                    Source::Data { test, normalizer }
+                } else {
+                    eprintln!(
+                        "note: {} has {data_channels}-channel images of {classes} classes, the \
+                         model takes {channels} channels and {} classes: probing on {n} random \
+                         images",
+                        dir.display(),
+                        num_classes(&config)
+                    );
+                    self.random(&config, n, device)?
+                }
+            }
+            None => {
+                if let Some(dir) = &self.data {
+                    bail!(
+                        "{}: no data format for {} models; leave out --data to probe on random \
+                         inputs",
+                        dir.display(),
+                        config.arch()
+                    );
+                }
+                self.random(&config, n, device)?
+            }
+        };
         Ok(Prepared {
             config,
             device,
-            test,
-            normalizer,
+            source,
         })
+    }
+
+    fn random(&self, config: &ModelConfig, n: i64, device: Device) -> Result<Source> {
+        let (x, y) = analysis::random_batch(config, n, self.seed, device)?;
+        Ok(Source::Random { x, y })
+    }
+}
+
+/// The classes of an image model's head.
+fn num_classes(config: &ModelConfig) -> i64 {
+    match config {
+        ModelConfig::CifarResnet(c) => c.num_classes,
+        ModelConfig::Resnet(c)
+        | ModelConfig::Torchvision { config: c, .. }
+        | ModelConfig::Timm { config: c, .. } => c.num_classes,
+        _ => 0,
+    }
+}
+
+impl Prepared {
+    /// The first `n` examples with their labels.
+    fn batch(&self, n: i64) -> Result<(Inputs, Tensor)> {
+        match &self.source {
+            Source::Data { test, normalizer } => first_batch(test, normalizer, n),
+            Source::Random { x, y } => Ok((
+                x.iter()
+                    .map(|(k, t)| (k.clone(), t.shallow_clone()))
+                    .collect(),
+                y.shallow_clone(),
+            )),
+        }
     }
 }
 
@@ -106,7 +175,7 @@ pub struct Gradients {
     /// Trained weights of the model (without: at initialisation only).
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// Trained weights of the plain/residual twin of a CIFAR config.
+    /// Trained weights of the plain/residual twin of a CIFAR or ResNet config.
     #[arg(long)]
     twin_weights: Option<PathBuf>,
     /// Images in the batch (the first ones of the test split).
@@ -116,8 +185,10 @@ pub struct Gradients {
 
 impl Gradients {
     pub fn run(&self) -> Result<ExitCode> {
-        let p = self.common.prepare(Some(self.batch_size))?;
-        let (x, y) = first_batch(&p.test, &p.normalizer, self.batch_size)?;
+        let p = self
+            .common
+            .prepare(self.batch_size, Some(self.batch_size))?;
+        let (x, y) = p.batch(self.batch_size)?;
         let mut subjects = vec![Subject::new(&p.config, None)];
         if let Some(w) = &self.weights {
             subjects.push(Subject::new(&p.config, Some(w)));
@@ -153,8 +224,10 @@ pub struct PathsArgs {
 
 impl PathsArgs {
     pub fn run(&self) -> Result<ExitCode> {
-        let p = self.common.prepare(Some(self.batch_size))?;
-        let (x, y) = first_batch(&p.test, &p.normalizer, self.batch_size)?;
+        let p = self
+            .common
+            .prepare(self.batch_size, Some(self.batch_size))?;
+        let (x, y) = p.batch(self.batch_size)?;
         let subject = Subject::new(&p.config, self.weights.as_deref());
         let out = &self.common.out;
         let result = study::path_analysis(
@@ -186,7 +259,7 @@ pub struct Lesion {
     /// Trained weights (without: the model at initialisation).
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// The control: trained weights of the plain/residual twin of a CIFAR config.
+    /// The control: trained weights of the plain/residual twin of a CIFAR or ResNet config.
     #[arg(long)]
     twin_weights: Option<PathBuf>,
     /// Random draws per number of deleted blocks or swaps.
@@ -201,14 +274,9 @@ pub struct Lesion {
 
 impl Lesion {
     pub fn run(&self) -> Result<ExitCode> {
-        let config = ModelConfig::from_file(&self.common.config)?;
-        if matches!(
-            config,
-            ModelConfig::SidClassifier(_) | ModelConfig::ConvSdsHead(_)
-        ) {
-            return self.run_masked(&config);
-        }
-        let p = self.common.prepare(self.test_subset)?;
+        let p = self
+            .common
+            .prepare(self.test_subset.unwrap_or(512), self.test_subset)?;
         let mut subjects = vec![Subject::new(&p.config, self.weights.as_deref())];
         if let (Some(twin), Some(w)) = (study::twin(&p.config), &self.twin_weights) {
             subjects.push(Subject::new(&twin, Some(w)));
@@ -219,7 +287,12 @@ impl Lesion {
             batch_size: self.batch_size,
         };
         let out = &self.common.out;
-        let runs = study::lesion_study(&subjects, &p.test, &p.normalizer, &plan, p.device, out)?;
+        let runs = match &p.source {
+            Source::Data { test, normalizer } => {
+                study::lesion_study(&subjects, test, normalizer, &plan, p.device, out)?
+            }
+            Source::Random { x, .. } => study::lesion_changes(&subjects, x, &plan, p.device, out)?,
+        };
         print!(
             "{}",
             study::lesion_table(&runs[..runs.len().min(2)])
@@ -229,65 +302,6 @@ impl Lesion {
         );
         println!();
         print_written(out, &["lesion.json", "lesion.png", "lesion.md"]);
-        Ok(ExitCode::SUCCESS)
-    }
-}
-
-impl Lesion {
-    /// SiD and ConvSDS: units deleted by weight masking, on random inputs, measured as the share
-    /// of predictions that change (`residual::analysis::masked`).
-    fn run_masked(&self, config: &ModelConfig) -> Result<ExitCode> {
-        use residual::analysis::masked;
-        let device = parse_device(&self.common.device)?;
-        let out = &self.common.out;
-        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-        let vs = tch::nn::VarStore::new(device);
-        let (model, units): (Box<dyn residual::Model>, _) = match config {
-            ModelConfig::SidClassifier(c) => {
-                let m = residual::models::sid::SidClassifier::new(vs.root(), c)?;
-                let units = masked::sid_units(&m);
-                (Box::new(m), units)
-            }
-            ModelConfig::ConvSdsHead(c) => {
-                let m = residual::models::conv_sds::ConvSdsHead::new(vs.root(), c);
-                let units = masked::conv_sds_units(&m);
-                (Box::new(m), units)
-            }
-            _ => bail!("not a SiD or ConvSDS config"),
-        };
-        if let Some(w) = &self.weights {
-            let state = residual::checkpoint::Checkpoint::open(w, &Default::default())?;
-            residual::checkpoint::load_state_dict(&vs, &state, true)?;
-        }
-        let n = self.test_subset.unwrap_or(512);
-        let inputs = masked::random_inputs(config, n, self.common.seed, device)?;
-        let lesion = masked::study(
-            model.as_ref(),
-            &units,
-            &inputs,
-            self.draws,
-            self.common.seed,
-        )?;
-        let label = format!(
-            "{} {}",
-            study::name(config),
-            if self.weights.is_some() {
-                "trained"
-            } else {
-                "init"
-            }
-        );
-        let runs = vec![(label, lesion)];
-        study::write_json(&out.join("lesion.json"), &runs)?;
-        let note = format!(
-            "Units deleted by zeroing the last layer of their branch, on {n} random inputs; the \
-             \"error\" columns are the share (%) of predictions that differ from the intact \
-             model's.\n\n"
-        );
-        let table = note + &study::lesion_table(&runs);
-        residual::fs::write_atomic(&out.join("lesion.md"), table.as_bytes())?;
-        print!("{table}");
-        print_written(out, &["lesion.json", "lesion.md"]);
         Ok(ExitCode::SUCCESS)
     }
 }
