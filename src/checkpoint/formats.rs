@@ -135,24 +135,57 @@ pub fn safetensors_bytes(tensors: &[(String, RawTensor)]) -> Result<Vec<u8>> {
 /// `torch.save(state_dict, path)` writes (pickle protocol 2, one storage record per tensor,
 /// 64-byte aligned), readable by `torch.load(path, weights_only=True)`.
 pub fn torch_zip_bytes(tensors: &[(String, RawTensor)], archive_name: &str) -> Result<Vec<u8>> {
-    use zip::write::SimpleFileOptions;
-    let stored = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    let aligned = stored.with_alignment(64).large_file(true);
     let specs: Vec<(String, DType, Vec<i64>)> = tensors
         .iter()
         .map(|(n, t)| (n.clone(), t.dtype, t.shape.clone()))
         .collect();
+    let data: Vec<&RawTensor> = tensors.iter().map(|(_, t)| t).collect();
+    torch_zip(&pickle::pickle_state_dict(&specs), &data, archive_name)
+}
+
+/// The `torch.save` zip file of a dict of state_dicts (`{"state_dict": ..., "state_dict_ema":
+/// ...}`), as bytes.
+pub fn torch_zip_bytes_nested(
+    groups: &[(String, Vec<(String, RawTensor)>)],
+    archive_name: &str,
+) -> Result<Vec<u8>> {
+    let specs: Vec<(String, Vec<(String, DType, Vec<i64>)>)> = groups
+        .iter()
+        .map(|(key, tensors)| {
+            let specs = tensors
+                .iter()
+                .map(|(n, t)| (n.clone(), t.dtype, t.shape.clone()))
+                .collect();
+            (key.clone(), specs)
+        })
+        .collect();
+    let data: Vec<&RawTensor> = groups
+        .iter()
+        .flat_map(|(_, g)| g.iter().map(|(_, t)| t))
+        .collect();
+    torch_zip(
+        &pickle::pickle_nested_state_dicts(&specs),
+        &data,
+        archive_name,
+    )
+}
+
+/// The zip archive of `torch.save`: the pickle, then storage `i` holding `storages[i]`.
+fn torch_zip(pickled: &[u8], storages: &[&RawTensor], archive_name: &str) -> Result<Vec<u8>> {
+    use zip::write::SimpleFileOptions;
+    let stored = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let aligned = stored.with_alignment(64).large_file(true);
     let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
     let name = |record: &str| format!("{archive_name}/{record}");
     zip.start_file(name("data.pkl"), stored)?;
-    zip.write_all(&pickle::pickle_state_dict(&specs))?;
+    zip.write_all(pickled)?;
     zip.start_file(name(".format_version"), stored)?;
     zip.write_all(b"1")?;
     zip.start_file(name(".storage_alignment"), stored)?;
     zip.write_all(b"64")?;
     zip.start_file(name("byteorder"), stored)?;
     zip.write_all(b"little")?;
-    for (i, (_, t)) in tensors.iter().enumerate() {
+    for (i, t) in storages.iter().enumerate() {
         zip.start_file(name(&format!("data/{i}")), aligned)?;
         zip.write_all(&t.data)?;
     }

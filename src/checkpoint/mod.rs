@@ -185,20 +185,21 @@ impl StateDict {
     /// Writes what `torch.save(state_dict, path)` writes, atomically; PyTorch reads it with
     /// `torch.load(path, weights_only=True)`.
     pub fn save_torch(&self, path: &Path) -> Result<()> {
-        let stem = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let archive: String = stem
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        let archive = if archive.is_empty() {
-            "archive".to_string()
-        } else {
-            archive
-        };
+        let archive = archive_name(path);
         crate::fs::write_atomic(path, &formats::torch_zip_bytes(&self.raw()?, &archive)?)
+    }
+
+    /// Writes what `torch.save({key: state_dict, ...}, path)` writes for `groups` (a training
+    /// checkpoint's `state_dict` and `state_dict_ema`), atomically.
+    pub fn save_torch_nested(path: &Path, groups: &[(&str, &StateDict)]) -> Result<()> {
+        let raw = groups
+            .iter()
+            .map(|(key, sd)| Ok((key.to_string(), sd.raw()?)))
+            .collect::<Result<Vec<_>>>()?;
+        crate::fs::write_atomic(
+            path,
+            &formats::torch_zip_bytes_nested(&raw, &archive_name(path))?,
+        )
     }
 
     /// Writes tch's `.ot` (a libtorch archive), atomically.
@@ -242,5 +243,23 @@ impl StateDict {
     /// Number of elements over all tensors.
     pub fn numel(&self) -> usize {
         self.entries.iter().map(|(_, t)| t.numel()).sum()
+    }
+}
+
+/// The folder name inside a `torch.save` zip: the file's stem in letters, digits and `_`, as
+/// torch names it (`archive` when nothing is left).
+fn archive_name(path: &Path) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let archive: String = stem
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    if archive.is_empty() {
+        "archive".to_string()
+    } else {
+        archive
     }
 }
