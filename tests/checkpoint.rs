@@ -202,6 +202,37 @@ fn every_dtype_and_layout_reads_bit_exact() {
     }
 }
 
+/// Lazy loads into variables (`load_state_dict` over a [`Checkpoint`]) of every dtype, and of
+/// views that share one storage (transposed, a row, a column, strided), from a zip with stored
+/// and with deflated entries, a legacy file and safetensors: bit-exact to what torch.load gives.
+#[test]
+fn lazy_loads_of_shared_storages_into_variables_are_bit_exact() {
+    let dir = fixtures();
+    let expected = read(&dir.join("layouts.safetensors"), &ReadOptions::default()).unwrap();
+    let deflated = common::temp_dir("lazy-layouts").join("layouts_deflated.pth");
+    let original = std::fs::read(dir.join("layouts.pth")).unwrap();
+    std::fs::write(&deflated, bomb::deflated_copy(&original, 6)).unwrap();
+    for file in [
+        dir.join("layouts.pth"),
+        dir.join("layouts_legacy.pth"),
+        deflated.clone(),
+        dir.join("layouts.safetensors"),
+    ] {
+        let vs = VarStore::new(Device::Cpu);
+        for (key, want) in &expected.entries {
+            vs.root().add(key, want.ones_like(), false);
+        }
+        let checkpoint = Checkpoint::open(&file, &ReadOptions::default()).unwrap();
+        let report = load_state_dict(&vs, &checkpoint, true).unwrap();
+        assert!(report.is_clean(), "{}: {report}", file.display());
+        let vars = vs.variables();
+        for (key, want) in &expected.entries {
+            assert!(vars[key].equal(want), "{}: {key}", file.display());
+        }
+    }
+    let _ = std::fs::remove_dir_all(deflated.parent().unwrap());
+}
+
 /// Python → Rust → Python and Rust → Python → Rust, with PyTorch doing its half.
 #[test]
 fn round_trips_through_pytorch_are_bit_exact() {

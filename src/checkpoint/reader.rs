@@ -5,6 +5,8 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -18,6 +20,9 @@ use super::{Layout, ReadOptions, StateDict};
 /// A checkpoint file opened lazily: its [`Table`] is read, its storages are not.
 pub struct Checkpoint {
     path: PathBuf,
+    /// Stored storages are read from the file straight into their tensors (one copy from the
+    /// page cache, and no page of the mapping made resident).
+    file: File,
     map: Mmap,
     table: Table,
     /// The most bytes inflated from deflated storages in one read.
@@ -37,7 +42,7 @@ impl Checkpoint {
     /// Maps `path` and reads its table (the pickle, or the safetensors header): no tensor byte is
     /// read, so this takes the same time for any size of file.
     pub fn open(path: &Path, options: &ReadOptions) -> Result<Self> {
-        let file = std::fs::File::open(path)
+        let file = File::open(path)
             .with_context(|| format!("cannot open checkpoint {}", path.display()))?;
         let len = file.metadata()?.len();
         if len == 0 {
@@ -51,6 +56,7 @@ impl Checkpoint {
             .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
+            file,
             map,
             table,
             limit: options.inflate_limit(),
@@ -92,8 +98,8 @@ impl Checkpoint {
         Ok(StateDict { entries })
     }
 
-    /// A new CPU tensor holding the first `need` bytes of storage `s`: copied once from the
-    /// mapping, or inflated straight into it.
+    /// A new CPU tensor holding the first `need` bytes of storage `s`: read once from the file,
+    /// or inflated straight into it.
     fn storage_tensor(&self, s: usize) -> Result<Tensor> {
         let storage = &self.table.storages[s];
         let elem = storage.dtype.size();
@@ -106,15 +112,21 @@ impl Checkpoint {
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut u8, storage.need)
             };
-            if storage.record.deflated {
-                self.table.inflate_into(&self.map, s, dst)?;
-            } else {
-                let start = storage.record.start;
-                dst.copy_from_slice(&self.map[start..start + storage.need]);
-                self.release(s);
-            }
+            self.fill(s, dst)?;
         }
         Ok(tensor)
+    }
+
+    /// Writes the first `dst.len()` bytes of storage `s` into `dst`: inflated, or read from the
+    /// file with no intermediate buffer.
+    fn fill(&self, s: usize, dst: &mut [u8]) -> Result<()> {
+        let record = &self.table.storages[s].record;
+        if record.deflated {
+            return self.table.inflate_into(&self.map, s, dst);
+        }
+        self.file
+            .read_exact_at(dst, record.start as u64)
+            .with_context(|| format!("cannot read storage `{}`", record.name))
     }
 
     /// Drops the mapped pages of storage `s` from this process's memory once they are copied
@@ -134,10 +146,11 @@ impl Checkpoint {
         }
     }
 
-    /// Copies the tensors of storage `s` into their variables: over the mapped bytes when the
-    /// storage is stored (no host copy: a CUDA variable gets them straight from the mapping), or
-    /// inflated into the variable itself when it is the storage's only tensor and takes its
-    /// bytes as they are, or else into one new storage tensor.
+    /// Copies the tensors of storage `s` into their variables: read or inflated into the variable
+    /// itself when it is the storage's only tensor and takes its bytes as they are (a contiguous
+    /// CPU tensor of the same dtype); else over the mapped bytes when the storage is stored (no
+    /// host copy: a CUDA variable gets them straight from the mapping), or through one new
+    /// storage tensor.
     fn copy_storage(&self, s: usize, list: Vec<(usize, Tensor)>) -> Result<()> {
         let storage = &self.table.storages[s];
         let elem = storage.dtype.size();
@@ -146,8 +159,7 @@ impl Checkpoint {
         }
         if let [(i, dst)] = list.as_slice() {
             let t = &self.table.tensors[*i].1;
-            let direct = storage.record.deflated
-                && t.is_whole(storage)
+            let direct = t.is_whole(storage)
                 && dst.device() == Device::Cpu
                 && dst.kind() == storage.dtype.kind()
                 && dst.is_contiguous();
@@ -157,7 +169,7 @@ impl Checkpoint {
                 let out = unsafe {
                     std::slice::from_raw_parts_mut(dst.data_ptr() as *mut u8, storage.need)
                 };
-                return self.table.inflate_into(&self.map, s, out);
+                return self.fill(s, out);
             }
         }
         let start = storage.record.start;
