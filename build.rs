@@ -9,6 +9,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/backend.cpp");
     println!("cargo:rerun-if-changed=csrc/distributed.cpp");
+    println!("cargo:rerun-if-changed=csrc/cuda.cpp");
 
     let lib_dir = match libtorch_lib_dir() {
         Ok(dir) => dir,
@@ -22,6 +23,7 @@ fn main() {
     let lib_dir = lib_dir.canonicalize().unwrap_or(lib_dir);
     compile_shim(&lib_dir);
     compile_distributed(&lib_dir);
+    compile_cuda(&lib_dir);
     println!("cargo:rerun-if-changed={}", lib_dir.display());
     // Every test, example and binary finds libtorch through its run path.
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
@@ -168,9 +170,60 @@ fn compile_distributed(lib_dir: &Path) {
     std::process::exit(1);
 }
 
-/// Include folders for NCCL: `nccl.h` and the CUDA runtime headers, from `RESIDUAL_NCCL_INCLUDE`,
-/// `CUDA_HOME`, or a pip torch's `site-packages/nvidia/` wheels (whose CUDA 13 runtime headers
-/// lack `crt/`; triton's copy of the CUDA headers supplies it).
+/// Compiles `csrc/cuda.cpp` (CUDA streams and graphs for inference) with `RESIDUAL_WITH_CUDA`
+/// when libtorch_cuda and the CUDA runtime headers ([`cuda_runtime_includes`]) are there, else as
+/// stubs that fail with a message, so a CPU-only build links the same symbols. It calls libtorch
+/// only (c10_cuda, torch_cuda), never libcudart, so the binaries need no CUDA library of their own.
+fn compile_cuda(lib_dir: &Path) {
+    let root = lib_dir.parent().unwrap_or(lib_dir);
+    let cuda = if lib_dir.join("libtorch_cuda.so").exists() {
+        cuda_runtime_includes(root)
+    } else {
+        None
+    };
+    for with_cuda in [cuda.is_some(), false] {
+        let mut build = cc::Build::new();
+        build
+            .cpp(true)
+            .pic(true)
+            .warnings(false)
+            .include(root.join("include"))
+            .include(root.join("include/torch/csrc/api/include"))
+            .flag("-std=c++17")
+            .flag(format!(
+                "-D_GLIBCXX_USE_CXX11_ABI={}",
+                std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string())
+            ))
+            .file("csrc/cuda.cpp");
+        if let (true, Some(dirs)) = (with_cuda, &cuda) {
+            for dir in dirs {
+                build.include(dir);
+            }
+            build
+                .define("USE_CUDA", None)
+                .define("RESIDUAL_WITH_CUDA", None);
+        }
+        match build.try_compile("residual_cuda") {
+            Ok(()) => {
+                if with_cuda {
+                    // The stream pool (libtorch_cuda, which has CUDAGraph, is linked above).
+                    println!("cargo:rustc-link-lib=dylib=c10_cuda");
+                }
+                return;
+            }
+            Err(e) if with_cuda => println!(
+                "cargo:warning=csrc/cuda.cpp with CUDA did not compile ({e}); building its CPU-only stubs"
+            ),
+            Err(e) => {
+                eprintln!("error: csrc/cuda.cpp does not compile even without CUDA: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+/// Include folders for NCCL: `nccl.h` (`RESIDUAL_NCCL_INCLUDE` or a pip torch's
+/// `site-packages/nvidia/nccl` wheel) and the CUDA runtime headers ([`cuda_runtime_includes`]).
 fn nccl_includes(torch_root: &Path) -> Option<Vec<PathBuf>> {
     let site = torch_root.parent()?;
     let nccl = std::env::var("RESIDUAL_NCCL_INCLUDE")
@@ -183,6 +236,16 @@ fn nccl_includes(torch_root: &Path) -> Option<Vec<PathBuf>> {
         );
         return None;
     }
+    let mut dirs = vec![nccl];
+    dirs.extend(cuda_runtime_includes(torch_root)?);
+    Some(dirs)
+}
+
+/// Include folders for the CUDA runtime headers, from `CUDA_HOME`, `/usr/local/cuda` or a pip
+/// torch's `site-packages/nvidia/` wheels (whose CUDA 13 runtime headers lack `crt/`; triton's
+/// copy of the CUDA headers supplies it).
+fn cuda_runtime_includes(torch_root: &Path) -> Option<Vec<PathBuf>> {
+    let site = torch_root.parent()?;
     let candidates: Vec<PathBuf> = std::env::var("CUDA_HOME")
         .ok()
         .map(|h| Path::new(&h).join("include"))
@@ -196,7 +259,7 @@ fn nccl_includes(torch_root: &Path) -> Option<Vec<PathBuf>> {
     let cuda = candidates
         .into_iter()
         .find(|d| d.join("cuda_runtime_api.h").exists())?;
-    let mut dirs = vec![nccl, cuda.clone()];
+    let mut dirs = vec![cuda.clone()];
     // The CUDA 13 wheel's headers need `crt/` (triton ships it) and CCCL's `nv/target` (the
     // `nvidia-cuda-cccl` wheel, which torch does not install).
     for (needed, extra) in [
@@ -211,7 +274,7 @@ fn nccl_includes(torch_root: &Path) -> Option<Vec<PathBuf>> {
         }
         if !extra.join(needed).exists() {
             println!(
-                "cargo:warning=CUDA headers in {} lack {needed}: building without NCCL (set CUDA_HOME to a CUDA toolkit, or pip install nvidia-cuda-cccl)",
+                "cargo:warning=CUDA headers in {} lack {needed}: building without CUDA headers (set CUDA_HOME to a CUDA toolkit, or pip install nvidia-cuda-cccl)",
                 cuda.display()
             );
             return None;

@@ -19,6 +19,7 @@ pub mod analysis;
 pub mod backend;
 pub mod checkpoint;
 pub mod config;
+pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod distributed;

@@ -39,6 +39,13 @@ pub struct InferenceOptions {
     /// zeroes on each call: a quarter of the time of a resnet at batch 32 (README, "Inference fast
     /// path"). The price is a peak RSS that stays at the largest forward's. No-op off glibc.
     pub keep_freed_memory: bool,
+    /// On CUDA, weights stored in float16 or bfloat16: the caller casts them before
+    /// [`for_inference`] ([`crate::predictor::Predictor`] does, once for all its workers), the
+    /// floating inputs are cast to that type at entry and outputs come back as float32.
+    pub cuda_weights: Option<AutocastDtype>,
+    /// On CUDA, capture the eval forward as a CUDA graph for the first input shape and replay it
+    /// for inputs of that shape ([`crate::cuda::GraphCache`]); other shapes run eagerly.
+    pub cuda_graph: bool,
 }
 
 impl Default for InferenceOptions {
@@ -51,6 +58,8 @@ impl Default for InferenceOptions {
             cuda_dtype: None,
             cudnn_benchmark: true,
             keep_freed_memory: true,
+            cuda_weights: None,
+            cuda_graph: false,
         }
     }
 }
@@ -78,6 +87,7 @@ pub fn for_inference(mut model: Box<dyn Model>, opts: &InferenceOptions) -> Resu
     Ok(Box::new(Fast {
         inner: model,
         opts: opts.clone(),
+        graph: Default::default(),
     }))
 }
 
@@ -113,6 +123,7 @@ fn keep_freed_memory() -> Result<()> {
 struct Fast {
     inner: Box<dyn Model>,
     opts: InferenceOptions,
+    graph: crate::cuda::GraphCache,
 }
 
 impl Fast {
@@ -136,28 +147,44 @@ impl Fast {
             None
         };
         tch::no_grad(|| {
+            let half = self.opts.cuda_weights.filter(|_| cuda).map(|d| match d {
+                AutocastDtype::Fp16 => tch::Kind::Half,
+                AutocastDtype::Bf16 => tch::Kind::BFloat16,
+            });
             let prepared;
-            let inputs = if self.opts.channels_last {
+            let inputs = if self.opts.channels_last || half.is_some() {
                 prepared = inputs
                     .iter()
-                    .map(|(k, t)| (k.clone(), channels_last(t)))
+                    .map(|(k, t)| {
+                        let t = match half {
+                            Some(kind) if t.is_floating_point() => t.to_kind(kind),
+                            _ => t.shallow_clone(),
+                        };
+                        let t = if self.opts.channels_last {
+                            channels_last(&t)
+                        } else {
+                            t
+                        };
+                        (k.clone(), t)
+                    })
                     .collect();
                 &prepared
             } else {
                 inputs
             };
-            match self.opts.cuda_dtype {
+            let out = match self.opts.cuda_dtype {
                 Some(dtype) if cuda => {
                     backend::set_autocast_dtype(dtype)?;
-                    let out = tch::autocast(true, || f(self.inner.as_ref(), inputs))?;
-                    Ok(if out.is_floating_point() {
-                        out.to_kind(tch::Kind::Float)
-                    } else {
-                        out
-                    })
+                    tch::autocast(true, || f(self.inner.as_ref(), inputs))?
                 }
-                _ => f(self.inner.as_ref(), inputs),
-            }
+                _ if half.is_none() => return f(self.inner.as_ref(), inputs),
+                _ => f(self.inner.as_ref(), inputs)?,
+            };
+            Ok(if out.is_floating_point() {
+                out.to_kind(tch::Kind::Float)
+            } else {
+                out
+            })
         })
     }
 }
@@ -168,7 +195,13 @@ impl Model for Fast {
     }
 
     fn forward_named(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
-        self.run(inputs, train, |m, x| m.forward_named(x, train))
+        self.run(inputs, train, |m, x| {
+            if self.opts.cuda_graph && !train {
+                self.graph.run(x, |x| m.forward_named(x, false))
+            } else {
+                m.forward_named(x, train)
+            }
+        })
     }
 
     fn forward_features(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {

@@ -21,8 +21,13 @@
 //! threads pick up on their first parallel op; [`Predictor::with_weights`] puts the caller's
 //! value back once its workers have set theirs.
 //!
-//! CUDA: the workers share the device and its default stream (tch has no stream API), so their
-//! kernels run in turn while the host-side work (checks, launches) overlaps.
+//! CUDA: each worker makes a stream of libtorch's pool its current stream for its whole life
+//! ([`crate::cuda::StreamGuard`]), so the workers' kernels queue independently and may overlap on
+//! the device; a worker waits for its stream before it hands a result back. The shared weights
+//! are copied to the device once and the device synchronised before the workers start.
+//! `inference.cuda_weights` casts that one shared copy to float16/bfloat16 before the workers
+//! fold their batch norms (the fold computes in float64 from the cast weights);
+//! `inference.cuda_graph` gives each worker its own CUDA graph.
 
 pub mod bench;
 
@@ -92,6 +97,14 @@ pub struct Predictor {
     worker_count: usize,
     intra_op_threads: usize,
     labels: Option<Vec<String>>,
+    cuda_streams: Vec<i64>,
+}
+
+/// What a worker reports once its replica is built.
+struct Ready {
+    input_names: &'static [&'static str],
+    /// The id of the worker's CUDA stream (`None` on the CPU).
+    stream: Option<i64>,
 }
 
 impl Predictor {
@@ -117,13 +130,36 @@ impl Predictor {
             .intra_op_threads
             .unwrap_or((caller_threads / options.workers).max(1));
         let device = options.device;
+        let reduced = options.inference.cuda_weights.filter(|_| !options.plain);
+        if device.is_cuda() {
+            crate::cuda::device_index(device)
+                .with_context(|| format!("a predictor on {device:?} cannot run"))?;
+        } else if !options.plain && (reduced.is_some() || options.inference.cuda_graph) {
+            bail!(
+                "cuda_weights and cuda_graph need a CUDA device, the predictor runs on {device:?}"
+            );
+        }
+        let reduced = reduced.map(|d| match d {
+            crate::backend::AutocastDtype::Fp16 => Kind::Half,
+            crate::backend::AutocastDtype::Bf16 => Kind::BFloat16,
+        });
         let shared: HashMap<String, Tensor> = tch::no_grad(|| {
             weights
                 .variables()
                 .into_iter()
-                .map(|(name, t)| (name, t.to_device(device)))
+                .map(|(name, t)| {
+                    let t = t.to_device(device);
+                    match reduced {
+                        Some(kind) if t.is_floating_point() => (name, t.to_kind(kind)),
+                        _ => (name, t),
+                    }
+                })
                 .collect()
         });
+        if device.is_cuda() {
+            // The workers read the weights from their own streams.
+            crate::cuda::synchronize(device)?;
+        }
         let kind = shared
             .values()
             .find(|t| t.is_floating_point())
@@ -131,7 +167,7 @@ impl Predictor {
 
         let (queue, requests) = mpsc::channel::<Request>();
         let requests = Arc::new(Mutex::new(requests));
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<&'static [&'static str]>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<Ready>>();
         let mut handles = Vec::with_capacity(options.workers);
         for index in 0..options.workers {
             let weights: HashMap<String, Tensor> = shared
@@ -165,10 +201,14 @@ impl Predictor {
         }
         drop((ready_tx, shared));
         let mut input_names = None;
+        let mut cuda_streams = Vec::new();
         let mut failure = None;
         for _ in 0..options.workers {
             match ready_rx.recv() {
-                Ok(Ok(names)) => input_names = Some(names),
+                Ok(Ok(ready)) => {
+                    input_names = Some(ready.input_names);
+                    cuda_streams.extend(ready.stream);
+                }
                 Ok(Err(err)) => failure = failure.or(Some(err)),
                 Err(_) => {
                     failure = failure.or(Some(anyhow!("a predictor worker died while starting")))
@@ -191,6 +231,7 @@ impl Predictor {
             worker_count: options.workers,
             intra_op_threads,
             labels: None,
+            cuda_streams,
         })
     }
 
@@ -316,6 +357,12 @@ impl Predictor {
     pub fn labels(&self) -> Option<&[String]> {
         self.labels.as_deref()
     }
+
+    /// The ids of the workers' CUDA streams ([`crate::cuda::StreamGuard::id`]), one per worker
+    /// in no particular order; empty on the CPU.
+    pub fn cuda_streams(&self) -> &[i64] {
+        &self.cuda_streams
+    }
 }
 
 impl Drop for Predictor {
@@ -362,7 +409,7 @@ struct Worker {
 impl Worker {
     /// Builds the replica, reports on `ready` (its input names, or why it cannot run), then
     /// answers requests until the queue closes.
-    fn run(self, ready: Sender<Result<&'static [&'static str]>>) {
+    fn run(self, ready: Sender<Result<Ready>>) {
         // The first call initialises this thread's count from the process default; only after
         // it does a set stick (libtorch re-initialises a thread on its first parallel op).
         tch::get_num_threads();
@@ -376,6 +423,18 @@ impl Worker {
             requests,
             ..
         } = self;
+        // Held for the worker's life: the replica is built and run on this stream.
+        let stream = match device
+            .is_cuda()
+            .then(|| crate::cuda::StreamGuard::new(device))
+            .transpose()
+        {
+            Ok(stream) => stream,
+            Err(err) => {
+                let _ = ready.send(Err(err));
+                return;
+            }
+        };
         let built = catch_unwind(AssertUnwindSafe(|| {
             replica(&config, weights, device, inference.as_ref())
         }))
@@ -387,7 +446,10 @@ impl Worker {
                 return;
             }
         };
-        let _ = ready.send(Ok(model.input_names()));
+        let _ = ready.send(Ok(Ready {
+            input_names: model.input_names(),
+            stream: stream.as_ref().map(crate::cuda::StreamGuard::id),
+        }));
         drop(ready);
         loop {
             let request = {
@@ -399,7 +461,11 @@ impl Worker {
             };
             let Request { inputs, reply } = request;
             let output = catch_unwind(AssertUnwindSafe(|| {
-                forward(model.as_ref(), inputs, device, kind)
+                let output = forward(model.as_ref(), inputs, device, kind)?;
+                if let Some(stream) = &stream {
+                    stream.synchronize()?;
+                }
+                Ok(output)
             }))
             .unwrap_or_else(|panic| {
                 let message = panic
