@@ -2,11 +2,13 @@
 // (CPU) or ProcessGroupNCCL (CUDA), with allreduce, broadcast and barrier. Gloo is compiled only
 // with RESIDUAL_WITH_GLOO (gloo's headers found), NCCL only with RESIDUAL_WITH_NCCL (nccl.h and
 // libtorch_cuda found); the collective code itself is libtorch's. Every entry point catches C++
-// exceptions and returns them as a message, so nothing unwinds into Rust.
+// exceptions and returns them as a message, so nothing unwinds into Rust. SyncBatchNorm is a
+// custom autograd function here: its forward and backward each run one collective.
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
+#include <torch/csrc/autograd/custom_function.h>
 #ifdef RESIDUAL_WITH_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #endif
@@ -133,6 +135,119 @@ void wait(Group* g, const c10::intrusive_ptr<c10d::Work>& work) {
   }
 }
 
+void all_reduce_sum(Group* g, at::Tensor& t) {
+  std::vector<at::Tensor> ts{t};
+  c10d::AllreduceOptions o;
+  o.reduceOp = c10d::ReduceOp::SUM;
+  o.timeout = g->timeout;
+  wait(g, g->backend->allreduce(ts, o));
+}
+
+// The dimensions of [N, C, *] other than the channels, and the shape that broadcasts a [C]
+// tensor over [N, C, *].
+std::vector<int64_t> reduced_dims(const at::Tensor& x) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  return dims;
+}
+
+std::vector<int64_t> channel_shape(const at::Tensor& x) {
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[1] = -1;
+  return shape;
+}
+
+// torch.nn.SyncBatchNorm's training-mode function (torch/nn/modules/_functions.py), in ATen ops
+// that run on every device: the forward gathers each rank's per-channel mean, biased variance
+// and count (an allreduce of a zero table where each rank fills its own row, i.e. an
+// all-gather) and normalises with the statistics of the whole global batch, combined in
+// float64; the backward sums `sum(dy)` and `sum(dy * (x - mean))` over the ranks, as
+// batch_norm_backward_reduce and an allreduce do there, and returns the local weight and bias
+// gradients, which DDP then averages with the others.
+struct SyncBatchNormFunction : public torch::autograd::Function<SyncBatchNormFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
+                            const at::Tensor& weight, const at::Tensor& bias,
+                            at::Tensor running_mean, at::Tensor running_var, double momentum,
+                            double eps, int64_t group) {
+    auto g = reinterpret_cast<Group*>(group);
+    const int64_t channels = input.size(1);
+    const int64_t count = channels > 0 ? input.numel() / channels : 0;
+    auto dims = reduced_dims(input);
+    auto wide = at::TensorOptions().dtype(at::kDouble).device(input.device());
+    auto table = at::zeros({g->world, 2 * channels + 1}, wide);
+    if (count > 0) {
+      auto [var, mean] = at::var_mean(input, dims, /*correction=*/0, /*keepdim=*/false);
+      auto row = table.select(0, g->rank);
+      row.narrow(0, 0, channels).copy_(mean);
+      row.narrow(0, channels, channels).copy_(var);
+      row.narrow(0, 2 * channels, 1).fill_(static_cast<double>(count));
+    }
+    all_reduce_sum(g, table);
+    auto counts = table.narrow(1, 2 * channels, 1);
+    const double total = counts.sum().item<double>();
+    if (total <= 1) {
+      throw std::runtime_error("SyncBatchNorm expected more than 1 value per channel over all "
+                               "ranks, got " + std::to_string(static_cast<int64_t>(total)));
+    }
+    auto means = table.narrow(1, 0, channels);
+    auto vars = table.narrow(1, channels, channels);
+    auto mean = (means * counts).sum(0) / total;
+    auto var = ((vars + (means - mean).pow(2)) * counts).sum(0) / total;
+    if (running_mean.defined() && running_var.defined()) {
+      // Running variance takes the unbiased estimate, as F.batch_norm's.
+      running_mean.mul_(1 - momentum).add_(mean.to(running_mean.scalar_type()), momentum);
+      running_var.mul_(1 - momentum)
+          .add_((var * (total / (total - 1))).to(running_var.scalar_type()), momentum);
+    }
+    auto invstd = (var + eps).rsqrt().to(input.scalar_type());
+    auto mean_x = mean.to(input.scalar_type());
+    ctx->save_for_backward({input, weight, mean_x, invstd});
+    ctx->saved_data["group"] = group;
+    ctx->saved_data["total"] = total;
+    auto shape = channel_shape(input);
+    auto scale = weight.defined() ? invstd * weight : invstd;
+    auto out = (input - mean_x.view(shape)) * scale.view(shape);
+    return bias.defined() ? out + bias.view(shape) : out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto input = saved[0], weight = saved[1], mean = saved[2], invstd = saved[3];
+    auto g = reinterpret_cast<Group*>(ctx->saved_data["group"].toInt());
+    const double total = ctx->saved_data["total"].toDouble();
+    auto dy = grads[0];
+    auto dims = reduced_dims(input);
+    auto shape = channel_shape(input);
+    auto xmu = input - mean.view(shape);
+    auto sum_dy = dy.sum(dims);
+    auto sum_dy_xmu = (dy * xmu).sum(dims);
+    at::Tensor grad_weight, grad_bias;
+    if (weight.defined()) grad_weight = sum_dy_xmu * invstd;
+    grad_bias = sum_dy.clone();
+    const int64_t channels = sum_dy.size(0);
+    auto combined = at::cat({sum_dy, sum_dy_xmu}, 0).contiguous();
+    try {
+      all_reduce_sum(g, combined);
+    } catch (const std::exception& e) {
+      std::string msg = std::string("SyncBatchNorm backward: allreduce failed on rank ") +
+                        std::to_string(g->rank) + " of " + std::to_string(g->world) + ": " +
+                        e.what();
+      auto cut = msg.find("\nException raised from");
+      if (cut != std::string::npos) msg.resize(cut);
+      throw std::runtime_error(msg + diagnose(*g));
+    }
+    auto mean_dy = combined.narrow(0, 0, channels) / total;
+    auto mean_dy_xmu = combined.narrow(0, channels, channels) / total;
+    auto scale = weight.defined() ? invstd * weight : invstd;
+    auto grad_input = (dy - mean_dy.view(shape) -
+                       xmu * (invstd * invstd * mean_dy_xmu).view(shape)) *
+                      scale.view(shape);
+    return {grad_input, grad_weight, grad_bias, at::Tensor(), at::Tensor(),
+            at::Tensor(),  at::Tensor(),  at::Tensor()};
+  }
+};
+
 }  // namespace
 
 extern "C" {
@@ -242,6 +357,40 @@ int residual_pg_allreduce_sum(void* pg, void* tensor, char* err, int errlen) {
   });
 }
 
+// Reduces `tensor` (an at::Tensor*, contiguous) over all ranks with `op` (0 sum, 1 product,
+// 2 min, 3 max), in place.
+int residual_pg_allreduce(void* pg, void* tensor, int op, char* err, int errlen) {
+  auto g = static_cast<Group*>(pg);
+  return guarded(g, "allreduce", err, errlen, [&] {
+    std::vector<at::Tensor> ts{*static_cast<at::Tensor*>(tensor)};
+    c10d::AllreduceOptions o;
+    switch (op) {
+      case 0: o.reduceOp = c10d::ReduceOp::SUM; break;
+      case 1: o.reduceOp = c10d::ReduceOp::PRODUCT; break;
+      case 2: o.reduceOp = c10d::ReduceOp::MIN; break;
+      case 3: o.reduceOp = c10d::ReduceOp::MAX; break;
+      default: throw std::runtime_error("unknown reduce op " + std::to_string(op));
+    }
+    o.timeout = g->timeout;
+    wait(g, g->backend->allreduce(ts, o));
+  });
+}
+
+// Gathers every rank's `input` into `output` (contiguous, [world, *input.shape]): row r is rank
+// r's input.
+int residual_pg_allgather(void* pg, void* input, void* output, char* err, int errlen) {
+  auto g = static_cast<Group*>(pg);
+  return guarded(g, "allgather", err, errlen, [&] {
+    auto& out = *static_cast<at::Tensor*>(output);
+    std::vector<std::vector<at::Tensor>> outs(1);
+    for (int r = 0; r < g->world; ++r) outs[0].push_back(out.select(0, r));
+    std::vector<at::Tensor> ins{*static_cast<at::Tensor*>(input)};
+    c10d::AllgatherOptions o;
+    o.timeout = g->timeout;
+    wait(g, g->backend->allgather(outs, ins, o));
+  });
+}
+
 // Copies rank `root`'s `tensor` into every rank's, in place.
 int residual_pg_broadcast(void* pg, void* tensor, int root, char* err, int errlen) {
   auto g = static_cast<Group*>(pg);
@@ -251,6 +400,23 @@ int residual_pg_broadcast(void* pg, void* tensor, int root, char* err, int errle
     o.rootRank = root;
     o.timeout = g->timeout;
     wait(g, g->backend->broadcast(ts, o));
+  });
+}
+
+// torch.nn.SyncBatchNorm's training-mode forward of `input` ([N, C, *]) with `weight` and `bias`
+// (either may be null), updating `running_mean` / `running_var` (both or neither null) with the
+// global batch's statistics; differentiable, its backward reduces over the group as well.
+// Writes a new at::Tensor* to `out`.
+int residual_pg_sync_batch_norm(void* pg, void* input, void* weight, void* bias,
+                                void* running_mean, void* running_var, double momentum,
+                                double eps, void** out, char* err, int errlen) {
+  auto g = static_cast<Group*>(pg);
+  auto opt = [](void* p) { return p ? *static_cast<at::Tensor*>(p) : at::Tensor(); };
+  return guarded(g, "SyncBatchNorm", err, errlen, [&] {
+    at::Tensor result = SyncBatchNormFunction::apply(
+        *static_cast<at::Tensor*>(input), opt(weight), opt(bias), opt(running_mean),
+        opt(running_var), momentum, eps, reinterpret_cast<int64_t>(g));
+    *out = new at::Tensor(std::move(result));
   });
 }
 

@@ -6,9 +6,13 @@
 //!
 //! [`Ddp`] adds what `torch.nn.parallel.DistributedDataParallel` does around a training step:
 //! parameters and buffers broadcast from rank 0, gradients averaged in buckets, and buffers
-//! broadcast before each forward (`broadcast_buffers=True`).
+//! broadcast before each forward (`broadcast_buffers=True`). With [`Ddp::enable_sync_batch_norm`]
+//! the model's batch norms in training mode become `torch.nn.SyncBatchNorm`: statistics of the
+//! global batch, with a backward that reduces over the ranks too.
 
+use std::cell::RefCell;
 use std::os::raw::{c_char, c_int, c_void};
+use std::rc::Rc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -37,6 +41,20 @@ extern "C" {
         err: *mut c_char,
         errlen: c_int,
     ) -> c_int;
+    fn residual_pg_allreduce(
+        pg: *mut c_void,
+        tensor: *mut c_void,
+        op: c_int,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> c_int;
+    fn residual_pg_allgather(
+        pg: *mut c_void,
+        input: *mut c_void,
+        output: *mut c_void,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> c_int;
     fn residual_pg_broadcast(
         pg: *mut c_void,
         tensor: *mut c_void,
@@ -45,6 +63,20 @@ extern "C" {
         errlen: c_int,
     ) -> c_int;
     fn residual_pg_barrier(pg: *mut c_void, err: *mut c_char, errlen: c_int) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn residual_pg_sync_batch_norm(
+        pg: *mut c_void,
+        input: *mut c_void,
+        weight: *mut c_void,
+        bias: *mut c_void,
+        running_mean: *mut c_void,
+        running_var: *mut c_void,
+        momentum: f64,
+        eps: f64,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> c_int;
 }
 
 /// DDP's default gradient bucket size (`bucket_cap_mb=25`).
@@ -66,6 +98,16 @@ pub fn backends() -> Backends {
         gloo: bits & 1 != 0,
         nccl: bits & 2 != 0,
     }
+}
+
+/// How [`ProcessGroup::all_reduce`] combines the ranks' tensors (`dist.ReduceOp`; Gloo has no
+/// `AVG`, see [`ProcessGroup::all_reduce_mean`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    Product,
+    Min,
+    Max,
 }
 
 /// A c10d backend.
@@ -290,6 +332,47 @@ impl ProcessGroup {
         })
     }
 
+    /// Reduces `t` over all ranks with `op`, in place (`dist.all_reduce(t, op)`).
+    pub fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> Result<()> {
+        self.check_tensor(t, "allreduce")?;
+        let op = match op {
+            ReduceOp::Sum => 0,
+            ReduceOp::Product => 1,
+            ReduceOp::Min => 2,
+            ReduceOp::Max => 3,
+        };
+        // SAFETY: as in `all_reduce_sum`.
+        self.call(|err| unsafe {
+            residual_pg_allreduce(
+                self.ptr,
+                t.as_ptr() as *mut c_void,
+                op,
+                err,
+                ERR_LEN as c_int,
+            )
+        })
+    }
+
+    /// Every rank's `t` stacked in rank order: `[world_size, *t.size()]`
+    /// (`dist.all_gather_into_tensor`).
+    pub fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        self.check_tensor(t, "allgather")?;
+        let mut shape = vec![self.world_size as i64];
+        shape.extend(t.size());
+        let out = Tensor::empty(shape.as_slice(), (t.kind(), t.device()));
+        // SAFETY: both are live `at::Tensor*`; `out` is contiguous and shaped for the gather.
+        self.call(|err| unsafe {
+            residual_pg_allgather(
+                self.ptr,
+                t.as_ptr() as *mut c_void,
+                out.as_ptr() as *mut c_void,
+                err,
+                ERR_LEN as c_int,
+            )
+        })?;
+        Ok(out)
+    }
+
     /// Averages `t` over all ranks, in place: each rank's share is divided by the world size
     /// before the sum, as DDP divides gradients (Gloo has no average).
     pub fn all_reduce_mean(&self, t: &Tensor) -> Result<()> {
@@ -318,6 +401,60 @@ impl ProcessGroup {
         })
     }
 
+    /// `torch.nn.SyncBatchNorm` in training mode: `input` (`[N, C, *]`) normalised with the mean
+    /// and biased variance of the whole global batch (every rank's `input` together), scaled by
+    /// `weight` and shifted by `bias`; `running_mean` / `running_var` move towards the global
+    /// mean and unbiased variance by `momentum`. Differentiable: its backward sums the
+    /// per-channel gradient terms over the ranks, so every rank must run it, in the same order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sync_batch_norm(
+        &self,
+        input: &Tensor,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        running_mean: Option<&Tensor>,
+        running_var: Option<&Tensor>,
+        momentum: f64,
+        eps: f64,
+    ) -> Result<Tensor> {
+        if input.dim() < 2 {
+            bail!("SyncBatchNorm: expected [N, C, *], got {:?}", input.size());
+        }
+        let device_ok = match self.backend {
+            Backend::Gloo => input.device() == Device::Cpu,
+            Backend::Nccl => input.device().is_cuda(),
+        };
+        if !device_ok {
+            bail!(
+                "SyncBatchNorm: a {:?} process group cannot reduce a tensor on {:?}",
+                self.backend,
+                input.device()
+            );
+        }
+        let ptr =
+            |t: Option<&Tensor>| t.map_or(std::ptr::null_mut(), |t| t.as_ptr() as *mut c_void);
+        let mut out: *mut c_void = std::ptr::null_mut();
+        // SAFETY: every tensor pointer is tch's `at::Tensor*` (or null), alive for the call; on
+        // success `out` is a new `at::Tensor*` whose ownership passes to the returned Tensor.
+        self.call(|err| unsafe {
+            residual_pg_sync_batch_norm(
+                self.ptr,
+                input.as_ptr() as *mut c_void,
+                ptr(weight),
+                ptr(bias),
+                ptr(running_mean),
+                ptr(running_var),
+                momentum,
+                eps,
+                &mut out,
+                err,
+                ERR_LEN as c_int,
+            )
+        })?;
+        // SAFETY: see above; `call` returned Ok, so `out` was written.
+        Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+    }
+
     /// Waits until every rank reaches this point (`dist.barrier()`).
     pub fn barrier(&self) -> Result<()> {
         // SAFETY: the C side catches all.
@@ -330,6 +467,39 @@ impl Drop for ProcessGroup {
         // SAFETY: `ptr` came from `residual_pg_new` and is freed once.
         unsafe { residual_pg_free(self.ptr) }
     }
+}
+
+thread_local! {
+    /// The group whose ranks synchronise batch norms (`--sync-bn`), while a [`Ddp`] enables it.
+    static SYNC_BN: RefCell<Option<Rc<ProcessGroup>>> = const { RefCell::new(None) };
+}
+
+/// The training-mode batch norm of `Norm2d` when `--sync-bn` is on and the group has more than
+/// one rank (as `SyncBatchNorm`, which falls back to `F.batch_norm` for a world of 1): the
+/// output of [`ProcessGroup::sync_batch_norm`]; `None` otherwise, for the plain batch norm.
+pub fn sync_batch_norm(
+    input: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f64,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    SYNC_BN.with(|cell| match cell.borrow().as_ref() {
+        Some(group) if group.world_size > 1 => group
+            .sync_batch_norm(
+                input,
+                Some(weight),
+                Some(bias),
+                Some(running_mean),
+                Some(running_var),
+                momentum,
+                eps,
+            )
+            .map(Some),
+        _ => Ok(None),
+    })
 }
 
 /// Consecutive runs of `tensors` of one dtype and device holding at most `cap_bytes` each (a
@@ -394,7 +564,7 @@ fn coalesced(
 /// gradient order (the reverse of registration order, here the reverse of name order) and the
 /// buffers (BatchNorm statistics) that rank 0 broadcasts.
 pub struct Ddp {
-    pub group: ProcessGroup,
+    pub group: Rc<ProcessGroup>,
     params: Vec<Tensor>,
     buffers: Vec<Tensor>,
     pub bucket_bytes: i64,
@@ -410,7 +580,7 @@ impl Ddp {
         let (params, buffers): (Vec<_>, Vec<_>) =
             vars.into_iter().partition(|(_, t)| t.requires_grad());
         Self {
-            group,
+            group: Rc::new(group),
             params: params.into_iter().rev().map(|(_, t)| t).collect(),
             buffers: buffers.into_iter().map(|(_, t)| t).collect(),
             bucket_bytes: BUCKET_BYTES,
@@ -424,6 +594,21 @@ impl Ddp {
 
     pub fn world_size(&self) -> usize {
         self.group.world_size
+    }
+
+    /// Makes this thread's training-mode batch norms `SyncBatchNorm`s over this group
+    /// (`nn.SyncBatchNorm.convert_sync_batchnorm`), until the `Ddp` is dropped.
+    pub fn enable_sync_batch_norm(&self) {
+        SYNC_BN.with(|cell| *cell.borrow_mut() = Some(Rc::clone(&self.group)));
+    }
+
+    /// Whether [`Ddp::enable_sync_batch_norm`] is in force.
+    pub fn sync_batch_norm_enabled(&self) -> bool {
+        SYNC_BN.with(|cell| {
+            cell.borrow()
+                .as_ref()
+                .is_some_and(|g| Rc::ptr_eq(g, &self.group))
+        })
     }
 
     /// Broadcasts parameters and buffers from rank 0 (DDP's construction).
@@ -489,6 +674,17 @@ impl Ddp {
     }
 }
 
+impl Drop for Ddp {
+    fn drop(&mut self) {
+        SYNC_BN.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if cell.as_ref().is_some_and(|g| Rc::ptr_eq(g, &self.group)) {
+                *cell = None;
+            }
+        });
+    }
+}
+
 /// `RESIDUAL_FAULT_EXIT=RANK:STEP`: a fault injected for tests of failure handling; rank `RANK`
 /// exits with status 17 once it has done `STEP` steps, on torchrun's first attempt only.
 pub fn injected_exit(env: &LaunchEnv) -> Option<u64> {
@@ -499,9 +695,10 @@ pub fn injected_exit(env: &LaunchEnv) -> Option<u64> {
         .flatten()
 }
 
-/// Checks the collectives on this group (the `doctor --collectives` check): a small sum,
-/// a sum of `large` floats, a broadcast, `repeats` sums in a row and a barrier; each result is
-/// compared with what it must be. Returns one line per check.
+/// Checks the collectives on this group (the `doctor --collectives` check): a small sum, a sum
+/// of `large` floats, broadcasts from rank 0 and from the last rank, sum / product / min / max
+/// (and average) in 8 dtypes, an allgather, `repeats` sums in a row and a barrier; each result
+/// is compared with what it must be (exactly). Returns one line per check.
 pub fn check_collectives(
     group: &ProcessGroup,
     device: Device,
@@ -538,6 +735,83 @@ pub fn check_collectives(
         bail!("broadcast from rank 0 did not arrive");
     }
     lines.push("broadcast from rank 0: arrived".into());
+
+    // The reduce ops and dtypes, each result exact (small integers in every dtype).
+    let last = world - 1.0;
+    let kinds = [
+        Kind::Float,
+        Kind::Double,
+        Kind::Half,
+        Kind::BFloat16,
+        Kind::Int,
+        Kind::Int64,
+        Kind::Int8,
+        Kind::Uint8,
+    ];
+    // Ranks above 3 multiply by 4 so that the product stays small; sums fit int8 up to 4 ranks.
+    let product: f64 = (0..group.world_size)
+        .map(|r| (r as f64 + 1.0).min(4.0))
+        .product();
+    for kind in kinds {
+        let base = || Tensor::arange(16, (Kind::Double, device));
+        let mine = || (base() + rank).to_kind(kind);
+        let checks: [(ReduceOp, Tensor, Tensor); 4] = [
+            (ReduceOp::Sum, mine(), base() * world + world * last / 2.0),
+            (ReduceOp::Max, mine(), base() + last),
+            (ReduceOp::Min, mine(), base()),
+            (
+                ReduceOp::Product,
+                Tensor::full([16], (rank + 1.0).min(4.0), (kind, device)),
+                Tensor::full([16], product, (Kind::Double, device)),
+            ),
+        ];
+        for (op, t, want) in checks {
+            group.all_reduce(&t, op)?;
+            let diff = (t.to_kind(Kind::Double) - want)
+                .abs()
+                .max()
+                .double_value(&[]);
+            if diff != 0.0 {
+                bail!("allreduce {op:?} of {kind:?} is off by {diff}");
+            }
+        }
+        if matches!(
+            kind,
+            Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+        ) {
+            let t = (base() * 2.0 + rank).to_kind(kind);
+            group.all_reduce_mean(&t)?;
+            let want = base() * 2.0 + last / 2.0;
+            let diff = (t.to_kind(Kind::Double) - want)
+                .abs()
+                .max()
+                .double_value(&[]);
+            if diff != 0.0 {
+                bail!("allreduce average of {kind:?} is off by {diff}");
+            }
+        }
+    }
+    lines.push(format!(
+        "allreduce sum, product, min, max (and average for floats) of {} dtypes: exact",
+        kinds.len()
+    ));
+
+    let root = group.world_size - 1;
+    let b = Tensor::full([1000], rank + 5.0, (Kind::Double, device));
+    group.broadcast(&b, root)?;
+    if b.ne(last + 5.0).any().int64_value(&[]) != 0 {
+        bail!("broadcast from rank {root} did not arrive");
+    }
+    lines.push(format!("broadcast from rank {root}: arrived"));
+
+    let gathered = group.all_gather(&Tensor::full([3], rank, (Kind::Int64, device)))?;
+    let want = Tensor::arange(group.world_size as i64, (Kind::Int64, device))
+        .unsqueeze(1)
+        .expand([-1, 3], false);
+    if gathered.ne_tensor(&want).any().int64_value(&[]) != 0 {
+        bail!("allgather returned {gathered:?}");
+    }
+    lines.push("allgather: every rank's tensor in rank order".into());
 
     let acc = Tensor::zeros([4096], (Kind::Float, device));
     for _ in 0..repeats {

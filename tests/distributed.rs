@@ -69,10 +69,15 @@ fn two_processes_allreduce_broadcast_and_pass_a_barrier() {
         report.contains("allreduce sum of rank+1: 3 on every rank"),
         "{report}"
     );
-    assert!(
-        report.contains("allreduce of 4194304 floats (16 MB): exact"),
-        "{report}"
-    );
+    // What libtorch's Gloo (compiled against Debian's older gloo headers) was verified to do.
+    for line in [
+        "allreduce of 16777216 floats (64 MB): exact",
+        "allreduce sum, product, min, max (and average for floats) of 8 dtypes: exact",
+        "broadcast from rank 1: arrived",
+        "allgather: every rank's tensor in rank order",
+    ] {
+        assert!(report.contains(line), "{line} missing from {report}");
+    }
     assert!(
         report.contains("200 allreduces in a row: exact"),
         "{report}"
@@ -144,6 +149,14 @@ fn nccl_collectives_and_a_training_run_on_cuda() {
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 1, "{metrics}");
     std::fs::remove_dir_all(&dir).unwrap();
+
+    // SyncBatchNorm over NCCL needs 2 ranks (one rank is a plain batch norm); cuDNN's
+    // convolutions round differently with the batch size, hence the looser bound.
+    if world == 2 {
+        sync_bn_matches_one_process("cuda", 1e-4);
+    } else {
+        println!("--sync-bn on NCCL skipped: one GPU");
+    }
 }
 
 /// `python -m torch.distributed.run` (torchrun) with `nproc` local processes running
@@ -356,3 +369,98 @@ fn a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_ends_as_an_uninterrupted
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Writes an IDX data set of `n_train` and 8 test images (1 x 12 x 12, labels 0..10) to `dir`.
+fn write_idx_data(dir: &std::path::Path, n_train: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let idx = |dims: &[usize], body: Vec<u8>| {
+        let mut out = vec![0, 0, 8, dims.len() as u8];
+        for d in dims {
+            out.extend_from_slice(&(*d as u32).to_be_bytes());
+        }
+        out.extend(body);
+        out
+    };
+    for (prefix, n, salt) in [("train", n_train, 7usize), ("t10k", 8, 11)] {
+        let labels: Vec<u8> = (0..n).map(|i| ((i * salt + 3) % 10) as u8).collect();
+        let images: Vec<u8> = (0..n * 144)
+            .map(|k| {
+                let (i, p) = (k / 144, k % 144);
+                let bright = p / 12 < 4 && (p % 12) / 2 == labels[i] as usize % 6;
+                ((k * 37 + salt) % 90) as u8 + if bright { 150 } else { 0 }
+            })
+            .collect();
+        let write = |kind: &str, bytes: Vec<u8>| {
+            std::fs::write(dir.join(format!("{prefix}-{kind}-ubyte")), bytes).unwrap()
+        };
+        write("images-idx3", idx(&[n, 12, 12], images));
+        write("labels-idx1", idx(&[n], labels));
+    }
+}
+
+#[test]
+fn two_ranks_with_sync_bn_train_as_one_process_on_the_whole_batch() {
+    if !gloo_or_skip() {
+        return;
+    }
+    // PyTorch 2.11's SyncBatchNorm refuses CPU tensors ("expected input tensor to be on GPU"),
+    // so the CPU check is the definition.
+    sync_bn_matches_one_process("cpu", 1e-5);
+}
+
+/// 2 ranks with batches of 4 and synchronised batch norms compute what one process does with
+/// the concatenated batches of 8 (same batch statistics, same averaged gradients, same running
+/// statistics), up to float rounding (`tolerance`).
+fn sync_bn_matches_one_process(device: &str, tolerance: f64) {
+    let dir = common::temp_dir(&format!("ddp-syncbn-{device}"));
+    let data = dir.join("data");
+    write_idx_data(&data, 32);
+    let (single, synced) = (dir.join("single"), dir.join("synced"));
+    run_from_case(&single, &ddp_reference(), 1, 8);
+    run_from_case(&synced, &ddp_reference(), 1, 4);
+    let (single_dir, synced_dir, data_dir) = (
+        single.to_str().unwrap(),
+        synced.to_str().unwrap(),
+        data.to_str().unwrap(),
+    );
+    let mut single_args = train_args(single_dir, data_dir);
+    let mut args = train_args(synced_dir, data_dir);
+    for a in [&mut single_args, &mut args] {
+        let cpu = a.iter().position(|x| *x == "cpu").unwrap();
+        a[cpu] = device;
+    }
+    args.push("--sync-bn");
+    // The single process runs beside the two ranks; one thread each.
+    let one = Command::new(common::residual_bin())
+        .args(&single_args)
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = spawn_ranks(2, &args, &[("OMP_NUM_THREADS", "1")]);
+    for (rank, o) in out.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
+    }
+    let one = one.wait_with_output().unwrap();
+    assert!(one.status.success(), "{}", text(&one.stderr));
+    let (a, b) = (final_weights(&single), final_weights(&synced));
+    let diff = max_abs_diff(&a, &b);
+    let stats = a
+        .entries
+        .iter()
+        .filter(|(k, _)| k.ends_with("running_mean") || k.ends_with("running_var"))
+        .map(|(k, v)| (v - b.get(k).unwrap()).abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    println!(
+        "--sync-bn on {device}, 2 ranks x 4 vs 1 process x 8, 4 steps: max |Δ| {diff:e} (running stats {stats:e})"
+    );
+    assert!(diff <= tolerance, "max |Δ| {diff}");
+    let loss = |run: &std::path::Path| {
+        let m = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let m: serde_json::Value = serde_json::from_str(m.lines().next().unwrap()).unwrap();
+        m["train_loss"].as_f64().unwrap()
+    };
+    let (l1, l2) = (loss(&single), loss(&synced));
+    assert!((l1 - l2).abs() <= tolerance * l1, "train loss {l1} vs {l2}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

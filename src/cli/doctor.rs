@@ -54,7 +54,7 @@ fn check_collectives(device: &str) -> Result<ExitCode> {
     if exit_at == Some(1) {
         std::process::exit(17);
     }
-    let lines = distributed::check_collectives(&group, device, 1 << 22, 200)?;
+    let lines = distributed::check_collectives(&group, device, 1 << 24, 200)?;
     if env.rank == 0 {
         println!("{backend:?}, world size {}:", env.world_size);
         for line in lines {

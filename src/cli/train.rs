@@ -27,6 +27,10 @@ pub struct Args {
     /// Continue the run in this folder from its last checkpoint (--epochs may extend it).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Under torchrun, batch norms in training use the statistics of the global batch (every
+    /// rank's), as `nn.SyncBatchNorm`; with one process they are plain batch norms.
+    #[arg(long)]
+    sync_bn: bool,
 }
 
 impl Args {
@@ -57,6 +61,9 @@ impl Args {
             }
         };
         trainer.quiet |= self.settings.quiet;
+        if let (true, Some(ddp)) = (self.sync_bn, &trainer.ddp) {
+            ddp.enable_sync_batch_norm();
+        }
         let data = self.settings.data(&trainer.options, trainer.vs.device())?;
         if trainer.is_writer() {
             data.write_run_files(&trainer.run.path, &trainer.config, &trainer.options)?;

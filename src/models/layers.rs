@@ -386,6 +386,18 @@ impl Norm2d {
                         let mut n = num_batches_tracked.shallow_clone();
                         let _ = n.f_add_scalar_(1);
                     });
+                    // `--sync-bn` under torchrun: the global batch's statistics.
+                    if let Some(out) = crate::distributed::sync_batch_norm(
+                        xs,
+                        weight,
+                        bias,
+                        running_mean,
+                        running_var,
+                        BN_MOMENTUM,
+                        NORM_EPS,
+                    )? {
+                        return Ok(out);
+                    }
                 }
                 Tensor::batch_norm(
                     xs,
