@@ -30,6 +30,9 @@ pub struct Args {
     batch_size: i64,
     #[arg(long)]
     json: bool,
+    /// Evaluate the weights' moving average (`state_dict_ema`, runs trained with --ema-decay).
+    #[arg(long)]
+    ema: bool,
 }
 
 impl Args {
@@ -59,7 +62,7 @@ impl Args {
         let (train, test) = residual::data::load(&self.data, self.format)?;
         let normalizer = residual::data::Normalizer::fit(&train, device);
         let test = test.to_device(device);
-        let (_vs, model) = residual::train::load_model(&config, &weights, device)?;
+        let (_vs, model) = residual::train::load_model(&config, &weights, device, self.ema)?;
         let (error, matrix) =
             residual::train::confusion(model.as_ref(), &test, &normalizer, self.batch_size)?;
         if self.json {

@@ -25,6 +25,9 @@ pub struct WeightOptions {
     /// the file itself, then state_dict, model_state_dict, model, module, ema, ...
     #[arg(long)]
     key: Option<String>,
+    /// The weights' moving average of a training checkpoint: `--key state_dict_ema`.
+    #[arg(long, conflicts_with = "key")]
+    ema: bool,
     /// A key prefix to strip, e.g. `net.` (`module.`, `_orig_mod.` and a Lightning checkpoint's
     /// `model.` are stripped without asking when every key has them). Repeatable.
     #[arg(long = "strip-prefix")]
@@ -38,7 +41,11 @@ pub struct WeightOptions {
 impl WeightOptions {
     pub fn read_options(&self) -> ReadOptions {
         ReadOptions {
-            key: self.key.clone(),
+            key: if self.ema {
+                Some("state_dict_ema".to_string())
+            } else {
+                self.key.clone()
+            },
             strip_prefixes: self.strip_prefix.clone(),
             inflate_limit: self.inflate_limit,
         }

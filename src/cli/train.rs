@@ -8,7 +8,9 @@ use residual::backend::AutocastDtype;
 use residual::data::{Augment, DataFormat};
 use residual::device::parse_device;
 use residual::distributed::{default_timeout, Backend, LaunchEnv, ProcessGroup};
-use residual::train::{OptimizerKind, Outcome, RunData, Schedule, TrainOptions, Trainer};
+use residual::train::{
+    Clip, EmaOptions, OptimizerKind, Outcome, RunData, Schedule, TrainOptions, Trainer,
+};
 use residual::ModelConfig;
 
 use super::folder::FolderArgs;
@@ -170,6 +172,30 @@ pub struct Settings {
     /// AdamW's eps.
     #[arg(long, default_value_t = 1e-8)]
     eps: f64,
+    /// Nesterov momentum (SGD; torch.optim.SGD(nesterov=True)).
+    #[arg(long)]
+    nesterov: bool,
+    /// Scale the gradients so that their total norm is at most this before each step
+    /// (torch.nn.utils.clip_grad_norm_; after unscaling with --amp fp16).
+    #[arg(long, value_name = "MAX_NORM")]
+    clip_grad_norm: Option<f64>,
+    /// The norm --clip-grad-norm measures: 2 or inf.
+    #[arg(long, default_value = "2", value_parser = ["2", "inf"])]
+    clip_norm_type: String,
+    /// Clamp every gradient element into [-V, V] before each step (clip_grad_value_).
+    #[arg(long, value_name = "V", conflicts_with = "clip_grad_norm")]
+    clip_grad_value: Option<f64>,
+    /// Gradient accumulation: one optimiser step every N batches (the loss divided by N), an
+    /// effective batch of N x --batch-size; the schedule counts optimiser steps.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    accumulate: u64,
+    /// Keep an exponential moving average of the weights with this decay (timm's ModelEmaV3),
+    /// evaluated beside the model each epoch and saved as `state_dict_ema` in the checkpoints.
+    #[arg(long, value_name = "D")]
+    ema_decay: Option<f64>,
+    /// Warm the EMA's decay up as timm does: min(D, 1 - (1 + step)^(-2/3)).
+    #[arg(long, requires = "ema_decay")]
+    ema_warmup: bool,
 }
 
 impl Settings {
@@ -206,6 +232,24 @@ impl Settings {
                 },
                 _ => OptimizerKind::Sgd,
             },
+            nesterov: self.nesterov,
+            clip: match (self.clip_grad_norm, self.clip_grad_value) {
+                (Some(max_norm), _) => Some(Clip::Norm {
+                    max_norm,
+                    norm_type: if self.clip_norm_type == "inf" {
+                        f64::INFINITY
+                    } else {
+                        2.0
+                    },
+                }),
+                (None, Some(value)) => Some(Clip::Value { value }),
+                (None, None) => None,
+            },
+            accumulate: self.accumulate,
+            ema: self.ema_decay.map(|decay| EmaOptions {
+                decay,
+                warmup: self.ema_warmup,
+            }),
             image_folder: self
                 .is_image_folder()
                 .then(|| self.folder.options(!self.no_augment, !self.no_flip)),

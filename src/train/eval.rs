@@ -77,15 +77,21 @@ pub fn confusion(
     Ok((1.0 - correct as f64 / total.max(1) as f64, matrix))
 }
 
-/// Loads weights into a fresh model on `device` (strict).
+/// Loads weights into a fresh model on `device` (strict): the file's state_dict, or with `ema`
+/// its `state_dict_ema` (a run trained with `--ema-decay`).
 pub fn load_model(
     config: &ModelConfig,
     weights: &Path,
     device: Device,
+    ema: bool,
 ) -> Result<(VarStore, Box<dyn Model>)> {
     let vs = VarStore::new(device);
     let model = config.build(vs.root())?;
-    let state = Checkpoint::open(weights, &ReadOptions::default())?;
+    let options = ReadOptions {
+        key: ema.then(|| super::run_dir::STATE_DICT_EMA.to_string()),
+        ..Default::default()
+    };
+    let state = Checkpoint::open(weights, &options)?;
     load_state_dict(&vs, &state, true)?;
     Ok((vs, model))
 }

@@ -12,6 +12,15 @@ pub struct EpochMetrics {
     pub val_error: Option<f64>,
     pub test_loss: Option<f64>,
     pub test_error: Option<f64>,
+    /// The same four of the weights' EMA (runs with `--ema-decay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_val_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_val_error: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_test_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_test_error: Option<f64>,
     pub lr: f64,
     pub seconds: f64,
     pub images_per_second: f64,

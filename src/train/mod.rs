@@ -9,13 +9,15 @@
 //!
 //! Files: `options` (what shapes a run), `schedule` (the learning rate over time), `loss`
 //! (cross-entropy and fp16 loss scaling), `sgd` (the optimiser), `adamw` (AdamW), `optimizer` (the
-//! choice between them), `run_data` (the splits on
+//! choice between them), `clip` (gradient clipping), `ema` (the weights' moving average), `run_data` (the splits on
 //! their device), `folder_data` (image-folder datasets and the files their runs keep), `run_dir` (the folder layout and checkpoints), `metrics` (what an epoch
 //! measured), `trainer` (the loop), `eval` (evaluation of a trained model), `bench` (speed
 //! of the training step and of inference), `memory_format` (channels-last tensors).
 
 mod adamw;
 mod bench;
+mod clip;
+mod ema;
 mod eval;
 mod folder_data;
 mod loss;
@@ -34,6 +36,8 @@ pub use bench::{
     bench_config, bench_inference, bench_inputs, benchmark, resident_set_kb, BenchSettings,
     InferenceBench,
 };
+pub use clip::{clip_grad_norm, clip_grad_value, Clip};
+pub use ema::{Ema, EmaOptions};
 pub use eval::{confusion, load_model};
 pub use folder_data::{run_files, run_folder_of, CLASSES_FILE, PREPROCESS_FILE};
 pub use loss::{logits_loss, LossScaler};

@@ -47,7 +47,11 @@ impl Optimizer {
     pub fn new(vs: &VarStore, options: &TrainOptions) -> Self {
         let (wd, all) = (options.weight_decay, options.decay_norm_and_bias);
         match options.optimizer {
-            OptimizerKind::Sgd => Self::Sgd(Sgd::new(vs, options.momentum, wd, all)),
+            OptimizerKind::Sgd => {
+                let mut sgd = Sgd::new(vs, options.momentum, wd, all);
+                sgd.nesterov = options.nesterov;
+                Self::Sgd(sgd)
+            }
             OptimizerKind::Adamw { betas, eps } => {
                 Self::AdamW(AdamW::new(vs, (betas[0], betas[1]), eps, wd, all))
             }

@@ -3,6 +3,8 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use super::clip::Clip;
+use super::ema::EmaOptions;
 use super::optimizer::OptimizerKind;
 use super::schedule::Schedule;
 use crate::backend::AutocastDtype;
@@ -53,6 +55,26 @@ pub struct TrainOptions {
     /// SGD (absent from `run.json`) or AdamW.
     #[serde(default, skip_serializing_if = "OptimizerKind::is_sgd")]
     pub optimizer: OptimizerKind,
+    /// Nesterov momentum for SGD.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nesterov: bool,
+    /// Gradient clipping before each optimiser step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip: Option<Clip>,
+    /// Micro-batches per optimiser step (gradient accumulation; 1: none).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub accumulate: u64,
+    /// An exponential moving average of the weights, evaluated beside the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<EmaOptions>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn is_one(n: &u64) -> bool {
+    *n == 1
 }
 
 impl Default for TrainOptions {
@@ -81,6 +103,10 @@ impl Default for TrainOptions {
             eval_test: true,
             image_folder: None,
             optimizer: OptimizerKind::Sgd,
+            nesterov: false,
+            clip: None,
+            accumulate: 1,
+            ema: None,
         }
     }
 }
@@ -109,6 +135,18 @@ impl TrainOptions {
             if !(eps > 0.0 && eps.is_finite()) {
                 bail!("eps: must be a positive number, got {eps}");
             }
+        }
+        if self.nesterov && (self.momentum == 0.0 || !self.optimizer.is_sgd()) {
+            bail!("nesterov: needs SGD with a momentum above 0 (torch.optim.SGD refuses it too)");
+        }
+        if self.accumulate == 0 {
+            bail!("accumulate: must be at least 1");
+        }
+        if let Some(clip) = &self.clip {
+            clip.validate()?;
+        }
+        if let Some(ema) = &self.ema {
+            ema.validate()?;
         }
         if !(self.warmup >= 0.0 && self.warmup.is_finite()) {
             bail!("warmup: must be >= 0 epochs, got {}", self.warmup);

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 
+use super::ema::Ema;
 use super::loss::LossScaler;
 use super::metrics::EpochMetrics;
 use super::optimizer::Optimizer;
@@ -17,6 +18,10 @@ use super::options::TrainOptions;
 use crate::checkpoint::{load_state_dict, Checkpoint, ReadOptions, StateDict};
 use crate::config::ModelConfig;
 use crate::fs::write_atomic;
+
+/// The entries of a checkpoint with an EMA: the model's weights and the average's.
+pub const STATE_DICT: &str = "state_dict";
+pub const STATE_DICT_EMA: &str = "state_dict_ema";
 
 /// Where a run stands, saved with each checkpoint.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
@@ -28,6 +33,10 @@ pub struct RunState {
     /// fp16 loss scaling (absent in checkpoints of runs without it).
     #[serde(default)]
     pub loss_scaler: LossScaler,
+    /// Optimiser steps taken (batches / `accumulate`, rounded up per epoch); the EMA's warmup
+    /// counts them.
+    #[serde(default)]
+    pub optimizer_steps: u64,
 }
 
 /// The run folder layout.
@@ -99,11 +108,13 @@ impl RunDir {
     }
 
     /// Writes checkpoint `step-N` (N: `state.global_step`) of the weights in `vs`, the state of
-    /// `sgd` and `state`, points `LATEST` at it and removes older ones.
+    /// `sgd` and `state`, points `LATEST` at it and removes older ones. With an EMA, `model.pth`
+    /// is `{"state_dict": ..., "state_dict_ema": ...}` (timm's layout), else the state_dict.
     pub(super) fn save_checkpoint(
         &self,
         vs: &VarStore,
         sgd: &Optimizer,
+        ema: Option<&Ema>,
         state: &RunState,
     ) -> Result<PathBuf> {
         let root = self.checkpoints();
@@ -111,7 +122,14 @@ impl RunDir {
         let dir = root.join(&name);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
-        StateDict::from_var_store(vs).save_torch(&dir.join("model.pth"))?;
+        let weights = StateDict::from_var_store(vs);
+        match ema {
+            Some(ema) => StateDict::save_torch_nested(
+                &dir.join("model.pth"),
+                &[(STATE_DICT, &weights), (STATE_DICT_EMA, &ema.state_dict())],
+            )?,
+            None => weights.save_torch(&dir.join("model.pth"))?,
+        }
         sgd.state()
             .save_safetensors(&dir.join("optimizer.safetensors"))?;
         write_atomic(
@@ -128,12 +146,29 @@ impl RunDir {
         Ok(dir)
     }
 
-    /// Loads the newest checkpoint into `vs` (strict) and `sgd`; returns where the run stood.
-    pub(super) fn load_latest(&self, vs: &VarStore, sgd: &mut Optimizer) -> Result<RunState> {
+    /// Loads the newest checkpoint into `vs` (strict), `sgd` and `ema`; returns where the run
+    /// stood.
+    pub(super) fn load_latest(
+        &self,
+        vs: &VarStore,
+        sgd: &mut Optimizer,
+        ema: Option<&mut Ema>,
+    ) -> Result<RunState> {
         let ckpt = self
             .latest()?
             .with_context(|| format!("{} has no checkpoint to resume from", self.path.display()))?;
-        let weights = Checkpoint::open(&ckpt.join("model.pth"), &ReadOptions::default())?;
+        let model = ckpt.join("model.pth");
+        let key = |key: &str| ReadOptions {
+            key: Some(key.to_string()),
+            ..Default::default()
+        };
+        let weights = match ema {
+            Some(ema) => {
+                ema.load(&StateDict::read(&model, &key(STATE_DICT_EMA))?)?;
+                Checkpoint::open(&model, &key(STATE_DICT))?
+            }
+            None => Checkpoint::open(&model, &ReadOptions::default())?,
+        };
         load_state_dict(vs, &weights, true)?;
         sgd.load_state(&StateDict::read(
             &ckpt.join("optimizer.safetensors"),

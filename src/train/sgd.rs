@@ -1,6 +1,7 @@
-//! SGD with momentum and weight decay, `torch.optim.SGD`'s update, with state that can be saved:
-//! `d = g + wd * p` (decay optional per tensor), `buf = momentum * buf + d` (`buf = d` on the
-//! first step), `p -= lr * buf`.
+//! SGD with momentum and weight decay, `torch.optim.SGD`'s update (dampening 0), with state that
+//! can be saved: `d = g + wd * p` (decay optional per tensor), `buf = momentum * buf + d`
+//! (`buf = d` on the first step), then `p -= lr * buf`, or with nesterov
+//! `p -= lr * (d + momentum * buf)`.
 
 use std::collections::BTreeMap;
 
@@ -14,6 +15,8 @@ use crate::checkpoint::StateDict;
 pub struct Sgd {
     pub momentum: f64,
     pub weight_decay: f64,
+    /// Nesterov momentum (`torch.optim.SGD(nesterov=True)`).
+    pub nesterov: bool,
     /// `(name, parameter, decays)`.
     params: Vec<(String, Tensor, bool)>,
     buffers: BTreeMap<String, Tensor>,
@@ -28,6 +31,7 @@ struct StepScalars {
     kind: Kind,
     device: Device,
     decay: Tensor,
+    momentum: Tensor,
     neg_lr: Tensor,
     lr: f64,
     /// How many times the scalars were created from host values.
@@ -80,6 +84,7 @@ impl Sgd {
         Self {
             momentum,
             weight_decay,
+            nesterov: false,
             params,
             buffers: BTreeMap::new(),
             scalars: None,
@@ -117,13 +122,14 @@ impl Sgd {
                     kind,
                     device,
                     decay: scalar(self.weight_decay),
+                    momentum: scalar(self.momentum),
                     neg_lr: scalar(-lr),
                     lr,
                     uploads: uploads + 1,
                 }
             }
         };
-        let (decay, step) = (&scalars.decay, &scalars.neg_lr);
+        let (decay, momentum, step) = (&scalars.decay, &scalars.momentum, &scalars.neg_lr);
         tch::no_grad(|| {
             for (name, p, decays) in &self.params {
                 let mut g = p.grad();
@@ -134,7 +140,7 @@ impl Sgd {
                     let _ = g.addcmul_(p, decay);
                 }
                 let update = if self.momentum != 0.0 {
-                    match self.buffers.get_mut(name) {
+                    let buf = match self.buffers.get_mut(name) {
                         Some(buf) => {
                             let _ = buf.g_mul_scalar_(self.momentum).g_add_(&g);
                             buf.shallow_clone()
@@ -144,6 +150,12 @@ impl Sgd {
                             self.buffers.insert(name.clone(), buf.shallow_clone());
                             buf
                         }
+                    };
+                    if self.nesterov {
+                        let _ = g.addcmul_(&buf, momentum);
+                        g
+                    } else {
+                        buf
                     }
                 } else {
                     g

@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
+use super::ema::Ema;
 use super::loss::logits_loss;
 use super::memory_format::{channels_last, vars_channels_last};
 use super::metrics::{EpochMetrics, Tally};
@@ -48,6 +49,8 @@ pub struct Trainer {
     pub state: RunState,
     /// The optimiser (SGD or AdamW, as the options say).
     sgd: Optimizer,
+    /// The weights' moving average (`--ema-decay`).
+    pub ema: Option<Ema>,
     pub quiet: bool,
     /// Device-to-host reads made by the training loop (loss and error sums, every
     /// [`READ_EVERY`] batches; plus one per step with fp16 loss scaling).
@@ -99,7 +102,10 @@ impl Trainer {
         }
         options.validate()?;
         let mut trainer = Self::build(run, config, options, device)?;
-        trainer.state = trainer.run.load_latest(&trainer.vs, &mut trainer.sgd)?;
+        trainer.state =
+            trainer
+                .run
+                .load_latest(&trainer.vs, &mut trainer.sgd, trainer.ema.as_mut())?;
         Ok(trainer)
     }
 
@@ -113,6 +119,7 @@ impl Trainer {
         let vs = VarStore::new(device);
         let model = config.build(vs.root())?;
         let sgd = Optimizer::new(&vs, &options);
+        let ema = options.ema.map(|o| Ema::new(&vs, o));
         Ok(Self {
             vs,
             model,
@@ -121,6 +128,7 @@ impl Trainer {
             run,
             state: RunState::default(),
             sgd,
+            ema,
             quiet: false,
             host_reads: 0,
             ddp: None,
@@ -204,7 +212,8 @@ impl Trainer {
         if !self.is_writer() {
             return Ok(self.run.path.clone());
         }
-        self.run.save_checkpoint(&self.vs, &self.sgd, &self.state)
+        self.run
+            .save_checkpoint(&self.vs, &self.sgd, self.ema.as_ref(), &self.state)
     }
 
     /// A batch `[B, C, H, W]` in the memory layout the model trains in: channels-last (NHWC
@@ -287,15 +296,28 @@ impl Trainer {
         let mut pending: Option<Pending> = None;
         let start = Instant::now();
         let mut lr = self.options.lr_at(epoch as f64);
+        // Gradient accumulation: the epoch's batches in groups of `accumulate` (the last one may
+        // be smaller), one optimiser step per group; the schedule counts optimiser steps.
+        let accumulate = self.options.accumulate.max(1) as i64;
+        let updates = (steps + accumulate - 1) / accumulate;
+        let mut accumulated = 0;
         while let Some((x, y)) = batches.next_batch()? {
-            if INTERRUPTED.load(Ordering::SeqCst) {
+            // Only between optimiser steps, so a checkpoint never lacks accumulated gradients.
+            if accumulated == 0 && INTERRUPTED.load(Ordering::SeqCst) {
                 bar.abandon();
                 return Ok(None);
             }
+            let group = self.state.batch / accumulate;
+            let group_size = accumulate.min(steps - group * accumulate).max(1);
             lr = self
                 .options
-                .lr_at(epoch as f64 + self.state.batch as f64 / steps.max(1) as f64);
-            let (loss, wrong) = self.train_step(&x, &y, lr)?;
+                .lr_at(epoch as f64 + group as f64 / updates.max(1) as f64);
+            let (loss, wrong) = self.train_micro_batch(&x, &y, accumulated == 0, group_size)?;
+            accumulated += 1;
+            if accumulated >= group_size {
+                self.optimizer_step(lr)?;
+                accumulated = 0;
+            }
             let n = y.size()[0];
             pending = Some(match pending.take() {
                 Some(p) => Pending {
@@ -331,6 +353,9 @@ impl Trainer {
                     tally.seen as f64 / elapsed
                 ));
             }
+        }
+        if accumulated > 0 {
+            self.optimizer_step(lr)?;
         }
         self.drain(&mut tally, pending)?;
         if let Some(ddp) = &self.ddp {
@@ -369,6 +394,18 @@ impl Trainer {
         } else {
             (None, None)
         };
+        let (mut ema_val, mut ema_test) = (None, None);
+        if let Some(ema) = self.ema.as_ref().filter(|_| evaluates) {
+            ema.swapped_in(&self.vs, || {
+                if let Some(v) = &data.validation {
+                    ema_val = Some(self.evaluate(v, &data.normalizer)?);
+                }
+                if self.options.eval_test {
+                    ema_test = Some(self.evaluate(&data.test, &data.normalizer)?);
+                }
+                Ok(())
+            })?;
+        }
         let TrainedEpoch { tally, lr, seconds } = trained;
         Ok(EpochMetrics {
             epoch: self.state.epoch + 1,
@@ -378,6 +415,10 @@ impl Trainer {
             val_error,
             test_loss,
             test_error,
+            ema_val_loss: ema_val.map(|(l, _)| l),
+            ema_val_error: ema_val.map(|(_, e)| e),
+            ema_test_loss: ema_test.map(|(l, _)| l),
+            ema_test_error: ema_test.map(|(_, e)| e),
             lr,
             seconds,
             images_per_second: tally.seen as f64 / seconds.max(1e-9),
@@ -420,19 +461,55 @@ impl Trainer {
         t.double_value(&[])
     }
 
-    /// One optimizer step on a batch; returns the summed loss and the wrong predictions as
-    /// tensors on the device, without waiting for them.
-    fn train_step(&mut self, x: &Tensor, y: &Tensor, lr: f64) -> Result<(Tensor, Tensor)> {
+    /// The forward and backward of one micro-batch, the gradients added to those of the
+    /// group's earlier ones (`first`: zeroed before) with the loss divided by `group_size`;
+    /// returns the summed loss and the wrong predictions as tensors on the device, without
+    /// waiting for them.
+    fn train_micro_batch(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        first: bool,
+        group_size: i64,
+    ) -> Result<(Tensor, Tensor)> {
         if let Some(ddp) = &mut self.ddp {
             ddp.sync_buffers()?;
         }
         let logits = self.forward(x, true)?;
         let loss = logits_loss(&logits, y, self.options.label_smoothing);
-        self.sgd.zero_grad();
+        if first {
+            self.sgd.zero_grad();
+        }
+        let share = if group_size > 1 {
+            &loss / group_size as f64
+        } else {
+            loss.shallow_clone()
+        };
+        if self.options.amp == Some(AutocastDtype::Fp16) {
+            (&share * self.state.loss_scaler.scale).backward();
+        } else {
+            share.backward();
+        }
+        let n = y.size()[0] as f64;
+        Ok(tch::no_grad(|| {
+            // Mixed batches: the wrong predictions are counted against the dominant class.
+            let hard = if y.dim() == 2 {
+                y.argmax(1, false)
+            } else {
+                y.shallow_clone()
+            };
+            let wrong = logits.argmax(1, false).ne_tensor(&hard).sum(Kind::Int64);
+            (loss.detach().to_kind(Kind::Double) * n, wrong)
+        }))
+    }
+
+    /// One optimiser step on the accumulated gradients: averaged over data-parallel ranks,
+    /// unscaled and checked with fp16 loss scaling (the step is skipped when they overflowed),
+    /// clipped, applied at rate `lr`; then the EMA follows.
+    fn optimizer_step(&mut self, lr: f64) -> Result<()> {
+        self.all_reduce_grads()?;
         if self.options.amp == Some(AutocastDtype::Fp16) {
             let scale = self.state.loss_scaler.scale;
-            (&loss * scale).backward();
-            self.all_reduce_grads()?;
             let grads = self.sgd.grads();
             let finite = tch::no_grad(|| {
                 let all: Vec<Tensor> = grads.iter().map(|g| g.isfinite().all()).collect();
@@ -446,25 +523,26 @@ impl Trainer {
                         let _ = g.shallow_clone().g_div_scalar_(scale);
                     }
                 });
+                self.clip_grads();
                 self.sgd.step(lr);
             }
             self.state.loss_scaler.update(finite);
         } else {
-            loss.backward();
-            self.all_reduce_grads()?;
+            self.clip_grads();
             self.sgd.step(lr);
         }
-        let n = y.size()[0] as f64;
-        Ok(tch::no_grad(|| {
-            // Mixed batches: the wrong predictions are counted against the dominant class.
-            let hard = if y.dim() == 2 {
-                y.argmax(1, false)
-            } else {
-                y.shallow_clone()
-            };
-            let wrong = logits.argmax(1, false).ne_tensor(&hard).sum(Kind::Int64);
-            (loss.detach().to_kind(Kind::Double) * n, wrong)
-        }))
+        self.state.optimizer_steps += 1;
+        if let Some(ema) = &mut self.ema {
+            ema.update(&self.vs, self.state.optimizer_steps)?;
+        }
+        Ok(())
+    }
+
+    /// `--clip-grad-norm` / `--clip-grad-value`, on the unscaled gradients.
+    fn clip_grads(&self) {
+        if let Some(clip) = &self.options.clip {
+            let _ = clip.apply(&self.sgd.grads());
+        }
     }
 
     /// Averages the gradients over the data-parallel ranks (DDP's reducer, after the backward).
@@ -524,8 +602,17 @@ impl Trainer {
     fn log_epoch(&self, m: &EpochMetrics) {
         let pct =
             |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{:.2}%", 100.0 * v));
+        let ema = if self.ema.is_some() {
+            format!(
+                "  ema val err {} test err {}",
+                pct(m.ema_val_error),
+                pct(m.ema_test_error)
+            )
+        } else {
+            String::new()
+        };
         eprintln!(
-            "{}: epoch {}/{}  train loss {:.4} err {:.2}%  val err {}  test err {}  lr {:.4}  {:.1}s  {:.0} img/s",
+            "{}: epoch {}/{}  train loss {:.4} err {:.2}%  val err {}  test err {}{ema}  lr {:.4}  {:.1}s  {:.0} img/s",
             self.run.path.display(),
             m.epoch,
             self.options.epochs,
