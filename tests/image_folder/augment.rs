@@ -1,13 +1,10 @@
-//! The automatic augmentations and ColorJitter's hue against torchvision (python_ref/augment.py
-//! applies every op of `TrivialAugmentWide` and `RandAugment` at fixed magnitudes, and the
+//! The automatic augmentations and ColorJitter's hue against torchvision (python_ref/augment.py,
+//! run by image_folder.py into the fixture's `augment/`, applies every op of `TrivialAugmentWide` and `RandAugment` at fixed magnitudes, and the
 //! ColorJitter ops at fixed factors, to tiny PIL images); the random draws by their statistics;
 //! mixup and cutmix by their statistics and an exact small batch.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::Command;
 
 use residual::checkpoint::{ReadOptions, StateDict};
 use residual::data::{
@@ -47,19 +44,7 @@ type Images = HashMap<String, RgbImage>;
 fn fixture() -> &'static (PathBuf, Expected, Images) {
     static FIXTURE: std::sync::OnceLock<(PathBuf, Expected, Images)> = std::sync::OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let dir = common::temp_dir("augment");
-        let python = std::env::var("RESIDUAL_PYTHON")
-            .expect("RESIDUAL_PYTHON comes from .cargo/config.toml");
-        let out = Command::new(python)
-            .arg(common::source_dir().join("python_ref/augment.py"))
-            .arg(&dir)
-            .output()
-            .expect("cannot run python");
-        assert!(
-            out.status.success(),
-            "python_ref/augment.py: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let dir = super::fixture().0.join("augment");
         let expected: Expected =
             serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
                 .unwrap();
@@ -242,7 +227,7 @@ fn rand_augment_draws_its_ops_at_its_magnitude() {
         width: 6,
         data: (0..90).map(|v| (v * 2) as u8).collect(),
     };
-    let out = policy.apply(&image, &mut other);
+    let out = policy.apply(image, &mut other);
     assert_eq!((out.height, out.width, out.data.len()), (5, 6, 90));
 }
 
