@@ -1,29 +1,34 @@
 //! Images per second of the image-folder training pipeline alone (decoding, RandomResizedCrop,
-//! horizontal flip, normalisation to float batches; no model), for python_ref/bench_pipeline.py.
+//! horizontal flip, optionally TrivialAugmentWide, normalisation to float batches; no model), for
+//! python_ref/bench_pipeline.py.
 //!
-//! `bench_pipeline DIR SIZE BATCH WORKERS [EPOCHS]`: DIR holds one folder per class; prints one
-//! JSON line per epoch after the first batch (workers started, queues filling).
+//! `bench_pipeline DIR SIZE BATCH WORKERS [EPOCHS] [trivial]`: DIR holds one folder per class;
+//! prints one JSON line per epoch after the first batch (workers started, queues filling).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use residual::data::{FolderStream, ImageFolder, Normalizer, TrainTransform};
+use residual::data::{AutoAugment, FolderStream, ImageFolder, Normalizer, TrainTransform};
 use residual::preprocess::{IMAGENET_MEAN, IMAGENET_STD};
 use tch::Device;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: bench_pipeline DIR SIZE BATCH WORKERS [EPOCHS]";
+    let usage = "usage: bench_pipeline DIR SIZE BATCH WORKERS [EPOCHS] [trivial]";
     let arg = |i: usize| args.get(i).context(usage);
     let folder = ImageFolder::scan(arg(0)?.as_ref())?;
     let size: usize = arg(1)?.parse()?;
     let batch: i64 = arg(2)?.parse()?;
     let workers: usize = arg(3)?.parse()?;
     let epochs: u64 = args.get(4).map_or(Ok(1), |e| e.parse())?;
+    let trivial = args.get(5).is_some_and(|a| a == "trivial");
     let stream = FolderStream {
         folder: Arc::new(folder),
-        transform: TrainTransform::default(),
+        transform: TrainTransform {
+            auto_augment: trivial.then(AutoAugment::trivial_augment_wide),
+            ..TrainTransform::default()
+        },
         size,
         workers,
         prefetch: 2,

@@ -1,7 +1,8 @@
 """torchvision's automatic-augmentation ops and ColorJitter's hue on tiny PIL images, for
-tests/augment.rs.
+tests/image_folder/augment.rs (python_ref/image_folder.py calls `write(DIR/augment)`, saving the
+tests a second Python start).
 
-`python python_ref/augment.py DIR` writes into DIR:
+`python python_ref/augment.py DIR` (or `write(DIR)`) writes into DIR:
   expected.safetensors  `input.<name>`: uint8 [H, W, 3] images (`rect` 13x17 and `square` 12x12,
                         values in 30..220 so that AutoContrast and Equalize change them);
                         `<key>`: each case's output, uint8 [H, W, 3]
@@ -26,8 +27,7 @@ from torchvision.transforms import functional as F
 from torchvision.transforms.autoaugment import _apply_op
 
 
-def main() -> None:
-    out = sys.argv[1]
+def write(out: str) -> None:
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(11)
     images = {
@@ -75,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    write(sys.argv[1])

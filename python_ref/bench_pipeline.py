@@ -3,7 +3,8 @@ examples/bench_pipeline.rs) against PyTorch's `DataLoader(num_workers=2)` with t
 `ImageFolder` and `RandomResizedCrop(size)`, `RandomHorizontalFlip()`, `ToTensor()`,
 `Normalize(ImageNet)`, on the same folder of real images. Only the pipeline is timed (no model),
 from the first batch to the end of the epoch; the two alternate `--rounds` times and the best
-epoch of each is reported, with the ratio.
+epoch of each is reported, with the ratio. `--trivial-augment` also times both with
+`TrivialAugmentWide()` after the flip, in the same rounds, and reports what it costs each side.
 
 The folder (`--folder`, made when missing): Fashion-MNIST training images from
 /usr/share/datasets/fashion-mnist, upscaled (bicubic) to `--source-size` and saved as RGB, half
@@ -46,10 +47,12 @@ def make_folder(folder: str, count: int, side: int) -> None:
             image.save(stem + ".png")
 
 
-def torch_epoch(folder: str, size: int, batch: int, workers: int) -> float:
+def torch_epoch(folder: str, size: int, batch: int, workers: int, trivial: bool = False) -> float:
+    augment = [transforms.TrivialAugmentWide()] if trivial else []
     tf = transforms.Compose([
         transforms.RandomResizedCrop(size),
         transforms.RandomHorizontalFlip(),
+        *augment,
         transforms.ToTensor(),
         transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     ])
@@ -63,9 +66,10 @@ def torch_epoch(folder: str, size: int, batch: int, workers: int) -> float:
     return images / (time.perf_counter() - start)
 
 
-def residual_epoch(binary: str, folder: str, size: int, batch: int, workers: int) -> float:
-    out = subprocess.run([binary, folder, str(size), str(batch), str(workers)], check=True,
-                         capture_output=True, text=True).stdout
+def residual_epoch(binary: str, folder: str, size: int, batch: int, workers: int,
+                   trivial: bool = False) -> float:
+    args = [binary, folder, str(size), str(batch), str(workers)] + (["1", "trivial"] if trivial else [])
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["images_per_second"]
 
 
@@ -79,22 +83,41 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--trivial-augment", action="store_true")
     a = p.parse_args()
     if not os.path.isdir(a.folder):
         make_folder(a.folder, a.images, a.source_size)
     torch.set_num_threads(1)
-    best = {"pytorch": 0.0, "residual": 0.0}
+    best = {"pytorch": 0.0, "residual": 0.0, "pytorch_ta": 0.0, "residual_ta": 0.0}
+    run = (a.folder, a.size, a.batch_size, a.workers)
     for r in range(a.rounds):
-        pt = torch_epoch(a.folder, a.size, a.batch_size, a.workers)
-        rs = residual_epoch(a.residual_bench, a.folder, a.size, a.batch_size, a.workers)
-        print(f"round {r + 1}: pytorch {pt:.0f} images/s, residual {rs:.0f} images/s")
-        best = {"pytorch": max(best["pytorch"], pt), "residual": max(best["residual"], rs)}
+        got = {"pytorch": torch_epoch(*run), "residual": residual_epoch(a.residual_bench, *run)}
+        if a.trivial_augment:
+            got["pytorch_ta"] = torch_epoch(*run, trivial=True)
+            got["residual_ta"] = residual_epoch(a.residual_bench, *run, trivial=True)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v:.0f} images/s" for k, v in got.items()))
+        best = {k: max(v, got.get(k, 0.0)) for k, v in best.items()}
     ratio = best["residual"] / best["pytorch"]
-    print(json.dumps({"folder": a.folder, "size": a.size, "batch_size": a.batch_size,
-                      "workers": a.workers, "pytorch_images_per_second": round(best["pytorch"], 1),
-                      "residual_images_per_second": round(best["residual"], 1),
-                      "ratio": round(ratio, 3)}))
+    result = {"folder": a.folder, "size": a.size, "batch_size": a.batch_size,
+              "workers": a.workers, "pytorch_images_per_second": round(best["pytorch"], 1),
+              "residual_images_per_second": round(best["residual"], 1),
+              "ratio": round(ratio, 3)}
+    if a.trivial_augment:
+        result["trivial_augment"] = {
+            "pytorch_images_per_second": round(best["pytorch_ta"], 1),
+            "residual_images_per_second": round(best["residual_ta"], 1),
+            "ratio": round(best["residual_ta"] / best["pytorch_ta"], 3),
+            # Throughput lost to TrivialAugmentWide on each side.
+            "pytorch_cost": round(1 - best["pytorch_ta"] / best["pytorch"], 3),
+            "residual_cost": round(1 - best["residual_ta"] / best["residual"], 3),
+        }
+    print(json.dumps(result))
     print(f"residual / PyTorch DataLoader(num_workers={a.workers}): {ratio:.2f}x")
+    if a.trivial_augment:
+        t = result["trivial_augment"]
+        print(f"with TrivialAugmentWide: {t['ratio']:.2f}x; it costs PyTorch "
+              f"{100 * t['pytorch_cost']:.0f}% and residual {100 * t['residual_cost']:.0f}% "
+              "of their throughput")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@
                              DIR/data, targets), the corrupt file, and the fixed crops below
                              and RandomResizedCrop.get_params' mean area share, log aspect
                              ratio, offsets and share of whole-image crops over 20000 draws
+  augment/                   python_ref/augment.py's references (TrivialAugment, RandAugment and
+                             ColorJitter ops)
   expected.safetensors       per sample i (readable ones): `decoded.<i>`, uint8 [H, W, 3]:
                              `ImageOps.exif_transpose(Image.open(p)).convert("RGB")`;
                              `eval.<i>`: `Resize(11)` then `CenterCrop(9)` on that PIL image;
@@ -27,6 +29,8 @@ from PIL import Image, ImageOps
 from safetensors.torch import save_file
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as F
+
+import augment
 
 
 def write_tree(root: str) -> str:
@@ -68,6 +72,7 @@ def write_tree(root: str) -> str:
 def main() -> None:
     root = sys.argv[1]
     data = write_tree(root)
+    augment.write(os.path.join(root, "augment"))
     dataset = datasets.ImageFolder(data)
     samples, tensors, crops = [], {}, []
     corrupt = None

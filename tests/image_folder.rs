@@ -5,6 +5,10 @@
 
 mod common;
 
+/// TrivialAugmentWide, RandAugment, ColorJitter's hue, mixup and cutmix (same fixture).
+#[path = "image_folder/augment.rs"]
+mod augment;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -576,10 +576,12 @@ impl AutoAugment {
     }
 
     /// The augmented image, with the draws of `rng`.
-    pub fn apply(&self, image: &RgbImage, rng: &mut SplitMix) -> RgbImage {
-        let mut out = image.clone();
-        for (op, m) in self.draw(image.height, image.width, rng) {
-            out = op.apply(&out, m);
+    pub fn apply(&self, image: RgbImage, rng: &mut SplitMix) -> RgbImage {
+        let mut out = image;
+        for (op, m) in self.draw(out.height, out.width, rng) {
+            if op != AugmentOp::Identity {
+                out = op.apply(&out, m);
+            }
         }
         out
     }

@@ -111,7 +111,7 @@ impl TrainTransform {
             out = hflip(&out);
         }
         if let Some(a) = &self.auto_augment {
-            out = a.apply(&out, rng);
+            out = a.apply(out, rng);
         }
         if self.color_jitter.is_some() || self.hue.is_some() {
             out = color_jitter(&out, self.color_jitter.unwrap_or([0.0; 3]), self.hue, rng);

@@ -1,18 +1,18 @@
-//! The automatic augmentations and ColorJitter's hue against torchvision (python_ref/augment.py
-//! applies every op of `TrivialAugmentWide` and `RandAugment` at fixed magnitudes, and the
+//! The automatic augmentations and ColorJitter's hue against torchvision (python_ref/augment.py,
+//! run by image_folder.py into the fixture's `augment/`, applies every op of `TrivialAugmentWide` and `RandAugment` at fixed magnitudes, and the
 //! ColorJitter ops at fixed factors, to tiny PIL images); the random draws by their statistics;
 //! mixup and cutmix by their statistics and an exact small batch.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::Command;
 
 use residual::checkpoint::{ReadOptions, StateDict};
+use std::sync::Arc;
+
 use residual::data::{
     adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, batch_rng, mix_batch,
-    sample_rng, AugmentOp, AutoAugment, Mix, MixDraw, SplitMix,
+    sample_rng, AugmentOp, AutoAugment, FolderStream, ImageFolder, Mix, MixDraw, Normalizer,
+    SplitMix, TrainTransform,
 };
 use residual::preprocess::RgbImage;
 use serde::Deserialize;
@@ -47,19 +47,7 @@ type Images = HashMap<String, RgbImage>;
 fn fixture() -> &'static (PathBuf, Expected, Images) {
     static FIXTURE: std::sync::OnceLock<(PathBuf, Expected, Images)> = std::sync::OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let dir = common::temp_dir("augment");
-        let python = std::env::var("RESIDUAL_PYTHON")
-            .expect("RESIDUAL_PYTHON comes from .cargo/config.toml");
-        let out = Command::new(python)
-            .arg(common::source_dir().join("python_ref/augment.py"))
-            .arg(&dir)
-            .output()
-            .expect("cannot run python");
-        assert!(
-            out.status.success(),
-            "python_ref/augment.py: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let dir = super::fixture().0.join("augment");
         let expected: Expected =
             serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
                 .unwrap();
@@ -242,7 +230,7 @@ fn rand_augment_draws_its_ops_at_its_magnitude() {
         width: 6,
         data: (0..90).map(|v| (v * 2) as u8).collect(),
     };
-    let out = policy.apply(&image, &mut other);
+    let out = policy.apply(image, &mut other);
     assert_eq!((out.height, out.width, out.data.len()), (5, 6, 90));
 }
 
@@ -323,4 +311,69 @@ fn a_small_batch_mixes_exactly() {
         [0.0, 9.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 1.0, 10.0, 11.0]
     );
     assert_eq!(targets, [0.75, 0.0, 0.25, 0.0, 1.0, 0.0, 0.25, 0.0, 0.75]);
+}
+
+#[test]
+fn hue_jitter_turns_red_uniformly_around_the_colour_circle() {
+    // A pure red image: the hue byte shifts by k = int(f * 255) for f uniform in [-0.5, 0.5]
+    // (k = 0 twice as likely, +-127 half); red stays the strongest channel for k in -43..=42,
+    // green for 43..=127 and blue for -127..=-44 (Pillow's HSV round trip): 87, 84.5 and 83.5
+    // of 255.
+    let red = RgbImage {
+        height: 4,
+        width: 4,
+        data: [255u8, 0, 0].repeat(16),
+    };
+    let t = TrainTransform {
+        scale: [1.0, 1.0],
+        ratio: [1.0, 1.0],
+        flip: false,
+        hue: Some(0.5),
+        ..TrainTransform::default()
+    };
+    let n = 6000;
+    let mut strongest = [0usize; 3];
+    for i in 0..n {
+        let out = t.apply(&red, 4, &mut sample_rng(7, 0, i));
+        let px = &out.data[..3];
+        assert!(out.data.chunks_exact(3).all(|p| p == px), "uniform image");
+        let c = (0..3).max_by_key(|&c| px[c]).unwrap();
+        strongest[c] += 1;
+    }
+    for (c, k) in strongest.iter().enumerate() {
+        let share = *k as f64 / n as f64;
+        // Standard error 0.006.
+        let want = [87.0, 84.5, 83.5][c] / 255.0;
+        assert!(
+            (share - want).abs() < 0.025,
+            "channel {c}: {share}, want {want}"
+        );
+    }
+}
+
+#[test]
+fn mixed_stream_batches_carry_soft_targets() {
+    let (dir, _) = super::fixture();
+    let folder = ImageFolder::scan(&dir.join("data")).unwrap();
+    let stream = FolderStream {
+        folder: Arc::new(folder),
+        transform: TrainTransform {
+            mix: Some(Mix::new(0.4, 1.0)),
+            ..TrainTransform::default()
+        },
+        size: 8,
+        workers: 2,
+        prefetch: 2,
+    };
+    let norm = Normalizer::new(vec![0.5; 3], vec![0.25; 3], tch::Device::Cpu);
+    let mut batches = stream.epoch(&norm, 4, 1, 0, tch::Device::Cpu);
+    let mut seen = 0;
+    while let Some((x, y)) = batches.next_host().unwrap() {
+        let b = x.size()[0];
+        assert_eq!(y.size(), [b, 3]);
+        let sums = Vec::<f32>::try_from(y.sum_dim_intlist(1, false, tch::Kind::Float)).unwrap();
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-6), "{sums:?}");
+        seen += b as usize;
+    }
+    assert_eq!(seen, stream.folder.len() - 1, "one corrupt file");
 }
