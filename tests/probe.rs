@@ -2,7 +2,7 @@
 //! norms against PyTorch's, the lesion study and the path analysis on tiny nets.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 mod common;
 
@@ -439,7 +439,11 @@ fn lesion_study_and_path_analysis_on_a_tiny_net() {
 /// A tiny SiD classifier config (3 layers of hidden size 8: units
 /// `model.layers.0.transform.0`, `model.layers.{1,2}.{attention,transform}.0`).
 fn sid_config() -> residual::ModelConfig {
-    residual::ModelConfig::from_value(serde_json::json!({
+    residual::ModelConfig::from_value(sid_config_json()).unwrap()
+}
+
+fn sid_config_json() -> serde_json::Value {
+    serde_json::json!({
         "arch": "sid_classifier",
         "num_categories_list": [3, 5],
         "num_numerical_features": 2,
@@ -450,8 +454,7 @@ fn sid_config() -> residual::ModelConfig {
         "intermediate_size": 12,
         "num_hidden_layers": 3,
         "num_labels": 3
-    }))
-    .unwrap()
+    })
 }
 
 /// Adds small random values to every float variable (SiD zero-initialises its biases, which
@@ -514,6 +517,160 @@ fn a_deleted_sid_block_is_the_model_without_it() {
     assert!(no_attention.equal(&own(&sid)));
     // Each chain holds one block: nothing to swap.
     assert!(analysis::swappable_pairs(&sid).is_empty());
+}
+
+/// `residual probe gradients|paths` and `residual lesion` on the ConvSDS head and the SiD
+/// classifier, on random inputs (no data format fits them).
+#[test]
+fn probes_run_on_conv_sds_and_sid_from_the_command_line() {
+    let dir = common::temp_dir("probe-other");
+    let conv_sds = dir.join("conv_sds.json");
+    std::fs::write(
+        &conv_sds,
+        r#"{"arch": "conv_sds_head", "n_layers": 4, "input_size": 4, "hidden_size": 6}"#,
+    )
+    .unwrap();
+    let sid = dir.join("sid.json");
+    std::fs::write(&sid, sid_config_json().to_string()).unwrap();
+    let run = |args: &[&str], config: &Path, out: &Path| {
+        let output = std::process::Command::new(common::residual_bin())
+            .args(args)
+            .args(["--device", "cpu", "--config", config.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        (output.status.success(), text)
+    };
+    let json = |path: PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+
+    let out = dir.join("conv_sds");
+    let (ok, text) = run(
+        &["probe", "gradients", "--batch-size", "3"],
+        &conv_sds,
+        &out,
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("| ConvSDS-4 init |"), "{text}");
+    let g = json(out.join("gradients.json"));
+    let outputs = g[0]["gradients"]["outputs"].as_array().unwrap();
+    let names: Vec<&str> = outputs
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["stem", "convs.0", "convs.1", "convs.2", "convs.3"]);
+    assert!(outputs.iter().all(|o| o["norm"].as_f64().unwrap() > 0.0));
+    assert_eq!(g[0]["gradients"]["weights"].as_array().unwrap().len(), 9);
+    let (ok, text) = run(
+        &["probe", "paths", "--batch-size", "3", "--draws", "2"],
+        &conv_sds,
+        &out,
+    );
+    assert!(ok, "{text}");
+    let p = json(out.join("paths.json"));
+    let lengths = p["lengths"].as_array().unwrap();
+    assert_eq!(lengths.len(), 5);
+    // Binomial(4, 1/2): 1, 4, 6, 4, 1 of 16 paths; the gradient shares sum to 1.
+    for (l, c) in lengths.iter().zip([1.0, 4.0, 6.0, 4.0, 1.0]) {
+        assert_eq!(l["paths"].as_f64().unwrap(), c / 16.0);
+    }
+    let share: f64 = lengths.iter().map(|l| l["total"].as_f64().unwrap()).sum();
+    assert!((share - 1.0).abs() < 1e-12, "{share}");
+    for png in ["gradients.png", "paths.png"] {
+        assert!(std::fs::read(out.join(png))
+            .unwrap()
+            .starts_with(b"\x89PNG"));
+    }
+
+    let out = dir.join("sid");
+    let (ok, text) = run(
+        &["lesion", "--test-subset", "32", "--draws", "2"],
+        &sid,
+        &out,
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("on 32 random inputs"), "{text}");
+    let l = json(out.join("lesion.json"));
+    let lesion = &l[0][1];
+    assert_eq!(l[0][0], "SiD-3 init");
+    assert_eq!(
+        (lesion["units"].as_u64(), lesion["baseline"].as_f64()),
+        (Some(5), Some(0.0))
+    );
+    let deleted = lesion["deleted"].as_array().unwrap();
+    assert_eq!(deleted[1]["name"], "model.layers.1.attention.0");
+    assert!(deleted
+        .iter()
+        .all(|d| (0.0..=1.0).contains(&d["error"].as_f64().unwrap())));
+    let (ok, text) = run(&["probe", "paths"], &sid, &out);
+    assert!(!ok && text.contains("one chain"), "{text}");
+    let (ok, text) = run(
+        &["probe", "gradients", "--data", "/nonexistent"],
+        &sid,
+        &out,
+    );
+    assert!(!ok && text.contains("leave out --data"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// torchvision's and timm's ResNets are probed too: blocks by stage, the deep stem's weights,
+/// the plain twin; the lesion study on random inputs.
+#[test]
+fn probes_run_on_torchvision_and_timm_resnets() {
+    use residual::analysis::{gradients, lesion, paths, study};
+    use residual::ModelConfig;
+    let small = ModelConfig::from_value(serde_json::json!({
+        "arch": "resnet", "block": "basic", "layers": [1, 1, 1, 1], "num_classes": 4
+    }))
+    .unwrap();
+    let (x, y) = analysis::random_batch(&small, 2, 1, Device::Cpu).unwrap();
+    let net = analysis::load(&small, None, Device::Cpu, 0).unwrap();
+    let names = analysis::unit_names(net.net.as_ref());
+    assert_eq!(names, ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]);
+    let g = gradients::probe(net.net.as_ref(), &x, &y, true).unwrap();
+    assert_eq!(g.outputs.len(), 5);
+    assert_eq!(g.weights.len(), 1 + 4 * 2 + 1);
+    let p = paths::analyse(net.net.as_ref(), &x, &y, 1, 0).unwrap();
+    assert_eq!(p.lengths[2].paths, 6.0 / 16.0);
+    let plan = lesion::LesionPlan {
+        draws: 1,
+        seed: 0,
+        batch_size: 2,
+    };
+    let l = lesion::study_changes(net.net.as_ref(), &x, &plan).unwrap();
+    assert_eq!((l.units, l.baseline, l.deleted.len()), (4, 0.0, 4));
+    let plain = study::twin(&small).unwrap();
+    assert_eq!(study::name(&plain), "plain resnet 1-1-1-1");
+    let plain = analysis::load(&plain, None, Device::Cpu, 0).unwrap();
+    assert!(!plain.net.residual());
+    assert!(paths::analyse(plain.net.as_ref(), &x, &y, 1, 0).is_err());
+
+    let timm = ModelConfig::from_value(serde_json::json!({
+        "arch": "timm", "name": "resnet18d", "num_classes": 4
+    }))
+    .unwrap();
+    let net = analysis::load(&timm, None, Device::Cpu, 0).unwrap();
+    let g = gradients::probe(net.net.as_ref(), &x, &y, true).unwrap();
+    let weights: Vec<&str> = g.weights.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(
+        weights[..3],
+        ["conv1.0.weight", "conv1.3.weight", "conv1.6.weight"]
+    );
+    assert_eq!(weights.last(), Some(&"fc.weight"));
+    assert_eq!(g.outputs.len(), 9);
+    assert_eq!(study::name(&timm), "timm resnet18d");
+    let lone = ModelConfig::from_value(serde_json::json!({
+        "arch": "conv_sds_layer", "input_size": 4, "hidden_dim": 6
+    }))
+    .unwrap();
+    let err = analysis::load(&lone, None, Device::Cpu, 0).err().unwrap();
+    assert!(
+        format!("{err:#}").contains("single residual unit"),
+        "{err:#}"
+    );
 }
 
 /// `n` random 28x28 images with labels 0..10 as uncompressed IDX files `{prefix}-*-idx?-ubyte`.

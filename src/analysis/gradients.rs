@@ -1,7 +1,8 @@
 //! The gradient-flow probe: for one batch, the L2 norm of `dL/d(output)` of the stem and every
-//! unit and of `dL/d(weight)` of every layer, input side first, `L` the mean cross-entropy. The
-//! PyTorch twin: `torch.autograd.grad(F.cross_entropy(model(x), y), outputs + weights)` with the
-//! outputs taken by forward hooks (`python_ref/probe_cases.py`).
+//! unit and of `dL/d(weight)` of every layer, input side first, `L` the mean cross-entropy
+//! ([`super::loss`]). The PyTorch twin:
+//! `torch.autograd.grad(F.cross_entropy(logits.flatten(0, -2), y.flatten()), outputs + weights)`
+//! with the outputs taken by forward hooks (`python_ref/probe_cases.py`).
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};

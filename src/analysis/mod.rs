@@ -10,7 +10,8 @@
 //!
 //! Everything runs through [`Probed`], a network seen as a stem, stages of residual [`Unit`]s and
 //! a head, and [`forward`], which runs it with an [`Edit`]: units deleted, reordered, or with the
-//! gradient routed through one side of each unit.
+//! gradient routed through one side of each unit. [`probed`] fits the crate's residual models to
+//! it: the CIFAR nets, torchvision's and timm's ResNets, the ConvSDS head and the SiD classifier.
 
 pub mod gradients;
 pub mod lesion;

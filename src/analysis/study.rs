@@ -48,7 +48,8 @@ impl Subject {
     }
 }
 
-/// `ResNet-20`, `plain-20`, `resnet18`, `plain resnet18`, `timm resnet50d`, `ConvSDS-4`,
+/// `ResNet-20`, `plain-20`, `resnet18`, `plain resnet18`, `timm resnet50d`, `resnet 2-2-2-2`,
+/// `ConvSDS-4`,
 /// `SiD-18`: a model's name in tables and plots.
 pub fn name(config: &ModelConfig) -> String {
     let plain = |c: &crate::models::resnet::ResNetConfig| if c.plain { "plain " } else { "" };
@@ -63,7 +64,10 @@ pub fn name(config: &ModelConfig) -> String {
             constructor,
             config,
         } => format!("{}timm {}", plain(config), constructor.name),
-        ModelConfig::Resnet(c) => format!("{}resnet {:?}", plain(c), c.layers),
+        ModelConfig::Resnet(c) => {
+            let layers: Vec<String> = c.layers.iter().flatten().map(i64::to_string).collect();
+            format!("{}resnet {}", plain(c), layers.join("-"))
+        }
         ModelConfig::ConvSdsHead(c) => format!("ConvSDS-{}", c.n_layers),
         ModelConfig::SidClassifier(c) => format!("SiD-{}", c.num_hidden_layers),
         other => other.arch().to_string(),

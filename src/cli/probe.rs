@@ -9,7 +9,7 @@ use clap::Subcommand;
 use residual::analysis::lesion::LesionPlan;
 use residual::analysis::study::{self, Subject};
 use residual::analysis::{self, first_batch, paths};
-use residual::data::{DataFormat, Dataset, Normalizer};
+use residual::data::{DataFormat, Dataset, Normalizer, FASHION_MNIST_DIR};
 use residual::device::parse_device;
 use residual::models::Inputs;
 use residual::ModelConfig;
@@ -42,9 +42,9 @@ pub struct Common {
     /// torchvision's and timm's ResNets, `conv_sds_head`, `sid_classifier`).
     #[arg(long)]
     config: PathBuf,
-    /// Data folder (as `residual train`; default: Fashion-MNIST), read for image models whose
-    /// channels and classes it fits. Other models, and image models it does not fit, run on
-    /// seeded random inputs and labels.
+    /// Data folder (as `residual train`; default: Fashion-MNIST where installed), read for image
+    /// models whose channels and classes it fits. Other models, and image models without fitting
+    /// data, run on seeded random inputs and labels.
     #[arg(long)]
     data: Option<PathBuf>,
     #[arg(long, value_parser = serde_enum::<DataFormat>())]
@@ -85,11 +85,17 @@ impl Common {
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("cannot create {}", self.out.display()))?;
         let source = match analysis::image_channels(&config) {
+            Some(_) if self.data.is_none() && !Path::new(FASHION_MNIST_DIR).exists() => {
+                eprintln!(
+                    "note: no --data and no {FASHION_MNIST_DIR}: probing on {n} random images"
+                );
+                self.random(&config, n, device)?
+            }
             Some(channels) => {
                 let dir = self
                     .data
                     .clone()
-                    .unwrap_or_else(|| residual::data::FASHION_MNIST_DIR.into());
+                    .unwrap_or_else(|| FASHION_MNIST_DIR.into());
                 let (train, test) = residual::data::load(&dir, self.format)?;
                 let (data_channels, classes) = (train.images.size()[1], train.num_classes);
                 if data_channels == channels && classes <= num_classes(&config) {
@@ -291,7 +297,13 @@ impl Lesion {
             Source::Data { test, normalizer } => {
                 study::lesion_study(&subjects, test, normalizer, &plan, p.device, out)?
             }
-            Source::Random { x, .. } => study::lesion_changes(&subjects, x, &plan, p.device, out)?,
+            Source::Random { x, .. } => {
+                println!(
+                    "on {} random inputs: \"error\" is the share of predictions that change",
+                    analysis::batch_size(x)
+                );
+                study::lesion_changes(&subjects, x, &plan, p.device, out)?
+            }
         };
         print!(
             "{}",
