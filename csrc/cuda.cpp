@@ -43,8 +43,11 @@ int check_device(int device) {
   return 0;
 }
 
-c10::Stream pool_stream(int device) {
-  return c10::cuda::getStreamFromPool(false, static_cast<c10::DeviceIndex>(device)).unwrap();
+// Workers' and warm-up streams are low priority; capture streams high priority, a separate
+// round-robin pool, so a capture never shares a stream a worker keeps launching on.
+c10::Stream pool_stream(int device, bool high_priority = false) {
+  return c10::cuda::getStreamFromPool(high_priority, static_cast<c10::DeviceIndex>(device))
+      .unwrap();
 }
 
 c10::Device cuda_device(int device) {
@@ -141,7 +144,7 @@ int residual_cuda_graph_capture_begin(void* graph, int device) {
   try {
     if (check_device(device) != 0) return -1;
     c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).unwrap().synchronize();
-    g->capturing.emplace(pool_stream(device));
+    g->capturing.emplace(pool_stream(device, true));
     g->autocast_cache = at::autocast::is_autocast_cache_enabled();
     at::autocast::set_autocast_cache_enabled(false);
     g->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
