@@ -43,8 +43,11 @@ int check_device(int device) {
   return 0;
 }
 
-c10::Stream pool_stream(int device) {
-  return c10::cuda::getStreamFromPool(false, static_cast<c10::DeviceIndex>(device)).unwrap();
+// Workers' and warm-up streams are low priority; capture streams high priority, a separate
+// round-robin pool, so a capture never shares a stream a worker keeps launching on.
+c10::Stream pool_stream(int device, bool high_priority = false) {
+  return c10::cuda::getStreamFromPool(high_priority, static_cast<c10::DeviceIndex>(device))
+      .unwrap();
 }
 
 c10::Device cuda_device(int device) {
@@ -109,6 +112,17 @@ int residual_cuda_device_synchronize(int device) {
   }
 }
 
+// Waits for the work queued on this thread's current stream on `device`. 0 on success.
+int residual_cuda_current_stream_synchronize(int device) {
+  try {
+    if (check_device(device) != 0) return -1;
+    c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).unwrap().synchronize();
+    return 0;
+  } catch (const std::exception& e) {
+    return cuda_fail(e.what());
+  }
+}
+
 // A new, empty CUDA graph. Null on failure.
 void* residual_cuda_graph_new() {
   try {
@@ -121,19 +135,16 @@ void* residual_cuda_graph_new() {
 
 void residual_cuda_graph_free(void* graph) { delete static_cast<Graph*>(graph); }
 
-// Starts capturing the work this thread queues on `device` into `graph`: waits for the device,
-// makes a side stream current (capture refuses the default stream) and begins a thread-local
+// Starts capturing the work this thread queues on `device` into `graph`: waits for this thread's
+// current stream (not the device: another thread may be capturing), makes a side stream current (capture refuses the default stream) and begins a thread-local
 // capture (other threads may keep using CUDA). The autocast weight cache is off while capturing,
 // as torch.cuda.graph requires. 0 on success.
 int residual_cuda_graph_capture_begin(void* graph, int device) {
   auto* g = static_cast<Graph*>(graph);
   try {
     if (check_device(device) != 0) return -1;
-    {
-      c10::DeviceGuard device_guard(cuda_device(device));
-      c10::cuda::device_synchronize();
-    }
-    g->capturing.emplace(pool_stream(device));
+    c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).unwrap().synchronize();
+    g->capturing.emplace(pool_stream(device, true));
     g->autocast_cache = at::autocast::is_autocast_cache_enabled();
     at::autocast::set_autocast_cache_enabled(false);
     g->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
@@ -193,6 +204,7 @@ long long residual_cuda_current_stream_id(int) {
   return 0;
 }
 int residual_cuda_device_synchronize(int) { return cuda_fail(kNoCuda); }
+int residual_cuda_current_stream_synchronize(int) { return cuda_fail(kNoCuda); }
 void* residual_cuda_graph_new() {
   cuda_fail(kNoCuda);
   return nullptr;

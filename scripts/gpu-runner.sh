@@ -15,6 +15,7 @@
 #   parity       residual parity --device cuda --json: every case, CUDA         45 s       45 s
 #                against the CPU references, TF32 off
 #   speed        resnet50, PyTorch eager vs residual (python_ref/bench_gpu.py)   90 s       70 s
+#                and residual eager vs CUDA graph (bench-infer --cuda-graph)
 #   experiment   degradation on the full Fashion-MNIST, bf16 then fp32,      2 x 160 s   2 x 35 s
 #                EPOCHS epochs (6; QUICK=1: 1)
 #   total                                                                     ~10 min    ~5.5 min
@@ -84,6 +85,14 @@ def lines(name):
         return [l for l in open(os.path.join(state, name)).read().splitlines() if l]
     except OSError:
         return []
+def json_lines(name):
+    rows = []
+    for l in lines(name):
+        try:
+            rows.append(json.loads(l))
+        except ValueError:
+            rows.append(l)
+    return rows
 steps = []
 for line in lines("steps.tsv"):
     name, expected, seconds, status = line.split("\t")
@@ -103,6 +112,7 @@ result = {"dry_run": dry, "quick": quick, "complete": complete, "elapsed_s": ela
           "libtorch": lines("libtorch.txt"), "doctor": load(os.path.join(state, "doctor.json")),
           "tests": lines("tests.txt"), "parity": load(os.path.join(state, "parity.json")),
           "speed": load(os.path.join(state, "speed.json")), "experiments": experiments,
+          "cuda_graph": json_lines("cuda_graph.jsonl"),
           "failures": lines("failures.txt")}
 tmp = target + ".tmp"
 with open(tmp, "w") as f:
@@ -271,7 +281,7 @@ filters=(cuda libtorch)
 all_tests=0
 [[ ${TESTS:-cuda} == all ]] && filters=() all_tests=1
 # Test binaries that must run at least one test under the filter (a renamed test cannot drop out).
-expect_tests=" cli infer training "
+expect_tests=" cli infer training cuda_inference "
 if begin tests 45 10 600; then
   echo "filter: ${filters[*]:-none (TESTS=all)}"
   test_failures=0
@@ -344,6 +354,15 @@ if begin speed "$speed_expected" 60 300; then
     > "$state/speed.json"
   rc=$?
   cat "$state/speed.json"
+  # Whether CUDA graphs pay off: the inference form eager vs replayed, alternating (batch 1 is
+  # where launch overhead dominates). Not on a dry run (CUDA only).
+  if ((!dry)); then
+    for batch in 1 32; do
+      run "$bin" bench-infer --arch resnet50 --image-size 224 --batch-size "$batch" --device cuda \
+        --cuda-graph --steps 20 --warmup 5 --json >> "$state/cuda_graph.jsonl" || rc=1
+    done
+    cat "$state/cuda_graph.jsonl"
+  fi
   finish "$(status_of $rc)"
 fi
 

@@ -23,6 +23,7 @@ extern "C" {
     fn residual_cuda_stream_id(guard: *mut c_void) -> i64;
     fn residual_cuda_current_stream_id(device: i32) -> i64;
     fn residual_cuda_device_synchronize(device: i32) -> i32;
+    fn residual_cuda_current_stream_synchronize(device: i32) -> i32;
     fn residual_cuda_graph_new() -> *mut c_void;
     fn residual_cuda_graph_free(graph: *mut c_void);
     fn residual_cuda_graph_capture_begin(graph: *mut c_void, device: i32) -> i32;
@@ -71,6 +72,20 @@ pub fn synchronize(device: Device) -> Result<()> {
     // SAFETY: plain C function; it catches every C++ exception.
     if unsafe { residual_cuda_device_synchronize(index) } != 0 {
         bail!("cannot synchronise {device:?}: {}", last_error());
+    }
+    Ok(())
+}
+
+/// Waits until the kernels queued on this thread's current stream on `device` have finished
+/// (`torch.cuda.current_stream().synchronize()`); other threads' streams run on.
+pub fn synchronize_current_stream(device: Device) -> Result<()> {
+    let index = device_index(device)?;
+    // SAFETY: plain C function; it catches every C++ exception.
+    if unsafe { residual_cuda_current_stream_synchronize(index) } != 0 {
+        bail!(
+            "cannot synchronise the current stream of {device:?}: {}",
+            last_error()
+        );
     }
     Ok(())
 }
@@ -147,8 +162,9 @@ pub struct CudaGraph {
 }
 
 impl CudaGraph {
-    /// Records what `body` queues on `device` (on a side stream made current for it; a thread-
-    /// local capture, so other threads may keep using CUDA). `body` must not wait for the GPU
+    /// Records what `body` queues on `device` (on a side stream made current for it, after this
+    /// thread's current stream has finished; a thread-local capture, so other threads may keep
+    /// using CUDA). `body` must not wait for the GPU
     /// (`.item()`, copies to the CPU): that fails the capture.
     pub fn capture<T>(device: Device, body: impl FnOnce() -> Result<T>) -> Result<(Self, T)> {
         let index = device_index(device)?;
@@ -281,7 +297,8 @@ impl Captured {
         inputs: &Inputs,
         eager: &impl Fn(&Inputs) -> Result<Tensor>,
     ) -> Result<Self> {
-        synchronize(device)?;
+        // Not the whole device: another worker may be capturing its own graph.
+        synchronize_current_stream(device)?;
         {
             let side = StreamGuard::new(device)?;
             for _ in 0..WARMUP {
@@ -310,4 +327,87 @@ impl Captured {
         // The next replay overwrites the static output.
         Ok(self.output.copy())
     }
+}
+
+/// [`bench_graph`]'s result: milliseconds per forward, eager and replayed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GraphBench {
+    pub eager_ms: f64,
+    pub graph_ms: f64,
+    /// Rounds of `steps` calls each model ran, alternating.
+    pub rounds: usize,
+}
+
+/// Milliseconds per eval forward of `config`'s inference form on a CUDA device, run eagerly and
+/// replayed as a CUDA graph ([`GraphCache`]), on one random batch of `settings`: two models with
+/// the same weights, each warmed up (`settings.warmup` calls; the graph's first call captures),
+/// then timed in alternating rounds of `settings.steps` calls between stream synchronisations;
+/// the median round of each. `settings.amp` runs both under autocast, `channels_last` feeds both
+/// NHWC inputs.
+pub fn bench_graph(
+    config: &crate::config::ModelConfig,
+    settings: &crate::train::BenchSettings,
+) -> Result<GraphBench> {
+    use crate::models::{for_inference, InferenceOptions};
+
+    const ROUNDS: usize = 5;
+    let device = settings.device;
+    device_index(device).context("timing CUDA graphs needs a CUDA device")?;
+    if settings.steps == 0 {
+        bail!("timing CUDA graphs needs at least 1 step");
+    }
+    tch::manual_seed(0);
+    let vs = tch::nn::VarStore::new(device);
+    let model = config.build(vs.root())?;
+    let mut graph_vs = tch::nn::VarStore::new(device);
+    let graph_model = config.build(graph_vs.root())?;
+    graph_vs.copy(&vs)?;
+    let inputs = crate::train::bench_inputs(config, settings)?;
+    let opts = InferenceOptions {
+        cuda_dtype: settings.amp,
+        channels_last: settings.channels_last,
+        ..InferenceOptions::default()
+    };
+    let eager = for_inference(model, &opts)?;
+    let graphed = for_inference(
+        graph_model,
+        &InferenceOptions {
+            cuda_graph: true,
+            ..opts
+        },
+    )?;
+    let replays = graph_replays();
+    for _ in 0..settings.warmup.max(2) {
+        drop(eager.forward_named(&inputs, false)?);
+        drop(graphed.forward_named(&inputs, false)?);
+    }
+    if graph_replays() == replays {
+        bail!(
+            "{} could not be captured as a CUDA graph (see the warning above)",
+            config.arch()
+        );
+    }
+    let round = |model: &dyn crate::models::Model| -> Result<f64> {
+        synchronize_current_stream(device)?;
+        let start = std::time::Instant::now();
+        for _ in 0..settings.steps {
+            drop(model.forward_named(&inputs, false)?);
+        }
+        synchronize_current_stream(device)?;
+        Ok(start.elapsed().as_secs_f64() * 1e3 / settings.steps as f64)
+    };
+    let (mut eager_ms, mut graph_ms) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        eager_ms.push(round(eager.as_ref())?);
+        graph_ms.push(round(graphed.as_ref())?);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(GraphBench {
+        eager_ms: median(eager_ms),
+        graph_ms: median(graph_ms),
+        rounds: ROUNDS,
+    })
 }

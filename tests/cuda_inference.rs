@@ -351,3 +351,30 @@ fn threads_on_a_multi_worker_cuda_predictor_match_one_thread() {
         println!("graph {graph}: {threads} threads x {calls} calls, max abs diff {worst:.3e}");
     }
 }
+
+#[test]
+fn bench_infer_cuda_graph_refuses_the_cpu_and_plain() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_residual"))
+            .args([
+                "bench-infer",
+                "--arch",
+                "cifar_resnet20",
+                "--cuda-graph",
+                "--steps",
+                "1",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&["--device", "cpu"]);
+    assert!(
+        err.contains("timing CUDA graphs needs a CUDA device: Cpu is not a CUDA device"),
+        "{err}"
+    );
+    let err = run(&["--plain"]);
+    assert!(err.contains("cannot be used with"), "{err}");
+}

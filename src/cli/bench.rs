@@ -60,6 +60,11 @@ pub struct Args {
     /// With --workers: client threads (default: one per worker).
     #[arg(long, requires = "workers")]
     clients: Option<usize>,
+    /// bench-infer on CUDA: time the inference form eagerly and replayed as a CUDA graph, in
+    /// alternating rounds (`residual::cuda::bench_graph`); reports the graph's `ms_per_batch`,
+    /// `ms_per_batch_eager` and `graph_speedup`.
+    #[arg(long, conflicts_with_all = ["plain", "workers", "rss_at"])]
+    cuda_graph: bool,
 }
 
 /// What a benchmark times.
@@ -78,6 +83,9 @@ impl Args {
         }
         if !self.rss_at.is_empty() && timed == Timed::Training {
             bail!("--rss-at is for bench-infer");
+        }
+        if self.cuda_graph && timed == Timed::Training {
+            bail!("--cuda-graph is for bench-infer");
         }
         if cfg!(debug_assertions) {
             eprintln!(
@@ -133,6 +141,19 @@ impl Args {
                 "images_per_second",
                 residual::train::benchmark(&config, &settings)?,
             ),
+            Timed::Inference if self.cuda_graph => {
+                let bench = residual::cuda::bench_graph(&config, &settings)?;
+                let speedup = bench.eager_ms / bench.graph_ms;
+                extra.insert("ms_per_batch_eager".into(), bench.eager_ms.into());
+                extra.insert("graph_speedup".into(), speedup.into());
+                if !self.json {
+                    println!(
+                        "{name} batch {}: eager {:.3} ms_per_batch, CUDA graph {:.3} ({speedup:.2}x)",
+                        self.batch_size, bench.eager_ms, bench.graph_ms
+                    );
+                }
+                ("ms_per_batch", bench.graph_ms)
+            }
             Timed::Inference => {
                 let bench = residual::train::bench_inference(&config, &settings, !self.plain)?;
                 if !bench.ms_samples.is_empty() {

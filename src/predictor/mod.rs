@@ -24,7 +24,8 @@
 //! CUDA: each worker makes a stream of libtorch's pool its current stream for its whole life
 //! ([`crate::cuda::StreamGuard`]), so the workers' kernels queue independently and may overlap on
 //! the device; a worker waits for its stream before it hands a result back. The shared weights
-//! are copied to the device once and the device synchronised before the workers start.
+//! are copied to the device once, on the caller's stream, which is waited for before the workers
+//! start.
 //! `inference.cuda_weights` casts that one shared copy to float16/bfloat16 before the workers
 //! fold their batch norms (the fold computes in float64 from the cast weights);
 //! `inference.cuda_graph` gives each worker its own CUDA graph.
@@ -158,7 +159,7 @@ impl Predictor {
         });
         if device.is_cuda() {
             // The workers read the weights from their own streams.
-            crate::cuda::synchronize(device)?;
+            crate::cuda::synchronize_current_stream(device)?;
         }
         let kind = shared
             .values()
