@@ -22,6 +22,7 @@ fn main() {
     };
     let lib_dir = lib_dir.canonicalize().unwrap_or(lib_dir);
     compile_shim(&lib_dir);
+    compile_jit(&lib_dir);
     compile_distributed(&lib_dir);
     compile_cuda(&lib_dir);
     println!("cargo:rerun-if-changed={}", lib_dir.display());
@@ -78,6 +79,27 @@ fn compile_shim(lib_dir: &Path) {
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .file("csrc/backend.cpp")
         .compile("residual_shim");
+}
+
+/// Compiles `csrc/jit.cpp` (TorchScript freeze and optimize_for_inference, which tch lacks).
+fn compile_jit(lib_dir: &Path) {
+    println!("cargo:rerun-if-changed=csrc/jit.cpp");
+    let root = lib_dir.parent().unwrap_or(lib_dir);
+    let include = std::env::var("LIBTORCH_INCLUDE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.to_path_buf())
+        .join("include");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .file("csrc/jit.cpp")
+        .compile("residual_jit");
 }
 
 /// Compiles `csrc/distributed.cpp` (c10d process groups): Gloo when gloo's headers exist (Debian's

@@ -3,8 +3,8 @@
 Usage: python python_ref/bench_infer.py [--residual target/release/residual] [--out target/bench]
                                         [--quick] [--rounds N] [--only resnet18,sid]
 
-Run from the repository root (`make bench` does). Each model and batch is timed four ways, the
-four alternating in rounds (the order rotated each round), each call timed on its own, the
+Run from the repository root (`make bench` does). Each model and batch is timed five ways, the
+five alternating in rounds (the order rotated each round), each call timed on its own, the
 median of all timed calls reported; every variant is warmed up first and runs with the same
 intra-op thread count (`torch.get_num_threads()`; `OMP_NUM_THREADS` for residual, checked):
 
@@ -13,6 +13,8 @@ intra-op thread count (`torch.get_num_threads()`; `OMP_NUM_THREADS` for residual
           torch.jit.trace(model.eval(), inputs)))`, under `torch.inference_mode()`
   plain   `residual bench-infer --plain` (the model as built)
   fast    `residual bench-infer` (its inference form)
+  jit     `residual bench-infer --jit`: PyTorch's trace (saved, not frozen) loaded from Rust and
+          frozen + `optimize_for_inference`d there through the C++ shim (csrc/jit.cpp)
 
 Both sides build the same architecture from the same config with random weights; inputs are
 random, of the same shapes. Then, in the same run:
@@ -102,9 +104,11 @@ def torch_model(config, batch, side):
     return model.eval(), inputs
 
 
-def frozen_script(model, inputs):
+def frozen_script(model, inputs, save_to):
+    """The frozen, optimised trace of `model`; the trace as traced is saved to `save_to` first."""
     with torch.no_grad():
         traced = torch.jit.trace(model, inputs, check_trace=False)
+    traced.save(save_to)
     return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
 
 
@@ -153,9 +157,11 @@ class Residual:
 def bench_row(residual, label, config, batch, side, rounds, calls, warmup):
     torch.manual_seed(0)
     model, inputs = torch_model(config, batch, side)
-    script = frozen_script(model, inputs)
     args = residual.config_args(label, config, batch, side)
-    samples = {"eager": [], "script": [], "plain": [], "fast": []}
+    traced = os.path.join(residual.out_dir, "scripts", f"{label.replace(' ', '_')}_b{batch}.pt")
+    os.makedirs(os.path.dirname(traced), exist_ok=True)
+    script = frozen_script(model, inputs, traced)
+    samples = {"eager": [], "script": [], "plain": [], "fast": [], "jit": []}
     with torch.inference_mode():
         for fn in (lambda: model(*inputs), lambda: script(*inputs)):
             for _ in range(max(warmup, 2)):  # TorchScript's profiling executor optimises on call 2
@@ -165,16 +171,18 @@ def bench_row(residual, label, config, batch, side, rounds, calls, warmup):
             "script": lambda: time_calls(lambda: script(*inputs), calls),
             "plain": lambda: residual.infer(args, calls, warmup, plain=True)["ms_samples"],
             "fast": lambda: residual.infer(args, calls, warmup)["ms_samples"],
+            "jit": lambda: residual.infer(args, calls, max(warmup, 2), extra=["--jit", traced])["ms_samples"],
         }
         order = list(variants)
         for r in range(rounds):
-            for name in order[r % 4:] + order[:r % 4]:
+            for name in order[r % len(order):] + order[:r % len(order)]:
                 samples[name] += variants[name]()
     ms = {k: statistics.median(v) for k, v in samples.items()}
     best = min(("eager", "script"), key=lambda k: ms[k])
     return {"model": label, "batch": batch, "input": shape_text(config, batch, side), "config": config,
             "ms": ms, "best_pytorch": best, "ratio_fast_over_best_pytorch": ms["fast"] / ms[best],
-            "ratio_fast_over_plain": ms["fast"] / ms["plain"], "calls_per_variant": len(samples["fast"]),
+            "ratio_fast_over_plain": ms["fast"] / ms["plain"], "ratio_jit_over_fast": ms["jit"] / ms["fast"],
+            "calls_per_variant": len(samples["fast"]),
             "samples_ms": samples}
 
 
@@ -310,13 +318,13 @@ def machine():
 
 def table(result):
     lines = ["| model | input | PyTorch eager | frozen TorchScript | residual plain | residual fast "
-             "| fast / best PyTorch |", "|---|---|---|---|---|---|---|"]
+             "| residual --jit | fast / best PyTorch |", "|---|---|---|---|---|---|---|---|"]
     for row in result["inference"]:
         ms = row["ms"]
         cell = {k: f"{v:.2f} ms" if v < 100 else f"{v:.0f} ms" for k, v in ms.items()}
         cell[row["best_pytorch"]] = f"**{cell[row['best_pytorch']]}**"
         lines.append(f"| {row['model']} | {row['input']} | {cell['eager']} | {cell['script']} | {cell['plain']} "
-                     f"| {cell['fast']} | {row['ratio_fast_over_best_pytorch']:.2f} |")
+                     f"| {cell['fast']} | {cell['jit']} | {row['ratio_fast_over_best_pytorch']:.2f} |")
     lines.append("")
     t = result["training"]
     lines.append(f"| other | PyTorch | residual | residual / PyTorch |")
@@ -372,7 +380,7 @@ def main():
         row = bench_row(residual, label, config, batch, side, rounds, calls, 1 if big else 3)
         ms = row["ms"]
         print(f"{label:<24} {row['input']:<42} eager {ms['eager']:8.2f}  script {ms['script']:8.2f}  "
-              f"plain {ms['plain']:8.2f}  fast {ms['fast']:8.2f} ms   fast/best {row['ratio_fast_over_best_pytorch']:.2f}",
+              f"plain {ms['plain']:8.2f}  fast {ms['fast']:8.2f}  jit {ms['jit']:8.2f} ms   fast/best {row['ratio_fast_over_best_pytorch']:.2f}",
               file=sys.stderr)
         result["inference"].append(row)
     result["calls_note"] = (f"{rounds} alternating rounds of {2 if not a.quick else 1} (batch >= 32, ConvSDS) "

@@ -305,3 +305,14 @@ fn cuda_fast_path_matches_in_fp32_and_stays_close_in_half() {
     }
     residual::backend::set_flag(residual::backend::Flag::BenchmarkCudnn, false).unwrap();
 }
+
+/// A TorchScript file that is not there is an error naming it, frozen or not, not a crash.
+#[test]
+fn torch_script_load_reports_a_missing_file() {
+    let path = std::path::Path::new("target/no-such-script.pt");
+    for optimize in [true, false] {
+        let err = residual::models::TorchScript::load(path, optimize).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("no-such-script.pt"), "{text}");
+    }
+}

@@ -4,11 +4,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use residual::backend::{AutocastDtype, Switches};
 use residual::device::{device_name, parse_device};
+use residual::models::TorchScript;
 use residual::predictor::bench::{throughput, LoadTest};
-use residual::train::BenchSettings;
+use residual::train::{BenchSettings, InferenceBench};
 use residual::{ModelConfig, PredictorOptions};
 
 use super::serde_enum;
@@ -50,6 +51,12 @@ pub struct Args {
     /// reported as `rss_kb` with `--json`; e.g. `100,10000` shows whether memory grows.
     #[arg(long, value_delimiter = ',')]
     rss_at: Vec<u64>,
+    /// bench-infer: time this TorchScript file (`torch.jit.save` of a module whose forward takes
+    /// the model's inputs in order) instead, frozen and optimised for inference from Rust as
+    /// `torch.jit.optimize_for_inference(torch.jit.freeze(m))` does; inputs as the model of
+    /// `--arch`/`--config` takes them. With `--plain`, loaded as saved.
+    #[arg(long)]
+    jit: Option<PathBuf>,
     /// bench-infer: serve the model from a `residual::Predictor` with this many workers, called
     /// by `--clients` threads at once; reports images per second and the mean latency of a call.
     #[arg(long)]
@@ -125,6 +132,9 @@ impl Args {
             };
             return self.run_predictor(timed, &config, channels, device, workers);
         }
+        if self.jit.is_some() && (timed == Timed::Training || self.workers.is_some()) {
+            bail!("--jit is for bench-infer, without --workers");
+        }
         let settings = BenchSettings {
             batch_size: self.batch_size,
             image_size: self.image_size,
@@ -155,7 +165,10 @@ impl Args {
                 ("ms_per_batch", bench.graph_ms)
             }
             Timed::Inference => {
-                let bench = residual::train::bench_inference(&config, &settings, !self.plain)?;
+                let bench = match &self.jit {
+                    Some(path) => bench_script(path, !self.plain, &config, &settings)?,
+                    None => residual::train::bench_inference(&config, &settings, !self.plain)?,
+                };
                 if !bench.ms_samples.is_empty() {
                     extra.insert("ms_samples".into(), bench.ms_samples.into());
                 }
@@ -242,4 +255,55 @@ impl Args {
         }
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// bench-infer --jit: `path` loaded (frozen and optimised when `optimize`), timed on inputs of
+/// `config`'s model, as [`residual::train::bench_inference`] times a model.
+fn bench_script(
+    path: &std::path::Path,
+    optimize: bool,
+    config: &ModelConfig,
+    settings: &BenchSettings,
+) -> Result<InferenceBench> {
+    if settings.device != tch::Device::Cpu || settings.amp.is_some() {
+        bail!("--jit runs on the CPU, without --amp");
+    }
+    let script = TorchScript::load(path, optimize)?;
+    let inputs = residual::train::bench_inputs(config, settings)?;
+    // The input order is the model's: build it once (on a throwaway store) to ask.
+    let names = config
+        .build(tch::nn::VarStore::new(tch::Device::Cpu).root())?
+        .input_names();
+    let args: Vec<&tch::Tensor> = names
+        .iter()
+        .map(|n| {
+            inputs
+                .get(*n)
+                .with_context(|| format!("no input {n:?} for the script"))
+        })
+        .collect::<Result<_>>()?;
+    let mut rss_kb = Vec::new();
+    let mut calls = 0;
+    let mut call = || -> Result<()> {
+        drop(script.forward(&args)?);
+        calls += 1;
+        if settings.rss_at.contains(&calls) {
+            rss_kb.extend(residual::train::resident_set_kb().map(|kb| (calls, kb)));
+        }
+        Ok(())
+    };
+    for _ in 0..settings.warmup {
+        call()?;
+    }
+    let mut ms_samples = Vec::with_capacity(settings.steps as usize);
+    for _ in 0..settings.steps {
+        let start = std::time::Instant::now();
+        call()?;
+        ms_samples.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(InferenceBench {
+        ms_per_batch: ms_samples.iter().sum::<f64>() / ms_samples.len().max(1) as f64,
+        ms_samples,
+        rss_kb,
+    })
 }

@@ -227,3 +227,84 @@ fn channels_last(t: &Tensor) -> Tensor {
     out.copy_(t);
     out
 }
+
+extern "C" {
+    fn residual_jit_last_error() -> *const std::os::raw::c_char;
+    fn residual_jit_load(
+        path: *const std::os::raw::c_char,
+        optimize: i32,
+        out: *mut *mut std::ffi::c_void,
+    ) -> i32;
+    fn residual_jit_free(module: *mut std::ffi::c_void);
+    fn residual_jit_forward(
+        module: *mut std::ffi::c_void,
+        inputs: *const *const std::ffi::c_void,
+        n: i32,
+        out: *mut *mut std::ffi::c_void,
+    ) -> i32;
+}
+
+fn jit_error() -> String {
+    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
+    unsafe { std::ffi::CStr::from_ptr(residual_jit_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A TorchScript module (`torch.jit.save`) run from Rust on the CPU, optionally frozen and
+/// optimised for inference as PyTorch's `torch.jit.optimize_for_inference(torch.jit.freeze(m))`
+/// does (tch loads modules but has neither pass). `bench-infer --jit` times it against
+/// [`for_inference`]; the README's "Inference fast path" has the comparison.
+#[derive(Debug)]
+pub struct TorchScript {
+    module: std::ptr::NonNull<std::ffi::c_void>,
+}
+
+impl TorchScript {
+    /// Loads `path` in eval mode; `optimize` freezes it and runs `optimize_for_inference`.
+    pub fn load(path: &std::path::Path, optimize: bool) -> Result<Self> {
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .with_context(|| format!("{}: a path with a NUL byte", path.display()))?;
+        let mut out = std::ptr::null_mut();
+        // SAFETY: `c_path` is NUL-terminated and lives across the call; the shim writes a new
+        // module to `out` only on success and catches every C++ exception.
+        let rc = unsafe { residual_jit_load(c_path.as_ptr(), optimize as i32, &mut out) };
+        match std::ptr::NonNull::new(out) {
+            Some(module) if rc == 0 => Ok(Self { module }),
+            _ => bail!(
+                "cannot load TorchScript {}: {}",
+                path.display(),
+                jit_error()
+            ),
+        }
+    }
+
+    /// `module.forward(*inputs)` under `c10::InferenceMode`; the module must return one tensor.
+    pub fn forward(&self, inputs: &[&Tensor]) -> Result<Tensor> {
+        let ptrs: Vec<*const std::ffi::c_void> =
+            inputs.iter().map(|t| t.as_ptr() as *const _).collect();
+        let mut out = std::ptr::null_mut();
+        // SAFETY: `ptrs` are live at::Tensors borrowed for the call, `module` is ours; the shim
+        // catches every C++ exception and on success hands over a new at::Tensor.
+        let rc = unsafe {
+            residual_jit_forward(
+                self.module.as_ptr(),
+                ptrs.as_ptr(),
+                ptrs.len() as i32,
+                &mut out,
+            )
+        };
+        if rc != 0 || out.is_null() {
+            bail!("TorchScript forward failed: {}", jit_error());
+        }
+        // SAFETY: `out` is a heap at::Tensor made for us, as tch's generated calls return them.
+        Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+    }
+}
+
+impl Drop for TorchScript {
+    fn drop(&mut self) {
+        // SAFETY: `module` came from residual_jit_load and is freed once.
+        unsafe { residual_jit_free(self.module.as_ptr()) }
+    }
+}

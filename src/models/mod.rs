@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
-pub use inference::{for_inference, InferenceOptions};
+pub use inference::{for_inference, InferenceOptions, TorchScript};
 
 /// Named input tensors (`input`; SiD: `categorical`, `numerical`, `text`).
 pub type Inputs = BTreeMap<String, Tensor>;
