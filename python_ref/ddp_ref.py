@@ -5,10 +5,11 @@ options (`train.json`), the initial weights (`init.safetensors`), and what 2 Glo
 `torch.nn.parallel.DistributedDataParallel` (launched by torchrun on 127.0.0.1) end with after
 `epochs` epochs of SGD: rank 0's state_dict (`final.safetensors`) and each step's loss per rank
 (`losses.json`). The model is a CIFAR ResNet (depth 8); OUT/ddp/resnet18/ holds the same files
-(the data aside) for torchvision's resnet18 at widths (4, 8, 16, 32), trained one epoch. Each rank reads the epoch order `residual train` draws (a SplitMix64
-Fisher-Yates shuffle seeded by (seed, epoch), src/data/batch.rs) through DistributedSampler's
-sharding: padded by repeating its start to a multiple of the world size, every world-th index from
-the rank on. No augmentation; normalisation as src/data/batch.rs's Normalizer.
+(the data aside) for resnet18's layout at widths (4, 8, 16, 32), one epoch in batches of 9.
+Each rank reads the epoch order `residual train` draws (a SplitMix64 Fisher-Yates shuffle
+seeded by (seed, epoch), src/data/batch.rs) through DistributedSampler's sharding: padded by
+repeating its start to a multiple of the world size, every world-th index from the rank on. No
+augmentation; normalisation as src/data/batch.rs's Normalizer.
 
 Usage: python ddp_ref.py --out DIR                        (prepares, then runs torchrun itself)
        torchrun ... ddp_ref.py --worker DIR --case NAME   (one rank; torchrun sets RANK, WORLD_SIZE)
