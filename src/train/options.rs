@@ -3,6 +3,7 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use super::finetune::FineTune;
 use super::optimizer::OptimizerKind;
 use super::schedule::Schedule;
 use crate::backend::AutocastDtype;
@@ -53,6 +54,9 @@ pub struct TrainOptions {
     /// SGD (absent from `run.json`) or AdamW.
     #[serde(default, skip_serializing_if = "OptimizerKind::is_sgd")]
     pub optimizer: OptimizerKind,
+    /// Fine-tuning: the checkpoint the run started from, frozen parts, the backbone's rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<FineTune>,
 }
 
 impl Default for TrainOptions {
@@ -81,6 +85,7 @@ impl Default for TrainOptions {
             eval_test: true,
             image_folder: None,
             optimizer: OptimizerKind::Sgd,
+            finetune: None,
         }
     }
 }
@@ -109,6 +114,9 @@ impl TrainOptions {
             if !(eps > 0.0 && eps.is_finite()) {
                 bail!("eps: must be a positive number, got {eps}");
             }
+        }
+        if let Some(ft) = &self.finetune {
+            ft.validate()?;
         }
         if !(self.warmup >= 0.0 && self.warmup.is_finite()) {
             bail!("warmup: must be >= 0 epochs, got {}", self.warmup);
