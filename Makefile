@@ -22,7 +22,17 @@ DEMO_EXPERIMENT := --depths 8,32 --seeds 3 --subset 6000 --test-subset 2000 --ep
 DEMO_VEIT_OUT := target/demo/veit
 DEMO_VEIT := --depth 32 --runs-from $(DEMO_OUT) --subset 6000 --test-subset 500 --epochs 4 --batch-size 64 --lr 0.05 --draws 2 --probe-batch 64 --device auto --quiet
 
-.PHONY: experiment-full all setup data artifacts build test lint demo doctor parity bench gpu-check gpu-check-dry clean-artifacts
+# Fine-tuning demonstration (README, "Fine-tuning"): python_ref/finetune_demo.py pretrains
+# torchvision's resnet18 on Fashion-MNIST classes 0-4 and writes classes 5-9 as PNG class folders;
+# residual fine-tunes it there with --init-weights (new 5-class head, backbone at a fifth of the
+# rate) and trains the same model from scratch for the same budget; then the report (accuracy,
+# confusion matrices, plot) and the training step's images/s against PyTorch.
+FT_OUT := target/finetune-demo
+FT_RESIDUAL ?= target/debug/residual
+FT_TRAIN := --data $(FT_OUT)/data --image-size 32 --eval-resize 32 --scale 0.35 1 --epochs 3 \
+  --batch-size 64 --lr 0.05 --schedule cosine --weight-decay 5e-4 --workers 2 --device auto --quiet
+
+.PHONY: experiment-full all setup data artifacts build test lint demo finetune-demo doctor parity bench gpu-check gpu-check-dry clean-artifacts
 
 all: test
 
@@ -95,6 +105,28 @@ demo: artifacts build data
 	@echo
 	@echo "== residual experiment veit $(DEMO_VEIT) --data $(FASHION_MNIST)"
 	@cargo run --quiet -- experiment veit $(DEMO_VEIT) --data $(FASHION_MNIST) --out $(DEMO_VEIT_OUT)
+
+$(FT_OUT)/pretrained_resnet18.pth: python_ref/finetune_demo.py | setup
+	$(PYTHON) python_ref/finetune_demo.py pretrain --data $(FASHION_MNIST) --out $@
+
+$(FT_OUT)/data.complete: python_ref/finetune_demo.py | setup
+	rm -rf $(FT_OUT)/data
+	$(PYTHON) python_ref/finetune_demo.py folder --data $(FASHION_MNIST) --out $(FT_OUT)/data
+	touch $@
+
+finetune-demo: build data $(FT_OUT)/pretrained_resnet18.pth $(FT_OUT)/data.complete
+	@printf '{"arch": "resnet18"}\n' > $(FT_OUT)/resnet18.json
+	rm -rf $(FT_OUT)/finetuned $(FT_OUT)/scratch
+	@echo "== residual train --init-weights (fine-tuning the PyTorch-pretrained resnet18)"
+	cargo run --quiet -- train --config $(FT_OUT)/resnet18.json --init-weights $(FT_OUT)/pretrained_resnet18.pth \
+	  --num-classes 5 --lr-backbone 0.01 $(FT_TRAIN) --out $(FT_OUT)/finetuned
+	@echo "== residual train (the same resnet18 from scratch, same budget)"
+	cargo run --quiet -- train --config $(FT_OUT)/resnet18.json --num-classes 5 $(FT_TRAIN) --out $(FT_OUT)/scratch
+	@echo
+	cargo run --quiet --example finetune_report -- $(FT_OUT)/data $(FT_OUT) fine-tuned=$(FT_OUT)/finetuned from-scratch=$(FT_OUT)/scratch
+	@echo
+	@echo "== training step, residual ($(FT_RESIDUAL)) vs PyTorch eager, same model, batch and threads"
+	$(PYTHON) python_ref/finetune_demo.py throughput --residual $(FT_RESIDUAL) --out $(FT_OUT)/throughput.json
 
 # The paper's full-size degradation experiment, on a GPU (hours; resumes where it stopped):
 # depths 20/32/44/56/110, all 60k images, 64k iterations at batch 128. FULL_EPOCHS=1 for a try.

@@ -9,7 +9,8 @@ use residual::data::{Augment, DataFormat};
 use residual::device::parse_device;
 use residual::distributed::{default_timeout, Backend, LaunchEnv, ProcessGroup};
 use residual::train::{
-    Clip, EmaOptions, OptimizerKind, Outcome, RunData, Schedule, TrainOptions, Trainer,
+    finetune_config, Clip, EmaOptions, FineTune, OptimizerKind, Outcome, RunData, Schedule,
+    TrainOptions, Trainer,
 };
 use residual::ModelConfig;
 
@@ -18,8 +19,9 @@ use super::serde_enum;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model config (JSON with "arch"); not needed with --resume.
-    #[arg(long, required_unless_present = "resume")]
+    /// Model config (JSON with "arch"); not needed with --resume, nor with --init-weights naming a
+    /// Hugging Face model folder (its config.json gives the network).
+    #[arg(long, required_unless_present_any = ["resume", "init_weights"])]
     config: Option<PathBuf>,
     #[command(flatten)]
     settings: Settings,
@@ -33,17 +35,86 @@ pub struct Args {
     /// rank's), as `nn.SyncBatchNorm`; with one process they are plain batch norms.
     #[arg(long)]
     sync_bn: bool,
+    #[command(flatten)]
+    finetune: FineTuneArgs,
+}
+
+/// Fine-tuning from a checkpoint.
+#[derive(clap::Args)]
+pub struct FineTuneArgs {
+    /// Start from the weights of this checkpoint (torchvision, timm or Hugging Face: any file
+    /// `inspect` reads, nested or whole-model, or a Hugging Face model folder). Every tensor whose
+    /// name and shape match is loaded; the head (fc) is initialised fresh when its shape differs;
+    /// anything else that does not fit is an error. The lists go to init_weights.json in the run.
+    #[arg(long)]
+    init_weights: Option<PathBuf>,
+    /// Outputs of the classification head (overrides the config's num_classes).
+    #[arg(long)]
+    num_classes: Option<i64>,
+    /// Train the head only: the backbone gets no gradient and no optimiser state.
+    #[arg(long)]
+    freeze_backbone: bool,
+    /// The backbone's learning rate (the head keeps --lr; both follow --schedule).
+    #[arg(long)]
+    lr_backbone: Option<f64>,
+    /// BatchNorm as torchvision's FrozenBatchNorm2d: statistics and affine values fixed.
+    #[arg(long)]
+    freeze_bn: bool,
+}
+
+impl FineTuneArgs {
+    fn given(&self) -> bool {
+        self.init_weights.is_some()
+            || self.num_classes.is_some()
+            || self.freeze_backbone
+            || self.lr_backbone.is_some()
+            || self.freeze_bn
+    }
+
+    /// The config and options of a new run, with these settings applied.
+    fn apply(
+        &self,
+        config: Option<&PathBuf>,
+        mut options: TrainOptions,
+    ) -> Result<(ModelConfig, TrainOptions)> {
+        let config = match (config, &self.init_weights) {
+            (Some(c), _) => ModelConfig::from_file(c)?,
+            (None, Some(w)) if residual::models::huggingface::is_folder(w) => {
+                residual::models::huggingface::read_folder(w)?.config
+            }
+            _ => {
+                bail!("give --config (only a Hugging Face model folder as --init-weights has one)")
+            }
+        };
+        if !self.given() {
+            return Ok((config, options));
+        }
+        let config = finetune_config(&config, self.num_classes, self.freeze_bn)?;
+        options.finetune = Some(FineTune {
+            init_weights: self.init_weights.clone(),
+            freeze_backbone: self.freeze_backbone,
+            lr_backbone: self.lr_backbone,
+            freeze_bn: self.freeze_bn,
+        });
+        Ok((config, options))
+    }
 }
 
 impl Args {
     pub fn run(&self) -> Result<ExitCode> {
         super::install_ctrl_c();
         let device = parse_device(&self.settings.device)?;
-        let setup = match (&self.resume, &self.config, &self.out) {
-            (Some(dir), _, _) => (dir, None),
-            (None, Some(config), Some(out)) => (
+        let setup = match (&self.resume, &self.out) {
+            (Some(_), _) if self.finetune.given() => bail!(
+                "--resume continues a run as it was set up: the fine-tuning flags belong to a new run"
+            ),
+            (Some(dir), _) => (dir, None),
+            (None, Some(out)) => (
                 out,
-                Some((ModelConfig::from_file(config)?, self.settings.options())),
+                Some(
+                    self.finetune
+                        .apply(self.config.as_ref(), self.settings.options())?,
+                ),
             ),
             _ => bail!("give --config and --out for a new run, or --resume RUN_DIR"),
         };
@@ -253,6 +324,7 @@ impl Settings {
             image_folder: self
                 .is_image_folder()
                 .then(|| self.folder.options(!self.no_augment, !self.no_flip)),
+            finetune: None,
         }
     }
 

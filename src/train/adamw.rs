@@ -29,6 +29,8 @@ pub struct AdamW {
     moments: BTreeMap<String, (Tensor, Tensor)>,
     /// Steps taken (torch keeps one per parameter; they move together here).
     pub steps: u64,
+    /// Per-parameter factors on the rate, aligned with `params` (empty: all 1).
+    lr_scale: Vec<f64>,
 }
 
 impl AdamW {
@@ -49,7 +51,14 @@ impl AdamW {
             params,
             moments: BTreeMap::new(),
             steps: 0,
+            lr_scale: Vec::new(),
         }
+    }
+
+    /// Scales the rate of each parameter by `scale(name)` (torch's param groups with their own
+    /// `lr`, scheduled together).
+    pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
+        self.lr_scale = self.params.iter().map(|(n, _, _)| scale(n)).collect();
     }
 
     pub fn zero_grad(&mut self) {
@@ -66,11 +75,12 @@ impl AdamW {
         self.steps += 1;
         let (beta1, beta2) = self.betas;
         let t = self.steps as f64;
-        // Python floats, as torch computes them.
-        let step_size = lr / (1.0 - beta1.powf(t));
         let bias_correction2_sqrt = (1.0 - beta2.powf(t)).powf(0.5);
         tch::no_grad(|| {
-            for (name, p, decays) in &self.params {
+            for (i, (name, p, decays)) in self.params.iter().enumerate() {
+                let lr = lr * self.lr_scale.get(i).copied().unwrap_or(1.0);
+                // Python floats, as torch computes them.
+                let step_size = lr / (1.0 - beta1.powf(t));
                 let g = p.grad();
                 if !g.defined() {
                     continue;

@@ -11,7 +11,7 @@
 //! (cross-entropy and fp16 loss scaling), `sgd` (the optimiser), `adamw` (AdamW), `optimizer` (the
 //! choice between them), `clip` (gradient clipping), `ema` (the weights' moving average), `run_data` (the splits on
 //! their device), `folder_data` (image-folder datasets and the files their runs keep), `run_dir` (the folder layout and checkpoints), `metrics` (what an epoch
-//! measured), `trainer` (the loop), `eval` (evaluation of a trained model), `bench` (speed
+//! measured), `finetune` (starting from a checkpoint, frozen parts, the backbone's rate), `trainer` (the loop), `eval` (evaluation of a trained model), `bench` (speed
 //! of the training step and of inference), `memory_format` (channels-last tensors).
 
 mod adamw;
@@ -19,6 +19,7 @@ mod bench;
 mod clip;
 mod ema;
 mod eval;
+mod finetune;
 mod folder_data;
 mod loss;
 mod memory_format;
@@ -39,6 +40,10 @@ pub use bench::{
 pub use clip::{clip_grad_norm, clip_grad_value, Clip};
 pub use ema::{Ema, EmaOptions};
 pub use eval::{confusion, load_model};
+pub use finetune::{
+    finetune_config, init_from, init_run, is_head, read_init_weights, FineTune, InitReport,
+    HEAD_PREFIX, INIT_REPORT_FILE,
+};
 pub use folder_data::{run_files, run_folder_of, CLASSES_FILE, PREPROCESS_FILE};
 pub use loss::{logits_loss, LossScaler};
 pub use memory_format::channels_last;

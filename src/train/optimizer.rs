@@ -43,10 +43,11 @@ pub enum Optimizer {
 }
 
 impl Optimizer {
-    /// The optimiser `options` ask for, over every trainable variable of `vs`.
+    /// The optimiser `options` ask for, over every trainable variable of `vs` (frozen ones
+    /// require no gradient and are left out), the backbone at `lr_backbone` when fine-tuning.
     pub fn new(vs: &VarStore, options: &TrainOptions) -> Self {
         let (wd, all) = (options.weight_decay, options.decay_norm_and_bias);
-        match options.optimizer {
+        let mut optimizer = match options.optimizer {
             OptimizerKind::Sgd => {
                 let mut sgd = Sgd::new(vs, options.momentum, wd, all);
                 sgd.nesterov = options.nesterov;
@@ -55,7 +56,19 @@ impl Optimizer {
             OptimizerKind::Adamw { betas, eps } => {
                 Self::AdamW(AdamW::new(vs, (betas[0], betas[1]), eps, wd, all))
             }
+        };
+        if let Some(ft) = options
+            .finetune
+            .as_ref()
+            .filter(|f| f.lr_backbone.is_some())
+        {
+            let scale = |name: &str| ft.lr_scale(name, options.lr);
+            match &mut optimizer {
+                Self::Sgd(o) => o.set_lr_scales(scale),
+                Self::AdamW(o) => o.set_lr_scales(scale),
+            }
         }
+        optimizer
     }
 
     pub fn zero_grad(&mut self) {

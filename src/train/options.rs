@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::clip::Clip;
 use super::ema::EmaOptions;
+use super::finetune::FineTune;
 use super::optimizer::OptimizerKind;
 use super::schedule::Schedule;
 use crate::backend::AutocastDtype;
@@ -67,6 +68,9 @@ pub struct TrainOptions {
     /// An exponential moving average of the weights, evaluated beside the model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema: Option<EmaOptions>,
+    /// Fine-tuning: the checkpoint the run started from, frozen parts, the backbone's rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<FineTune>,
 }
 
 fn one() -> u64 {
@@ -107,6 +111,7 @@ impl Default for TrainOptions {
             clip: None,
             accumulate: 1,
             ema: None,
+            finetune: None,
         }
     }
 }
@@ -147,6 +152,9 @@ impl TrainOptions {
         }
         if let Some(ema) = &self.ema {
             ema.validate()?;
+        }
+        if let Some(ft) = &self.finetune {
+            ft.validate()?;
         }
         if !(self.warmup >= 0.0 && self.warmup.is_finite()) {
             bail!("warmup: must be >= 0 epochs, got {}", self.warmup);

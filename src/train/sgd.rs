@@ -24,6 +24,10 @@ pub struct Sgd {
     /// once and refilled in place when the rate changes, so that a step never copies from the
     /// host (on CUDA such a copy synchronises the stream).
     scalars: Option<StepScalars>,
+    /// Per-parameter factors on the rate, aligned with `params` (empty: all 1), and `-lr * scale`
+    /// as 0-d tensors for each factor other than 1 (`(scale, lr, tensor)`), refilled in place.
+    lr_scale: Vec<f64>,
+    scaled_steps: Vec<(f64, f64, Tensor)>,
 }
 
 #[derive(Debug)]
@@ -88,6 +92,41 @@ impl Sgd {
             params,
             buffers: BTreeMap::new(),
             scalars: None,
+            lr_scale: Vec::new(),
+            scaled_steps: Vec::new(),
+        }
+    }
+
+    /// Scales the rate of each parameter by `scale(name)` (torch's param groups with their own
+    /// `lr`, scheduled together).
+    pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
+        self.lr_scale = self.params.iter().map(|(n, _, _)| scale(n)).collect();
+    }
+
+    /// Makes `scaled_steps` hold `-lr * s` for every scale `s` other than 1, on `first`'s device.
+    fn refresh_scaled_steps(&mut self, lr: f64, first: &Tensor) {
+        for &s in &self.lr_scale {
+            if s == 1.0 {
+                continue;
+            }
+            match self
+                .scaled_steps
+                .iter_mut()
+                .find(|(scale, _, _)| *scale == s)
+            {
+                Some((_, old, t)) if *old == lr && t.device() == first.device() => {}
+                Some((_, old, t)) if t.device() == first.device() && t.kind() == first.kind() => {
+                    let _ = t.fill_(-lr * s);
+                    *old = lr;
+                }
+                _ => {
+                    let t = Tensor::from(-lr * s)
+                        .to_kind(first.kind())
+                        .to_device(first.device());
+                    self.scaled_steps.retain(|(scale, _, _)| *scale != s);
+                    self.scaled_steps.push((s, lr, t));
+                }
+            }
         }
     }
 
@@ -107,6 +146,8 @@ impl Sgd {
             return;
         };
         let (kind, device) = (first.kind(), first.device());
+        let first = first.shallow_clone();
+        self.refresh_scaled_steps(lr, &first);
         let uploads = self.scalar_uploads();
         let scalars = match self.scalars.take() {
             Some(mut s) if s.kind == kind && s.device == device => {
@@ -131,7 +172,15 @@ impl Sgd {
         };
         let (decay, momentum, step) = (&scalars.decay, &scalars.momentum, &scalars.neg_lr);
         tch::no_grad(|| {
-            for (name, p, decays) in &self.params {
+            for (i, (name, p, decays)) in self.params.iter().enumerate() {
+                let step = match self.lr_scale.get(i) {
+                    Some(&s) if s != 1.0 => self
+                        .scaled_steps
+                        .iter()
+                        .find(|(scale, _, _)| *scale == s)
+                        .map_or(step, |(_, _, t)| t),
+                    _ => step,
+                };
                 let mut g = p.grad();
                 if !g.defined() {
                     continue;

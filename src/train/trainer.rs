@@ -90,7 +90,33 @@ impl Trainer {
         let run = RunDir::new(dir);
         run.start(&config, &options)?;
         tch::manual_seed(options.seed as i64);
-        Self::build(run, config, options, device)
+        let trainer = Self::build(run, config, options, device)?;
+        trainer.init_weights()?;
+        Ok(trainer)
+    }
+
+    /// A new fine-tuning run starts from `--init-weights` (see [`super::finetune::init_run`]); the
+    /// report goes to stderr and into the run folder.
+    fn init_weights(&self) -> Result<()> {
+        let weights = self
+            .options
+            .finetune
+            .as_ref()
+            .and_then(|f| f.init_weights.as_ref());
+        if let Some(weights) = weights {
+            let report = super::finetune::init_run(&self.vs, weights, &self.run.path)?;
+            if self.is_writer() {
+                eprint!("{report}");
+                eprintln!(
+                    "  (the full lists: {})",
+                    self.run
+                        .path
+                        .join(super::finetune::INIT_REPORT_FILE)
+                        .display()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Reopens the run in `dir` at its newest checkpoint; `epochs` may extend the run.
@@ -118,6 +144,9 @@ impl Trainer {
     ) -> Result<Self> {
         let vs = VarStore::new(device);
         let model = config.build(vs.root())?;
+        if let Some(ft) = &options.finetune {
+            ft.apply(&vs)?;
+        }
         let sgd = Optimizer::new(&vs, &options);
         let ema = options.ema.map(|o| Ema::new(&vs, o));
         Ok(Self {
@@ -158,7 +187,12 @@ impl Trainer {
                     run.start(&config, &options)?;
                 }
                 tch::manual_seed(options.seed as i64);
-                Self::build(run, config, options, device)?
+                let trainer = Self::build(run, config, options, device)?;
+                // Rank 0 reads the checkpoint; the others take its weights below.
+                if group.rank == 0 {
+                    trainer.init_weights()?;
+                }
+                trainer
             }
             _ => Self::resume(dir, device, epochs)?,
         };
