@@ -72,7 +72,7 @@ fn main() -> Result<()> {
         let tensors = checkpoint.table().tensors.len();
         drop(checkpoint);
         let start = Instant::now();
-        let summary = residual::inspect::inspect(path.as_ref(), &options)?;
+        let summary = residual::inspect::inspect(path.as_ref(), &options, false)?;
         let whole = start.elapsed();
         println!(
             "{path}: table of {tensors} tensors ({:.1} MB) read in {:.4} s; whole inspect ({}) in {:.3} s; peak RSS +{:.0} MB",

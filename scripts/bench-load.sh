@@ -5,7 +5,10 @@
 #   - resnet50 and resnet152, .pth (torch.save) and .safetensors -> model ready (strict load):
 #     residual's lazy load vs torch.load + load_state_dict and safetensors load_file + load_state_dict
 #     (best time and largest peak of 3 loads each)
-#   - inspect of a 1 GB checkpoint (wide_resnet101_2 in float64): the table alone, and all of it
+#   - inspect of a 1 GB checkpoint (wide_resnet101_2 in float64): the table alone, all of it in
+#     process, and the whole `residual inspect` process (best of 5) next to a process that only
+#     starts and exits (`residual --version`: loading libtorch and its static initialisers), and
+#     `inspect --check` (builds the model to confirm the architecture)
 #   - refusals: the 4 MB -> 4 GiB inflation bomb into resnet18, and the 1 GB checkpoint into a
 #     wide_resnet101_2 with 10 classes (a shape mismatch)
 # Usage: scripts/bench-load.sh   (needs the venv; writes its checkpoints, about 2.5 GB, to target/bench)
@@ -28,7 +31,7 @@ if not os.path.exists(f"{out}/wide_resnet101_2_f64.pth"):
     sd = torchvision.models.wide_resnet101_2().double().state_dict()
     torch.save(sd, f"{out}/wide_resnet101_2_f64.pth")
 PY
-cargo build --release --quiet --example load_checkpoint
+cargo build --release --quiet --example load_checkpoint --bin residual
 bin=target/release/examples/load_checkpoint
 [[ -f $dir/bomb.pth ]] || $bin --write-bomb "$dir/bomb.pth"
 
@@ -88,6 +91,22 @@ echo "== inspect of a 1 GB checkpoint"
 f=$dir/wide_resnet101_2_f64.pth
 cat "$f" > /dev/null
 echo "  $($bin "$f" --inspect)"
+# Best wall time of 5 runs of a command, in ms.
+best_ms() {
+  local best=
+  for _ in 1 2 3 4 5; do
+    local start end
+    start=$(date +%s%N)
+    "$@" > /dev/null
+    end=$(date +%s%N)
+    local ms=$(( (end - start) / 1000000 ))
+    if [[ -z $best || $ms -lt $best ]]; then best=$ms; fi
+  done
+  echo "$best"
+}
+echo "  whole process, best of 5: residual inspect $(best_ms target/release/residual inspect "$f") ms;" \
+  "residual --version (libtorch loaded, nothing done) $(best_ms target/release/residual --version) ms;" \
+  "residual inspect --check $(best_ms target/release/residual inspect --check "$f") ms"
 
 echo "== refused before allocating"
 echo "  $($bin "$dir/bomb.pth" --arch resnet18)"

@@ -1,9 +1,10 @@
 //! `residual inspect`: what a checkpoint holds, and which model it fits.
 //!
 //! The architecture is read off the key names and shapes (block kind and stage depths, groups and
-//! width, shortcut option, norm layer, classes; the ConvSDS and SiD sizes), then confirmed by
-//! building that model and loading the checkpoint into it strictly. When nothing fits,
-//! [`NoMatch`] says why.
+//! width, shortcut option, norm layer, classes; the ConvSDS and SiD sizes), from the checkpoint's
+//! table alone: no tensor is read and no model is built, so this takes the same time for any size
+//! of file. With `check`, the guess is confirmed by building that model and comparing the
+//! checkpoint with it as a strict load does. When nothing fits, [`NoMatch`] says why.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -52,9 +53,13 @@ pub struct Summary {
     pub buffers: i64,
     pub bytes: i64,
     pub dtypes: Vec<String>,
-    /// The config that loads this checkpoint strictly, if one was found.
+    /// The config read off the keys (with [`checked`](Self::checked), the one that loads this
+    /// checkpoint strictly), if one was found.
     #[serde(serialize_with = "sorted_keys")]
     pub config: Option<ModelConfig>,
+    /// Whether the config was confirmed by building the model and comparing the checkpoint with
+    /// it (names, shapes, dtypes), as `inspect --check` does.
+    pub checked: bool,
     pub architecture: Option<String>,
     /// Why no config was found (absent when one was).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -189,8 +194,15 @@ fn is_buffer(key: &str) -> bool {
 }
 
 /// The summary of `state`, from its names, shapes and dtypes (a [`Checkpoint`]'s are read
-/// without its storages; only SiD's small offsets tensor is ever read).
+/// without its storages; only SiD's small offsets tensor is ever read), with the architecture
+/// confirmed by building it ([`identify`]).
 pub fn summarize(state: &dyn Weights) -> Summary {
+    summarize_with(state, true)
+}
+
+/// [`summarize`], the architecture confirmed by building it only with `check` (else read off
+/// the keys alone, [`guess`]).
+pub fn summarize_with(state: &dyn Weights, check: bool) -> Summary {
     let mut parameters = 0;
     let mut buffers = 0;
     let mut bytes = 0;
@@ -214,7 +226,8 @@ pub fn summarize(state: &dyn Weights) -> Summary {
             }
         })
         .collect();
-    let (config, architecture, no_match) = match identify(state) {
+    let found = if check { identify(state) } else { guess(state) };
+    let (config, architecture, no_match) = match found {
         Ok(found) => (Some(found.config), Some(found.description), None),
         Err(why) => (None, None, Some(why)),
     };
@@ -227,6 +240,7 @@ pub fn summarize(state: &dyn Weights) -> Summary {
         bytes,
         dtypes: dtypes.into_iter().collect(),
         config,
+        checked: check,
         architecture,
         no_match,
         entries,
@@ -292,8 +306,9 @@ impl Keys<'_> {
     }
 }
 
-/// The config that the checkpoint's keys and shapes suggest, with a description.
-fn guess(state: &dyn Weights) -> Result<Identified, NoMatch> {
+/// The config that the checkpoint's keys and shapes suggest, with a description; no model is
+/// built and no value is read (but SiD's small offsets tensor).
+pub fn guess(state: &dyn Weights) -> Result<Identified, NoMatch> {
     let meta = state.metadata();
     let (_, family, guess) = FAMILIES
         .iter()
@@ -626,6 +641,10 @@ pub fn format_summary(s: &Summary, all_keys: bool) -> String {
         (Some(a), Some(c)) => {
             let c = serde_json::to_value(c).unwrap_or_default();
             out += &format!("matches: {a}\nconfig: {c}\n");
+            if !s.checked {
+                out +=
+                    "(read off the key names and shapes; --check builds the model and compares)\n";
+            }
         }
         _ => {
             out += "matches: no known architecture (give --config to `residual infer`)\n";
@@ -637,8 +656,10 @@ pub fn format_summary(s: &Summary, all_keys: bool) -> String {
     out
 }
 
-/// Reads a checkpoint (or a Hugging Face model folder) and summarises it.
-pub fn inspect(path: &std::path::Path, options: &ReadOptions) -> Result<Summary> {
+/// Reads a checkpoint's table (or a Hugging Face model folder) and summarises it; with `check`,
+/// builds the architecture found and compares the checkpoint with it (a folder's is always
+/// built: its config.json names it).
+pub fn inspect(path: &std::path::Path, options: &ReadOptions, check: bool) -> Result<Summary> {
     if huggingface::is_folder(path) {
         return inspect_folder(path);
     }
@@ -646,7 +667,7 @@ pub fn inspect(path: &std::path::Path, options: &ReadOptions) -> Result<Summary>
         .with_context(|| format!("cannot inspect {}", path.display()))?;
     Ok(Summary {
         layout: Some(checkpoint.layout().to_string()),
-        ..summarize(&checkpoint)
+        ..summarize_with(&checkpoint, check)
     })
 }
 
@@ -851,6 +872,28 @@ mod tests {
         assert_eq!(
             why(&resnet).to_string(),
             "ResNet keys, but no `layer1.0.conv2.weight`"
+        );
+    }
+
+    #[test]
+    fn only_check_builds_the_model_and_sees_a_missing_key() {
+        let mut resnet = state_of(r#"{"arch": "resnet18", "num_classes": 10}"#);
+        resnet.entries.retain(|(k, _)| k != "layer4.1.bn2.weight");
+        let guessed = summarize_with(&resnet, false);
+        assert!(!guessed.checked && guessed.no_match.is_none());
+        assert_eq!(
+            guessed.architecture.as_deref(),
+            Some("torchvision resnet18, 10 classes")
+        );
+        assert!(format_summary(&guessed, false).ends_with(
+            "(read off the key names and shapes; --check builds the model and compares)\n"
+        ));
+        let checked = summarize_with(&resnet, true);
+        assert!(checked.checked && checked.config.is_none());
+        let why = checked.no_match.unwrap().to_string();
+        assert!(
+            why.contains("missing keys (1): layer4.1.bn2.weight"),
+            "{why}"
         );
     }
 

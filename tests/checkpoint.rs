@@ -220,7 +220,7 @@ fn lazy_loads_of_shared_storages_into_variables_are_bit_exact() {
     ] {
         let vs = VarStore::new(Device::Cpu);
         for (key, want) in &expected.entries {
-            vs.root().add(key, want.ones_like(), false);
+            let _ = vs.root().add(key, want.ones_like(), false);
         }
         let checkpoint = Checkpoint::open(&file, &ReadOptions::default()).unwrap();
         let report = load_state_dict(&vs, &checkpoint, true).unwrap();

@@ -115,7 +115,7 @@ fn inflation_bombs_are_refused_before_allocating() {
 
     // inspect reads the table alone.
     let summary = peak_of("4 GiB bomb inspected", || {
-        residual::inspect::inspect(&big, &plain).unwrap()
+        residual::inspect::inspect(&big, &plain, false).unwrap()
     });
     assert_eq!(summary.bytes, numel * 4);
 

@@ -18,11 +18,20 @@ pub struct Args {
     all: bool,
     #[arg(long)]
     json: bool,
+    /// Confirm the architecture read off the keys by building it and comparing the checkpoint
+    /// with it as a strict load does (names, shapes, dtypes; no value is read). Without it,
+    /// inspect reads the checkpoint's table only.
+    #[arg(long)]
+    check: bool,
 }
 
 impl Args {
     pub fn run(&self) -> Result<ExitCode> {
-        let summary = inspect::inspect(&self.weights, &self.weight_options.read_options())?;
+        let summary = inspect::inspect(
+            &self.weights,
+            &self.weight_options.read_options(),
+            self.check,
+        )?;
         if self.json {
             println!("{}", serde_json::to_string_pretty(&summary)?);
         } else {
