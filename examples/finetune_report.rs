@@ -43,7 +43,7 @@ fn main() -> Result<()> {
             None => val.insert(RunData::from_image_folder(&data, &options, Device::Cpu)?),
         };
         let classes = data.classes.clone().unwrap_or_default();
-        let (_vs, model) = load_model(&config, &latest_weights(run)?, Device::Cpu)?;
+        let (_vs, model) = load_model(&config, &latest_weights(run)?, Device::Cpu, false)?;
         let (error, matrix) = confusion(model.as_ref(), &data.test, &data.normalizer, 256)?;
         let metrics = RunDir::new(run).read_metrics()?;
         let per_epoch: Vec<String> = metrics
