@@ -29,7 +29,7 @@ DEMO_VEIT := --depth 32 --runs-from $(DEMO_OUT) --subset 6000 --test-subset 500 
 # confusion matrices, plot) and the training step's images/s against PyTorch.
 FT_OUT := target/finetune-demo
 FT_RESIDUAL ?= target/debug/residual
-FT_TRAIN := --data $(FT_OUT)/data --image-size 32 --eval-resize 32 --scale 0.35 1 --epochs 3 \
+FT_TRAIN := --data $(FT_OUT)/data --image-size 32 --eval-resize 32 --scale 0.35,1 --epochs 3 \
   --batch-size 64 --lr 0.05 --schedule cosine --weight-decay 5e-4 --workers 2 --device auto --quiet
 
 .PHONY: experiment-full all setup data artifacts build test lint demo finetune-demo doctor parity bench gpu-check gpu-check-dry clean-artifacts

@@ -38,11 +38,11 @@ pub struct FolderArgs {
     #[arg(long, default_value_t = 2)]
     prefetch: usize,
     /// RandomResizedCrop's range of the crop's share of the image area.
-    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0.08, 1.0])]
-    scale: Vec<f64>,
+    #[arg(long, value_parser = parse_range, default_value = "0.08,1")]
+    scale: Range,
     /// RandomResizedCrop's range of aspect ratios (width / height).
-    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0.75, 4.0 / 3.0])]
-    ratio: Vec<f64>,
+    #[arg(long, value_parser = parse_range, default_value = "0.75,1.3333333333333333")]
+    ratio: Range,
     /// ColorJitter's brightness, contrast, saturation and optional hue strengths, e.g.
     /// 0.4,0.4,0.4 or 0.4,0.4,0.4,0.1 (hue <= 0.5).
     #[arg(long, value_parser = parse_jitter)]
@@ -86,6 +86,21 @@ fn parse_jitter(s: &str) -> Result<Jitter, String> {
     Ok(Jitter(v))
 }
 
+/// `--scale` / `--ratio`: two comma-separated numbers, `low,high`.
+#[derive(Clone, Copy, Debug)]
+pub struct Range([f64; 2]);
+
+fn parse_range(s: &str) -> Result<Range, String> {
+    let v = s
+        .split(',')
+        .map(|x| x.trim().parse::<f64>().map_err(|e| format!("{x:?}: {e}")))
+        .collect::<Result<Vec<f64>, String>>()?;
+    match v[..] {
+        [lo, hi] => Ok(Range([lo, hi])),
+        _ => Err(format!("expected low,high, got {} values", v.len())),
+    }
+}
+
 impl FolderArgs {
     /// The options; `augment`: a training transform (RandomResizedCrop, flips when `flip`,
     /// ColorJitter when asked) instead of the evaluation transform.
@@ -104,8 +119,8 @@ impl FolderArgs {
         o.workers = self.workers;
         o.prefetch = self.prefetch;
         o.train_transform = augment.then(|| TrainTransform {
-            scale: [self.scale[0], self.scale[1]],
-            ratio: [self.ratio[0], self.ratio[1]],
+            scale: self.scale.0,
+            ratio: self.ratio.0,
             flip,
             color_jitter: self.color_jitter.as_ref().map(|j| [j.0[0], j.0[1], j.0[2]]),
             hue: self.color_jitter.as_ref().and_then(|j| j.0.get(3).copied()),
@@ -123,5 +138,21 @@ impl FolderArgs {
             }),
         });
         o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges_are_two_comma_separated_numbers() {
+        assert_eq!(parse_range("0.08,1").unwrap().0, [0.08, 1.0]);
+        assert_eq!(
+            parse_range("0.75, 1.3333333333333333").unwrap().0,
+            [0.75, 4.0 / 3.0]
+        );
+        assert!(parse_range("0.08").unwrap_err().contains("got 1 values"));
+        assert!(parse_range("0.08,x").is_err());
     }
 }
