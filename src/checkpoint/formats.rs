@@ -149,7 +149,7 @@ pub fn torch_zip_bytes_nested(
     groups: &[(String, Vec<(String, RawTensor)>)],
     archive_name: &str,
 ) -> Result<Vec<u8>> {
-    let specs: Vec<(String, Vec<(String, DType, Vec<i64>)>)> = groups
+    let specs: Vec<pickle::SpecGroup> = groups
         .iter()
         .map(|(key, tensors)| {
             let specs = tensors

@@ -18,6 +18,6 @@ mod pickler;
 mod unpickler;
 mod value;
 
-pub use pickler::{pickle_nested_state_dicts, pickle_state_dict};
+pub use pickler::{pickle_nested_state_dicts, pickle_state_dict, SpecGroup, TensorSpec};
 pub use unpickler::unpickle;
 pub use value::{entry, Object, StorageRef, TensorRef, Value};

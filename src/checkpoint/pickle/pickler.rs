@@ -13,9 +13,15 @@ pub fn pickle_state_dict(tensors: &[(String, DType, Vec<i64>)]) -> Vec<u8> {
     out
 }
 
+/// One tensor of a pickled state_dict: its name, dtype and shape.
+pub type TensorSpec = (String, DType, Vec<i64>);
+
+/// A named state_dict of [`TensorSpec`]s (`"state_dict"`, `"state_dict_ema"`).
+pub type SpecGroup = (String, Vec<TensorSpec>);
+
 /// The pickle of a dict of state_dicts, `{"state_dict": OrderedDict, "state_dict_ema": ...}` as
 /// training scripts save them; the storages are numbered on across the groups, in order.
-pub fn pickle_nested_state_dicts(groups: &[(String, Vec<(String, DType, Vec<i64>)>)]) -> Vec<u8> {
+pub fn pickle_nested_state_dicts(groups: &[SpecGroup]) -> Vec<u8> {
     let mut out = vec![PROTO, 2, EMPTY_DICT, MARK];
     let mut first = 0;
     for (key, tensors) in groups {
@@ -34,7 +40,7 @@ fn push_string(out: &mut Vec<u8>, s: &str) {
 }
 
 /// One `OrderedDict` of tensors whose storages are named from `first` on.
-fn push_state_dict(out: &mut Vec<u8>, tensors: &[(String, DType, Vec<i64>)], first: usize) {
+fn push_state_dict(out: &mut Vec<u8>, tensors: &[TensorSpec], first: usize) {
     let global = |out: &mut Vec<u8>, module: &str, name: &str| {
         out.push(GLOBAL);
         out.extend_from_slice(format!("{module}\n{name}\n").as_bytes());
