@@ -504,10 +504,10 @@ fn identity_transform() -> residual::data::TrainTransform {
 }
 
 /// A run folder at step 0 training a depth-8 CIFAR ResNet for 3 classes on an image folder of
-/// 8 x 8 images streamed through [`identity_transform`]; seeded, so every such run starts from
-/// the same weights.
-fn folder_run(run: &std::path::Path, batch_size: i64, epochs: u64) {
-    use residual::train::{TrainOptions, Trainer};
+/// 8 x 8 images streamed through [`identity_transform`], with `python_ref/ddp_ref.py`'s options;
+/// its initial weights are `init`'s, or seeded (every such run starts from the same weights).
+fn folder_run(run: &std::path::Path, batch_size: i64, epochs: u64, init: Option<&std::path::Path>) {
+    use residual::train::{Schedule, TrainOptions, Trainer};
     let config = residual::ModelConfig::from_json(
         r#"{"arch": "cifar_resnet", "depth": 8, "num_classes": 3, "in_channels": 3}"#,
     )
@@ -517,6 +517,9 @@ fn folder_run(run: &std::path::Path, batch_size: i64, epochs: u64) {
         batch_size,
         lr: 0.05,
         momentum: 0.9,
+        weight_decay: 1e-4,
+        schedule: Schedule::Step,
+        milestones: vec![100],
         seed: 3,
         augment: None,
         image_folder: Some(residual::data::FolderOptions {
@@ -527,6 +530,11 @@ fn folder_run(run: &std::path::Path, batch_size: i64, epochs: u64) {
         ..Default::default()
     };
     let trainer = Trainer::create(run, config, options, tch::Device::Cpu).unwrap();
+    if let Some(init) = init {
+        let init = residual::checkpoint::StateDict::read(init, &Default::default()).unwrap();
+        let report = residual::checkpoint::load_state_dict(&trainer.vs, &init, true).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+    }
     trainer.save_checkpoint().unwrap();
 }
 
@@ -584,8 +592,8 @@ fn two_ranks_with_sync_bn_on_an_image_folder_train_as_one_process_on_the_whole_b
     // 16 training images: 2 batches of 8 for one process, of 4 on each of 2 ranks.
     write_png_folder(&data, &[6, 5, 5]);
     let (single, ranks) = (dir.join("single"), dir.join("ranks"));
-    folder_run(&single, 8, 2);
-    folder_run(&ranks, 4, 2);
+    folder_run(&single, 8, 2, None);
+    folder_run(&ranks, 4, 2, None);
     let init = final_weights(&single);
     let data_dir = data.to_str().unwrap();
     let one = Command::new(common::residual_bin())
@@ -628,7 +636,7 @@ fn unreadable_files_of_every_rank_are_counted_once_by_rank_0() {
         std::fs::write(data.join("train").join(c).join("broken.png"), b"not a png").unwrap();
     }
     let run = dir.join("run");
-    folder_run(&run, 4, 1);
+    folder_run(&run, 4, 1, None);
     let out = spawn_ranks(
         2,
         &train_args(run.to_str().unwrap(), data.to_str().unwrap()),
@@ -650,5 +658,46 @@ fn unreadable_files_of_every_rank_are_counted_once_by_rank_0() {
         "{first}"
     );
     assert!(!second.contains("unreadable file(s)"), "{second}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn two_ranks_streaming_an_image_folder_match_pytorch_ddp_on_torchvisions_image_folder() {
+    if !gloo_or_skip() {
+        return;
+    }
+    let reference = common::reference_dir("ddp/image_folder", "final.safetensors");
+    let dir = common::temp_dir("ddp-folder-parity");
+    let run = dir.join("run");
+    folder_run(&run, 4, 2, Some(&reference.join("init.safetensors")));
+    let data = reference.join("data");
+    let out = spawn_ranks(
+        2,
+        &train_args(run.to_str().unwrap(), data.to_str().unwrap()),
+        &[("OMP_NUM_THREADS", "1")],
+    );
+    for (rank, o) in out.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
+    }
+    let pytorch = residual::checkpoint::StateDict::read(
+        &reference.join("final.safetensors"),
+        &Default::default(),
+    )
+    .unwrap();
+    let diff = max_abs_diff(&final_weights(&run), &pytorch);
+    println!(
+        "image folder: max |Δ| between Rust DDP and PyTorch DDP (ImageFolder, DistributedSampler) after 4 steps: {diff:e}"
+    );
+    assert!(diff <= 1e-6, "max |Δ| {diff}");
+    let init = residual::checkpoint::StateDict::read(
+        &reference.join("init.safetensors"),
+        &Default::default(),
+    )
+    .unwrap();
+    let moved = max_abs_diff(&init, &pytorch);
+    assert!(moved > 1e-3, "the weights barely moved: {moved}");
+    // Rank 0 wrote the class names ImageFolder found.
+    let classes = std::fs::read_to_string(run.join("classes.txt")).unwrap();
+    assert_eq!(classes, "c0\nc1\nc2\n");
     std::fs::remove_dir_all(&dir).unwrap();
 }
