@@ -6,6 +6,11 @@ options (`train.json`), the initial weights (`init.safetensors`), and what 2 Glo
 `epochs` epochs of SGD: rank 0's state_dict (`final.safetensors`) and each step's loss per rank
 (`losses.json`). The model is a CIFAR ResNet (depth 8); OUT/ddp/resnet18/ holds the same files
 (the data aside) for resnet18's layout at widths (4, 8, 16, 32), one epoch in batches of 9.
+OUT/ddp/image_folder/ trains a depth-8 CIFAR ResNet for 3 classes on a folder of 8x8 PNGs
+(`data/train/cK/*.png`, `data/val/`) read by torchvision's `ImageFolder` (`ToTensor`,
+`Normalize` with ImageNet's statistics) through `DistributedSampler(shuffle=False)` over the
+epoch's order: what `residual train` streams from an image folder under torchrun with an
+identity training transform.
 Each rank reads the epoch order `residual train` draws (a SplitMix64 Fisher-Yates shuffle
 seeded by (seed, epoch), src/data/batch.rs) through DistributedSampler's sharding: padded by
 repeating its start to a multiple of the world size, every world-th index from the rank on. No
@@ -45,7 +50,12 @@ CASES = {
     "resnet18": ({"arch": "resnet", "block": "basic", "layers": [2, 2, 2, 2],
                   "channels": [4, 8, 16, 32], "stem_width": 4, "in_channels": 1,
                   "num_classes": 10}, "resnet18", 1, 9),
+    # 16 training images: 2 batches of 4 per rank and epoch.
+    "image_folder": ({"arch": "cifar_resnet", "depth": 8, "in_channels": 3, "num_classes": 3},
+                     "image_folder", 2, 4),
 }
+FOLDER_COUNTS = [6, 5, 5]
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 WORLD = 2
 MASK = (1 << 64) - 1
 
@@ -107,7 +117,8 @@ class NarrowResNet(ResNet):
 
 def build(config):
     if config["arch"] == "cifar_resnet":
-        return CifarResNet(config["depth"], in_channels=config["in_channels"])
+        return CifarResNet(config["depth"], num_classes=config.get("num_classes", 10),
+                           in_channels=config["in_channels"])
     return NarrowResNet(config["layers"], config["channels"], config["stem_width"],
                         config["in_channels"], config["num_classes"])
 
@@ -140,6 +151,35 @@ def prepare_data(out: str) -> None:
                 f.write(idx_bytes(t))
 
 
+def prepare_folder(out: str) -> None:
+    """8x8 RGB PNGs in class folders c0, c1, c2 (FOLDER_COUNTS for train/, 2 each for val/),
+    each class with a bright row of its own."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(4321)
+    for split, counts in [("train", FOLDER_COUNTS), ("val", [2] * len(FOLDER_COUNTS))]:
+        for c, n in enumerate(counts):
+            folder = os.path.join(out, "image_folder", "data", split, f"c{c}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                pixels = torch.randint(0, 120, (8, 8, 3), generator=g)
+                pixels[2 * c] += 120
+                Image.fromarray(pixels.to(torch.uint8).numpy(), "RGB").save(
+                    os.path.join(folder, f"{i}.png"))
+
+
+def folder_epochs(out: str, rank: int, world: int, epochs: int, b: int):
+    """Each epoch's batches of rank `rank` as torchvision reads the image folder."""
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(*IMAGENET)])
+    data = datasets.ImageFolder(os.path.join(out, "image_folder", "data", "train"), transform)
+    for epoch in range(epochs):
+        ordered = torch.utils.data.Subset(data, epoch_order(len(data), TRAIN["seed"], epoch))
+        sampler = torch.utils.data.DistributedSampler(ordered, world, rank, shuffle=False)
+        yield list(torch.utils.data.DataLoader(ordered, batch_size=b, sampler=sampler))
+
+
 def prepare(out: str, case: str) -> str:
     """Writes the initial weights and options of `case`; returns its folder."""
     config, sub, epochs, batch = CASES[case]
@@ -163,15 +203,6 @@ def worker(out: str, case: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
-    images = read_idx(os.path.join(out, "data", "train-images-idx3-ubyte")).unsqueeze(1)
-    labels = read_idx(os.path.join(out, "data", "train-labels-idx1-ubyte")).long()
-    x = images.double() / 255
-    per_channel = x.transpose(0, 1).reshape(images.shape[1], -1)
-    mean = per_channel.mean(1)
-    std = per_channel.std(1, unbiased=False)
-    std = torch.where(std > 0, std, torch.ones_like(std))
-    mean_t, std_t = mean.float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1)
-
     model = build(config)
     model.load_state_dict(load_file(os.path.join(folder, "init.safetensors")))
     model.train()
@@ -179,12 +210,29 @@ def worker(out: str, case: str) -> None:
     opt = torch.optim.SGD(ddp.parameters(), lr=TRAIN["lr"], momentum=TRAIN["momentum"],
                           weight_decay=TRAIN["weight_decay"])
     losses = []
-    for epoch in range(epochs):
-        mine = shard(epoch_order(N_TRAIN, TRAIN["seed"], epoch), rank, world)
-        for start in range(0, len(mine), b):
-            idx = torch.tensor(mine[start:start + b])
-            xb = (images.index_select(0, idx).float() / 255 - mean_t) / std_t
-            yb = labels.index_select(0, idx)
+
+    def idx_epochs():
+        images = read_idx(os.path.join(out, "data", "train-images-idx3-ubyte")).unsqueeze(1)
+        labels = read_idx(os.path.join(out, "data", "train-labels-idx1-ubyte")).long()
+        x = images.double() / 255
+        per_channel = x.transpose(0, 1).reshape(images.shape[1], -1)
+        mean = per_channel.mean(1)
+        std = per_channel.std(1, unbiased=False)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        mean_t, std_t = mean.float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1)
+        for epoch in range(epochs):
+            mine = shard(epoch_order(N_TRAIN, TRAIN["seed"], epoch), rank, world)
+            batches = []
+            for start in range(0, len(mine), b):
+                idx = torch.tensor(mine[start:start + b])
+                xb = (images.index_select(0, idx).float() / 255 - mean_t) / std_t
+                batches.append((xb, labels.index_select(0, idx)))
+            yield batches
+
+    epoch_batches = folder_epochs(out, rank, world, epochs, b) if case == "image_folder" \
+        else idx_epochs()
+    for batches in epoch_batches:
+        for xb, yb in batches:
             loss = F.cross_entropy(ddp(xb), yb)
             opt.zero_grad()
             loss.backward()
@@ -220,6 +268,7 @@ def export(root: str) -> str:
     """Writes ROOT/ddp (data, initial weights, and the DDP runs' results); returns "ddp"."""
     out = os.path.join(root, "ddp")
     prepare_data(out)
+    prepare_folder(out)
     for case in CASES:
         prepare(out, case)
         run_ddp(out, case)

@@ -464,3 +464,240 @@ fn sync_bn_matches_one_process(device: &str, tolerance: f64) {
     assert!((l1 - l2).abs() <= tolerance * l1, "train loss {l1} vs {l2}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Writes an image folder to `dir`: `train/` with `per_class[c]` PNGs (8 x 8 RGB, every image
+/// different) in class folders `c0`, `c1`, ..., and `val/` with 2 per class.
+fn write_png_folder(dir: &std::path::Path, per_class: &[usize]) {
+    for (split, counts) in [
+        ("train", per_class.to_vec()),
+        ("val", vec![2; per_class.len()]),
+    ] {
+        for (c, &n) in counts.iter().enumerate() {
+            let class = dir.join(split).join(format!("c{c}"));
+            std::fs::create_dir_all(&class).unwrap();
+            for i in 0..n {
+                let salt = (c * 31 + i * 7 + split.len()) as u32;
+                let image = image::RgbImage::from_fn(8, 8, |x, y| {
+                    // A bright row per class, so that there is something to learn.
+                    let bright = if y as usize == 2 * c { 120 } else { 0 };
+                    image::Rgb([
+                        ((x * 17 + y * 5 + salt * 13) % 120 + bright) as u8,
+                        ((x * 3 + y * 11 + salt * 29) % 120 + bright) as u8,
+                        ((x * 7 + y * 19 + salt * 5) % 120) as u8,
+                    ])
+                });
+                image.save(class.join(format!("{i}.png"))).unwrap();
+            }
+        }
+    }
+}
+
+/// The whole image (no crop, no flip, no resize of 8 x 8 images): the same pixels on every rank
+/// and in every process count.
+fn identity_transform() -> residual::data::TrainTransform {
+    residual::data::TrainTransform {
+        scale: [1.0, 1.0],
+        ratio: [1.0, 1.0],
+        flip: false,
+        ..Default::default()
+    }
+}
+
+/// A run folder at step 0 training a depth-8 CIFAR ResNet for 3 classes on an image folder of
+/// 8 x 8 images streamed through [`identity_transform`], with `python_ref/ddp_ref.py`'s options;
+/// its initial weights are `init`'s, or seeded (every such run starts from the same weights).
+fn folder_run(run: &std::path::Path, batch_size: i64, epochs: u64, init: Option<&std::path::Path>) {
+    use residual::train::{Schedule, TrainOptions, Trainer};
+    let config = residual::ModelConfig::from_json(
+        r#"{"arch": "cifar_resnet", "depth": 8, "num_classes": 3, "in_channels": 3}"#,
+    )
+    .unwrap();
+    let options = TrainOptions {
+        epochs,
+        batch_size,
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 1e-4,
+        schedule: Schedule::Step,
+        milestones: vec![100],
+        seed: 3,
+        augment: None,
+        image_folder: Some(residual::data::FolderOptions {
+            workers: 1,
+            train_transform: Some(identity_transform()),
+            ..residual::data::FolderOptions::with_size(8)
+        }),
+        ..Default::default()
+    };
+    let trainer = Trainer::create(run, config, options, tch::Device::Cpu).unwrap();
+    if let Some(init) = init {
+        let init = residual::checkpoint::StateDict::read(init, &Default::default()).unwrap();
+        let report = residual::checkpoint::load_state_dict(&trainer.vs, &init, true).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+    }
+    trainer.save_checkpoint().unwrap();
+}
+
+#[test]
+fn two_ranks_stream_disjoint_shards_of_an_image_folder_that_cover_it() {
+    use residual::data::{FolderStream, ImageFolder, Normalizer};
+    let dir = common::temp_dir("ddp-folder-shards");
+    // 7 images: DistributedSampler pads the order to 8 by repeating its first index on rank 1.
+    write_png_folder(&dir, &[4, 3]);
+    let stream = FolderStream {
+        folder: std::sync::Arc::new(ImageFolder::scan(&dir.join("train")).unwrap()),
+        transform: identity_transform(),
+        size: 8,
+        workers: 2,
+        prefetch: 1,
+    };
+    let norm = Normalizer::new(vec![0.5; 3], vec![0.25; 3], tch::Device::Cpu);
+    let images = |batch_size: i64, shard: (usize, usize)| -> Vec<tch::Tensor> {
+        let mut batches = stream.epoch_sharded(&norm, batch_size, 5, 1, tch::Device::Cpu, shard);
+        let mut out = Vec::new();
+        while let Some((x, _)) = batches.next_host().unwrap() {
+            out.extend(x.split(1, 0));
+        }
+        out
+    };
+    let whole = images(1, (0, 1));
+    let ranks = [images(3, (0, 2)), images(3, (1, 2))];
+    assert_eq!(whole.len(), 7);
+    for i in 0..7 {
+        for j in 0..i {
+            assert!(!whole[i].equal(&whole[j]), "images {i} and {j} are alike");
+        }
+    }
+    // Rank r reads entries r, r + 2, ... of the padded epoch order.
+    for (r, shard) in ranks.iter().enumerate() {
+        assert_eq!(shard.len(), 4, "rank {r}");
+        for (k, x) in shard.iter().enumerate() {
+            assert!(x.equal(&whole[(r + 2 * k) % 7]), "rank {r}, image {k}");
+        }
+    }
+    // Together they read every image once, plus the one padding repeat.
+    let seen = |x: &tch::Tensor| ranks.iter().flatten().filter(|y| y.equal(x)).count();
+    let counts: Vec<usize> = whole.iter().map(seen).collect();
+    assert_eq!(counts, [2, 1, 1, 1, 1, 1, 1]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn two_ranks_with_sync_bn_on_an_image_folder_train_as_one_process_on_the_whole_batch() {
+    if !gloo_or_skip() {
+        return;
+    }
+    let dir = common::temp_dir("ddp-folder");
+    let data = dir.join("data");
+    // 16 training images: 2 batches of 8 for one process, of 4 on each of 2 ranks.
+    write_png_folder(&data, &[6, 5, 5]);
+    let (single, ranks) = (dir.join("single"), dir.join("ranks"));
+    folder_run(&single, 8, 2, None);
+    folder_run(&ranks, 4, 2, None);
+    let init = final_weights(&single);
+    let data_dir = data.to_str().unwrap();
+    let one = Command::new(common::residual_bin())
+        .args(train_args(single.to_str().unwrap(), data_dir))
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut args = train_args(ranks.to_str().unwrap(), data_dir);
+    args.push("--sync-bn");
+    let out = spawn_ranks(2, &args, &[("OMP_NUM_THREADS", "1")]);
+    for (rank, o) in out.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
+    }
+    let one = one.wait_with_output().unwrap();
+    assert!(one.status.success(), "{}", text(&one.stderr));
+    let diff = max_abs_diff(&final_weights(&single), &final_weights(&ranks));
+    println!("image folder, --sync-bn, 2 ranks x 4 vs 1 process x 8, 4 steps: max |Δ| {diff:e}");
+    assert!(diff <= 1e-6, "max |Δ| {diff}");
+    let moved = max_abs_diff(&init, &final_weights(&single));
+    assert!(moved > 1e-3, "the weights barely moved: {moved}");
+    // Rank 0 alone wrote the run folder's metrics.
+    let metrics = std::fs::read_to_string(ranks.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn unreadable_files_of_every_rank_are_counted_once_by_rank_0() {
+    if !gloo_or_skip() {
+        return;
+    }
+    let dir = common::temp_dir("ddp-folder-corrupt");
+    let data = dir.join("data");
+    write_png_folder(&data, &[2, 2, 2]);
+    // Two corrupt files among 8: one batch of 4 per rank, never all unreadable (a rank that
+    // passed over a whole batch would take one step fewer than its peer).
+    for c in ["c0", "c1"] {
+        std::fs::write(data.join("train").join(c).join("broken.png"), b"not a png").unwrap();
+    }
+    let run = dir.join("run");
+    folder_run(&run, 4, 1, None);
+    let out = spawn_ranks(
+        2,
+        &train_args(run.to_str().unwrap(), data.to_str().unwrap()),
+        &[("OMP_NUM_THREADS", "1")],
+    );
+    for (rank, o) in out.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
+    }
+    let (first, second) = (text(&out[0].stderr), text(&out[1].stderr));
+    // Each rank names the files it skipped (with seed 3 both are in rank 1's shard); rank 0
+    // alone gives the epoch's total over ranks.
+    assert_eq!(
+        first.matches("broken.png").count() + second.matches("broken.png").count(),
+        2,
+        "{first}{second}"
+    );
+    assert!(
+        first.contains("epoch 1: skipped 2 unreadable file(s)"),
+        "{first}"
+    );
+    assert!(!second.contains("unreadable file(s)"), "{second}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn two_ranks_streaming_an_image_folder_match_pytorch_ddp_on_torchvisions_image_folder() {
+    if !gloo_or_skip() {
+        return;
+    }
+    let reference = common::reference_dir("ddp/image_folder", "final.safetensors");
+    let dir = common::temp_dir("ddp-folder-parity");
+    let run = dir.join("run");
+    folder_run(&run, 4, 2, Some(&reference.join("init.safetensors")));
+    let data = reference.join("data");
+    let out = spawn_ranks(
+        2,
+        &train_args(run.to_str().unwrap(), data.to_str().unwrap()),
+        &[("OMP_NUM_THREADS", "1")],
+    );
+    for (rank, o) in out.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
+    }
+    let pytorch = residual::checkpoint::StateDict::read(
+        &reference.join("final.safetensors"),
+        &Default::default(),
+    )
+    .unwrap();
+    let diff = max_abs_diff(&final_weights(&run), &pytorch);
+    println!(
+        "image folder: max |Δ| between Rust DDP and PyTorch DDP (ImageFolder, DistributedSampler) after 4 steps: {diff:e}"
+    );
+    assert!(diff <= 1e-6, "max |Δ| {diff}");
+    let init = residual::checkpoint::StateDict::read(
+        &reference.join("init.safetensors"),
+        &Default::default(),
+    )
+    .unwrap();
+    let moved = max_abs_diff(&init, &pytorch);
+    assert!(moved > 1e-3, "the weights barely moved: {moved}");
+    // Rank 0 wrote the class names ImageFolder found.
+    let classes = std::fs::read_to_string(run.join("classes.txt")).unwrap();
+    assert_eq!(classes, "c0\nc1\nc2\n");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

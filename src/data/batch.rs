@@ -94,6 +94,21 @@ impl Normalizer {
     }
 }
 
+/// Rank `shard.0`'s share of an epoch's `order` among `shard.1` data-parallel processes, as
+/// PyTorch's `DistributedSampler` cuts it: the order padded by repeating its start to a multiple
+/// of the world size, then every `world`-th entry from the rank on (one rank: `order` itself).
+pub fn distributed_shard<T: Copy>(order: Vec<T>, shard: (usize, usize)) -> Vec<T> {
+    let (rank, world) = (shard.0, shard.1.max(1));
+    if world == 1 || order.is_empty() {
+        return order;
+    }
+    let total = order.len().div_ceil(world) * world;
+    (rank..total)
+        .step_by(world)
+        .map(|i| order[i % order.len()])
+        .collect()
+}
+
 /// Batches of one epoch, in a seeded order.
 pub struct Batches<'a> {
     data: &'a Dataset,
@@ -153,17 +168,8 @@ impl<'a> Batches<'a> {
             }
             None => ((0..n).collect(), SplitMix::new(0, 0)),
         };
-        let (rank, world) = (shard.0, shard.1.max(1));
-        let order: Vec<i64> = if world > 1 && !order.is_empty() {
-            let total = order.len().div_ceil(world) * world;
-            (rank..total)
-                .step_by(world)
-                .map(|i| order[i % order.len()])
-                .collect()
-        } else {
-            order
-        };
-        let order = Tensor::from_slice(&order).to_device(data.images.device());
+        let order =
+            Tensor::from_slice(&distributed_shard(order, shard)).to_device(data.images.device());
         Self {
             data,
             order,

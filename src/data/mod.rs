@@ -12,7 +12,7 @@ pub use augment::{
     adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, adjust_sharpness,
     autocontrast, equalize, posterize, rotate, solarize, AugmentOp, AutoAugment,
 };
-pub use batch::{Augment, Batches, Normalizer, SplitMix};
+pub use batch::{distributed_shard, Augment, Batches, Normalizer, SplitMix};
 pub use folder::{
     decode_all, decode_rgb, default_workers, folder_splits, is_image_folder, FolderOptions,
     ImageFolder, IMG_EXTENSIONS,

@@ -19,7 +19,7 @@ use tch::{Device, Tensor};
 use super::augment::{
     adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, AutoAugment,
 };
-use super::batch::{Batches, Normalizer, SplitMix};
+use super::batch::{distributed_shard, Batches, Normalizer, SplitMix};
 use super::folder::{decode_rgb, to_chw_bytes, ImageFolder};
 use super::mix::{mix_batch, Mix};
 use crate::preprocess::pil::{self, Filter};
@@ -300,7 +300,25 @@ impl FolderStream {
         epoch: u64,
         device: Device,
     ) -> StreamBatches<'a> {
-        let order = Batches::shuffled_order(self.folder.len(), seed, epoch);
+        self.epoch_sharded(normalizer, batch_size, seed, epoch, device, (0, 1))
+    }
+
+    /// As [`FolderStream::epoch`], for data-parallel rank `shard.0` of `shard.1`: the workers
+    /// decode only the rank's [`distributed_shard`] of the epoch's order. Each image keeps its
+    /// own `(seed, epoch, index)` draws, whichever rank reads it.
+    pub fn epoch_sharded<'a>(
+        &'a self,
+        normalizer: &'a Normalizer,
+        batch_size: i64,
+        seed: u64,
+        epoch: u64,
+        device: Device,
+        shard: (usize, usize),
+    ) -> StreamBatches<'a> {
+        let order = distributed_shard(
+            Batches::shuffled_order(self.folder.len(), seed, epoch),
+            shard,
+        );
         StreamBatches {
             stream: self,
             normalizer,

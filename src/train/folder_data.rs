@@ -96,9 +96,9 @@ impl RunData {
     }
 
     /// The batches of training epoch `epoch` for data-parallel rank `shard.0` of `shard.1`
-    /// (`(0, 1)` alone; `epoch` `None` only counts them): streamed through the workers for an
-    /// image folder with a training transform, else cut from the training set in memory with
-    /// `augment`.
+    /// (`(0, 1)` alone; `epoch` `None` only counts them), the rank's `DistributedSampler` shard
+    /// of the epoch's order: streamed through the workers for an image folder with a training
+    /// transform, else cut from the training set in memory with `augment`.
     pub fn train_batches(
         &self,
         batch_size: i64,
@@ -108,16 +108,13 @@ impl RunData {
         shard: (usize, usize),
     ) -> Result<Box<dyn EpochBatches + '_>> {
         Ok(match &self.stream {
-            Some(_) if shard.1 > 1 => bail!(
-                "image folders with a training transform are streamed on one process; \
-                 data-parallel training (torchrun) reads in-memory datasets only"
-            ),
-            Some(s) => Box::new(s.epoch(
+            Some(s) => Box::new(s.epoch_sharded(
                 &self.normalizer,
                 batch_size,
                 seed,
                 epoch.unwrap_or(0),
                 self.test.images.device(),
+                shard,
             )),
             None => Box::new(Batches::sharded(
                 &self.train,

@@ -392,15 +392,19 @@ impl Trainer {
             self.optimizer_step(lr)?;
         }
         self.drain(&mut tally, pending)?;
+        let mut unreadable = batches.unreadable().len();
         if let Some(ddp) = &self.ddp {
-            tally = Tally::from_sums(&ddp.sum_f64(&tally.sums())?);
+            // The files every rank skipped, reported once by rank 0.
+            let [loss, wrong, seen] = tally.sums();
+            let summed = ddp.sum_f64(&[loss, wrong, seen, unreadable as f64])?;
+            unreadable = summed[3].round() as usize;
+            tally = Tally::from_sums(&summed[..3]);
         }
         bar.finish_and_clear();
-        if !batches.unreadable().is_empty() {
+        if unreadable > 0 && self.is_writer() {
             eprintln!(
-                "epoch {}: skipped {} unreadable file(s)",
-                epoch + 1,
-                batches.unreadable().len()
+                "epoch {}: skipped {unreadable} unreadable file(s)",
+                epoch + 1
             );
         }
         Ok(Some(TrainedEpoch {
