@@ -119,7 +119,7 @@ finetune-demo: build data $(FT_OUT)/pretrained_resnet18.pth $(FT_OUT)/data.compl
 	rm -rf $(FT_OUT)/finetuned $(FT_OUT)/scratch
 	@echo "== residual train --init-weights (fine-tuning the PyTorch-pretrained resnet18)"
 	cargo run --quiet -- train --config $(FT_OUT)/resnet18.json --init-weights $(FT_OUT)/pretrained_resnet18.pth \
-	  --num-classes 5 --lr-backbone 0.01 $(FT_TRAIN) --out $(FT_OUT)/finetuned
+	  --num-classes 5 --fresh-head --lr-backbone 0.01 $(FT_TRAIN) --out $(FT_OUT)/finetuned
 	@echo "== residual train (the same resnet18 from scratch, same budget)"
 	cargo run --quiet -- train --config $(FT_OUT)/resnet18.json --num-classes 5 $(FT_TRAIN) --out $(FT_OUT)/scratch
 	@echo

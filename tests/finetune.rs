@@ -40,7 +40,7 @@ fn init(config: &ModelConfig, weights: &Path) -> anyhow::Result<(VarStore, InitR
     let vs = VarStore::new(Device::Cpu);
     let _model = config.build(vs.root())?;
     let (state, layout) = read_init_weights(weights)?;
-    let report = init_from(&vs, &state, weights, &layout)?;
+    let report = init_from(&vs, &state, weights, &layout, false)?;
     Ok((vs, report))
 }
 
@@ -91,6 +91,16 @@ fn init_weights_load_torchvision_timm_and_hugging_face_checkpoints() {
     assert!(report.initialised.is_empty(), "{report:?}");
     assert_eq!(report.loaded.len(), timm.len());
     assert_loaded(&vs, &report, &timm);
+    // --fresh-head: the same checkpoint for a new 10-class task, the head left as initialised.
+    let vs = VarStore::new(Device::Cpu);
+    let _model = cifar8(10).build(vs.root()).unwrap();
+    let fresh = vs.variables()["fc.weight"].copy();
+    let (state, layout) = read_init_weights(&checkpoint("timm_train.pth.tar")).unwrap();
+    let report = init_from(&vs, &state, Path::new("timm"), &layout, true).unwrap();
+    assert_eq!(report.initialised, head());
+    assert_eq!(report.loaded.len(), timm.len() - 2);
+    assert_eq!(vs.variables()["fc.weight"], fresh);
+    assert!(vs.variables()["fc.weight"] != *timm.get("fc.weight").unwrap());
 
     // A Hugging Face model folder, and its safetensors file alone (keys renamed).
     let hf = fixture("hf_basic/hf");

@@ -60,6 +60,10 @@ pub struct FineTuneArgs {
     /// BatchNorm as torchvision's FrozenBatchNorm2d: statistics and affine values fixed.
     #[arg(long)]
     freeze_bn: bool,
+    /// Initialise the head fresh even when the checkpoint's has the same shape (a new task with
+    /// as many classes as the old one).
+    #[arg(long)]
+    fresh_head: bool,
 }
 
 impl FineTuneArgs {
@@ -69,6 +73,7 @@ impl FineTuneArgs {
             || self.freeze_backbone
             || self.lr_backbone.is_some()
             || self.freeze_bn
+            || self.fresh_head
     }
 
     /// The config and options of a new run, with these settings applied.
@@ -95,6 +100,7 @@ impl FineTuneArgs {
             freeze_backbone: self.freeze_backbone,
             lr_backbone: self.lr_backbone,
             freeze_bn: self.freeze_bn,
+            fresh_head: self.fresh_head,
         });
         Ok((config, options))
     }

@@ -40,6 +40,10 @@ pub struct FineTune {
     /// BatchNorm layers as `FrozenBatchNorm2d`: running statistics and affine values fixed.
     #[serde(default)]
     pub freeze_bn: bool,
+    /// The head starts fresh even when the checkpoint's has the same shape (a new task with as
+    /// many classes as the old one, as timm's `reset_classifier`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fresh_head: bool,
 }
 
 /// Whether `name` is a tensor of the classification head.
@@ -145,15 +149,19 @@ pub struct InitReport {
 
 impl std::fmt::Display for InitReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
+        write!(
             f,
-            "init weights {} ({}): loaded {} tensors, initialised fresh {}: {}",
+            "init weights {} ({}): loaded {} tensors, initialised fresh {}",
             self.source.display(),
             self.layout,
             self.loaded.len(),
             self.initialised.len(),
-            self.initialised.join(", ")
         )?;
+        if self.initialised.is_empty() {
+            writeln!(f)?;
+        } else {
+            writeln!(f, ": {}", self.initialised.join(", "))?;
+        }
         if !self.unused.is_empty() {
             writeln!(
                 f,
@@ -201,7 +209,8 @@ pub fn read_init_weights(path: &Path) -> Result<(StateDict, String)> {
 }
 
 /// Copies every tensor of `state` whose name and shape match the model in `vs`; the head
-/// (`fc.*`) keeps its fresh initialisation when the checkpoint's has another shape or is absent.
+/// (`fc.*`) keeps its fresh initialisation when the checkpoint's has another shape or is absent,
+/// or always with `fresh_head`.
 /// Anything else that does not fit (a backbone tensor missing, of another shape or dtype, or a
 /// tensor the model lacks) fails the whole load, naming the tensors, before anything is copied.
 pub fn init_from(
@@ -209,11 +218,23 @@ pub fn init_from(
     state: &StateDict,
     source: &Path,
     layout: &str,
+    fresh_head: bool,
 ) -> Result<InitReport> {
-    let (report, matched) = compare_state_dict(vs, state);
+    let (report, mut matched) = compare_state_dict(vs, state);
     let mut problems = Vec::new();
     let mut initialised: Vec<String> = Vec::new();
     let mut unused = Vec::new();
+    if fresh_head {
+        let meta = state.metadata();
+        matched.retain(|(i, _)| {
+            let name = meta[*i].name;
+            if is_head(name) {
+                initialised.push(name.to_string());
+                unused.push(format!("{name} {:?}", meta[*i].shape));
+            }
+            !is_head(name)
+        });
+    }
     for key in &report.missing {
         if is_head(key) {
             initialised.push(key.clone());
@@ -278,9 +299,9 @@ pub fn init_from(
 }
 
 /// Loads `weights` into `vs` ([`init_from`]) and writes the report into the run folder `run`.
-pub fn init_run(vs: &VarStore, weights: &Path, run: &Path) -> Result<InitReport> {
+pub fn init_run(vs: &VarStore, weights: &Path, fresh_head: bool, run: &Path) -> Result<InitReport> {
     let (state, layout) = read_init_weights(weights)?;
-    let report = init_from(vs, &state, weights, &layout)?;
+    let report = init_from(vs, &state, weights, &layout, fresh_head)?;
     write_atomic(
         &run.join(INIT_REPORT_FILE),
         serde_json::to_string_pretty(&report)?.as_bytes(),

@@ -98,13 +98,10 @@ impl Trainer {
     /// A new fine-tuning run starts from `--init-weights` (see [`super::finetune::init_run`]); the
     /// report goes to stderr and into the run folder.
     fn init_weights(&self) -> Result<()> {
-        let weights = self
-            .options
-            .finetune
-            .as_ref()
-            .and_then(|f| f.init_weights.as_ref());
-        if let Some(weights) = weights {
-            let report = super::finetune::init_run(&self.vs, weights, &self.run.path)?;
+        let finetune = self.options.finetune.as_ref();
+        if let Some((weights, ft)) = finetune.and_then(|f| Some((f.init_weights.as_ref()?, f))) {
+            let report =
+                super::finetune::init_run(&self.vs, weights, ft.fresh_head, &self.run.path)?;
             if self.is_writer() {
                 eprint!("{report}");
                 eprintln!(
