@@ -26,20 +26,37 @@ fn main() {
     compile_distributed(&lib_dir);
     compile_cuda(&lib_dir);
     println!("cargo:rerun-if-changed={}", lib_dir.display());
-    // Every test, example and binary finds libtorch through its run path.
+    // Every test, example and binary finds libtorch through its run path (`residual-inspect` gets
+    // one too, but needs no library from it).
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     println!(
         "cargo:rustc-env=RESIDUAL_LIBTORCH_LIB={}",
         lib_dir.display()
     );
+    // The C++ objects that `residual-inspect` links (their Rust callers share codegen units
+    // with table code) define inline functions libtorch also exports; exported, they would stay
+    // live and keep libtorch_cpu and libc10 needed. Hidden, the linker drops them as unused.
+    println!("cargo:rustc-link-arg-bin=residual-inspect=-Wl,--exclude-libs=ALL");
     if lib_dir.join("libtorch_cuda.so").exists() {
         // rustc links with `--as-needed`; nothing references libtorch_cuda's symbols directly, so the
         // linker would drop it and `tch::Cuda::is_available()` would be false on a GPU machine.
         println!("cargo:rustc-link-search=native={}", lib_dir.display());
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+        cuda_link_arg("-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
         println!("cargo:rustc-env=RESIDUAL_TORCH_CUDA_LINKED=1");
     } else {
         println!("cargo:rustc-env=RESIDUAL_TORCH_CUDA_LINKED=0");
+    }
+}
+
+/// Passes `arg` to the linker of the `residual` binary, the integration tests and the examples,
+/// not to `residual-inspect` (which must not load libtorch: its start-up costs ~0.4 s), as
+/// `rustc-link-arg` would. Cargo gives `-tests` args to no unit-test harness but `residual`'s:
+/// the library's unit tests run without libtorch_cuda (none of them uses CUDA).
+fn cuda_link_arg(arg: &str) {
+    println!("cargo:rustc-link-arg-bin=residual={arg}");
+    // (Cargo refuses `-benches` in a package without benchmarks.)
+    for kind in ["tests", "examples"] {
+        println!("cargo:rustc-link-arg-{kind}={arg}");
     }
 }
 

@@ -7,7 +7,8 @@
 #     (best time and largest peak of 3 loads each)
 #   - inspect of a 1 GB checkpoint (wide_resnet101_2 in float64): the table alone, all of it in
 #     process, and the whole `residual inspect` process (best of 5) next to a process that only
-#     starts and exits (`residual --version`: loading libtorch and its static initialisers), and
+#     starts and exits (`residual --version`: loading libtorch and its static initialisers),
+#     `residual-inspect` (the same output from a binary that does not load libtorch), and
 #     `inspect --check` (builds the model to confirm the architecture)
 #   - refusals: the 4 MB -> 4 GiB inflation bomb into resnet18, and the 1 GB checkpoint into a
 #     wide_resnet101_2 with 10 classes (a shape mismatch)
@@ -31,7 +32,7 @@ if not os.path.exists(f"{out}/wide_resnet101_2_f64.pth"):
     sd = torchvision.models.wide_resnet101_2().double().state_dict()
     torch.save(sd, f"{out}/wide_resnet101_2_f64.pth")
 PY
-cargo build --release --quiet --example load_checkpoint --bin residual
+cargo build --release --quiet --example load_checkpoint --bin residual --bin residual-inspect
 bin=target/release/examples/load_checkpoint
 [[ -f $dir/bomb.pth ]] || $bin --write-bomb "$dir/bomb.pth"
 
@@ -106,6 +107,7 @@ best_ms() {
 }
 echo "  whole process, best of 5: residual inspect $(best_ms target/release/residual inspect "$f") ms;" \
   "residual --version (libtorch loaded, nothing done) $(best_ms target/release/residual --version) ms;" \
+  "residual-inspect (no libtorch) $(best_ms target/release/residual-inspect "$f") ms;" \
   "residual inspect --check $(best_ms target/release/residual inspect --check "$f") ms"
 
 echo "== refused before allocating"

@@ -203,11 +203,18 @@ pub fn summarize(state: &dyn Weights) -> Summary {
 /// [`summarize`], the architecture confirmed by building it only with `check` (else read off
 /// the keys alone, [`guess`]).
 pub fn summarize_with(state: &dyn Weights, check: bool) -> Summary {
+    let meta = state.metadata();
+    let found = if check { identify(state) } else { guess(state) };
+    summary_of(&meta, found, check)
+}
+
+/// The counts and entries of `meta`, with the architecture `found` (confirmed by a build when
+/// `checked`).
+fn summary_of(meta: &[TensorMeta], found: Result<Identified, NoMatch>, checked: bool) -> Summary {
     let mut parameters = 0;
     let mut buffers = 0;
     let mut bytes = 0;
     let mut dtypes = BTreeSet::new();
-    let meta = state.metadata();
     let entries = meta
         .iter()
         .map(|t| {
@@ -226,7 +233,6 @@ pub fn summarize_with(state: &dyn Weights, check: bool) -> Summary {
             }
         })
         .collect();
-    let found = if check { identify(state) } else { guess(state) };
     let (config, architecture, no_match) = match found {
         Ok(found) => (Some(found.config), Some(found.description), None),
         Err(why) => (None, None, Some(why)),
@@ -240,7 +246,7 @@ pub fn summarize_with(state: &dyn Weights, check: bool) -> Summary {
         bytes,
         dtypes: dtypes.into_iter().collect(),
         config,
-        checked: check,
+        checked,
         architecture,
         no_match,
         entries,
@@ -249,7 +255,9 @@ pub fn summarize_with(state: &dyn Weights, check: bool) -> Summary {
 
 /// The keys of one family, read with errors that name the key.
 struct Keys<'a> {
-    state: &'a dyn Weights,
+    /// The values of integer tensor `i` (an index into `meta`), flattened; `None` where they
+    /// cannot be read. Only SiD's small offsets tensor is ever read.
+    ints: &'a dyn Fn(usize) -> Option<Vec<i64>>,
     meta: &'a [TensorMeta<'a>],
     family: &'static str,
 }
@@ -309,16 +317,23 @@ impl Keys<'_> {
 /// The config that the checkpoint's keys and shapes suggest, with a description; no model is
 /// built and no value is read (but SiD's small offsets tensor).
 pub fn guess(state: &dyn Weights) -> Result<Identified, NoMatch> {
-    let meta = state.metadata();
+    let ints = |i| {
+        let t = state.value(i).ok()?.reshape([-1]);
+        Vec::try_from(&t).ok()
+    };
+    guess_from(&state.metadata(), &ints)
+}
+
+/// [`guess`] from the tensors' `meta`, reading integer tensors with `ints` (see [`Keys`]).
+fn guess_from(
+    meta: &[TensorMeta],
+    ints: &dyn Fn(usize) -> Option<Vec<i64>>,
+) -> Result<Identified, NoMatch> {
     let (_, family, guess) = FAMILIES
         .iter()
         .find(|(key, _, _)| meta.iter().any(|t| t.name == *key))
         .ok_or(NoMatch::UnknownLayout)?;
-    guess(&Keys {
-        state,
-        meta: &meta,
-        family,
-    })
+    guess(&Keys { ints, meta, family })
 }
 
 fn guess_conv_sds(keys: &Keys) -> Result<Identified, NoMatch> {
@@ -527,14 +542,11 @@ fn without_defaults(mut c: ResNetConfig) -> ResNetConfig {
 
 fn guess_sid(keys: &Keys) -> Result<Identified, NoMatch> {
     // PyTorch keeps the offsets as a [1, n] buffer.
-    let offsets = keys
+    let offsets: Vec<i64> = keys
         .meta
         .iter()
         .position(|t| t.name == SID_OFFSETS)
-        .and_then(|i| keys.state.value(i).ok())
-        .map(|t| t.reshape([-1]));
-    let offsets: Vec<i64> = offsets
-        .and_then(|t| Vec::try_from(&t).ok())
+        .and_then(keys.ints)
         .unwrap_or_default();
     let Some(&last) = offsets.last() else {
         return Err(NoMatch::BadTensor {
@@ -669,6 +681,60 @@ pub fn inspect(path: &std::path::Path, options: &ReadOptions, check: bool) -> Re
         layout: Some(checkpoint.layout().to_string()),
         ..summarize_with(&checkpoint, check)
     })
+}
+
+/// [`inspect`] without `check` of a checkpoint file, calling no libtorch function (the
+/// `residual-inspect` binary, which does not load libtorch): the same summary, from the table
+/// alone. Model folders are refused: their architecture is confirmed by building it.
+pub fn inspect_table(path: &std::path::Path, options: &ReadOptions) -> Result<Summary> {
+    if huggingface::is_folder(path) {
+        anyhow::bail!(
+            "{} is a model folder: `residual inspect` reads those (it builds the model)",
+            path.display()
+        );
+    }
+    let checkpoint = Checkpoint::open(path, options)
+        .with_context(|| format!("cannot inspect {}", path.display()))?;
+    let ints = |i| table_ints(&checkpoint, options, i).ok();
+    let meta = checkpoint.metadata();
+    Ok(Summary {
+        layout: Some(checkpoint.layout().to_string()),
+        ..summary_of(&meta, guess_from(&meta, &ints), false)
+    })
+}
+
+/// The values of the int64 tensor `i` of `checkpoint`, flattened in row-major order, read off
+/// the mapped file without libtorch (what `value(i).reshape([-1])` gives).
+fn table_ints(checkpoint: &Checkpoint, options: &ReadOptions, i: usize) -> Result<Vec<i64>> {
+    let table = checkpoint.table();
+    let (name, t) = &table.tensors[i];
+    anyhow::ensure!(
+        t.dtype == crate::checkpoint::DType::I64,
+        "tensor `{name}` is {:?}, not int64",
+        t.dtype
+    );
+    table.check_inflation([t.storage], options.inflate_limit())?;
+    let file = std::fs::File::open(checkpoint.path())?;
+    // SAFETY: read-only; the table's records were bound-checked against this file's length.
+    let map = unsafe { memmap2::Mmap::map(&file) }?;
+    let bytes = table.storage_bytes(&map, t.storage)?;
+    let numel = t.numel();
+    let mut out = Vec::with_capacity(numel);
+    for flat in 0..numel {
+        // The element's position in the storage: offset + Σ index_d · stride_d.
+        let mut rest = flat as i64;
+        let mut at = t.offset as i64;
+        for (&size, &stride) in t.shape.iter().zip(&t.stride).rev() {
+            at += rest % size * stride;
+            rest /= size;
+        }
+        let start = at as usize * 8;
+        let word = bytes
+            .get(start..start + 8)
+            .with_context(|| format!("tensor `{name}` past the end of its storage"))?;
+        out.push(i64::from_le_bytes(word.try_into()?));
+    }
+    Ok(out)
 }
 
 /// A Hugging Face folder: its `config.json` gives the architecture (including what the weights
