@@ -103,6 +103,9 @@ demo: artifacts build data
 	@echo "report: $(DEMO_OUT)/report.md"
 	@echo "plots:  $(DEMO_OUT)/train_error.png $(DEMO_OUT)/test_error.png"
 	@echo
+	@echo "== make finetune-demo (a PyTorch-pretrained resnet18 fine-tuned on PNG class folders)"
+	@$(MAKE) --no-print-directory finetune-demo
+	@echo
 	@echo "== residual experiment veit $(DEMO_VEIT) --data $(FASHION_MNIST)"
 	@cargo run --quiet -- experiment veit $(DEMO_VEIT) --data $(FASHION_MNIST) --out $(DEMO_VEIT_OUT)
 
