@@ -33,19 +33,6 @@ fn anon_kb() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Keeps transparent huge pages away from this process (`prctl(PR_SET_THP_DISABLE)`): with THP
-/// set to `always`, a fault or khugepaged can make a whole 2 MB range of a sparsely used heap
-/// resident at any moment, which has nothing to do with what the forwards keep.
-fn disable_transparent_huge_pages() {
-    const PR_SET_THP_DISABLE: i32 = 41;
-    extern "C" {
-        fn prctl(option: i32, ...) -> i32;
-    }
-    // SAFETY: PR_SET_THP_DISABLE only sets a flag of this process's memory map.
-    let rc = unsafe { prctl(PR_SET_THP_DISABLE, 1u64, 0u64, 0u64, 0u64) };
-    assert_eq!(rc, 0, "prctl(PR_SET_THP_DISABLE) failed");
-}
-
 /// Anonymous RSS after the warm-up calls and after the window, for the model as built (`fast`
 /// false) or its inference form, at batch 1.
 fn anon_before_after(fast: bool) -> Option<(u64, u64)> {
@@ -90,7 +77,7 @@ fn anon_before_after(fast: bool) -> Option<(u64, u64)> {
 
 #[test]
 fn inference_memory_stays_flat() {
-    disable_transparent_huge_pages();
+    common::disable_transparent_huge_pages();
     tch::set_num_threads(1);
     for fast in [true, false] {
         let Some((before, after)) = anon_before_after(fast) else {

@@ -58,6 +58,7 @@ fn error_of<T: std::fmt::Debug>(result: anyhow::Result<T>) -> String {
 
 #[test]
 fn inflation_bombs_are_refused_before_allocating() {
+    common::disable_transparent_huge_pages();
     // The measure itself: 80 MB written is seen.
     let ((), control) = measured(|| drop(std::hint::black_box(vec![1u8; 80 << 20])));
     assert!(control > 75.0, "the peak measure saw {control:.1} MB of 80");

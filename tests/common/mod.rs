@@ -116,3 +116,17 @@ pub fn reference_dir(sub: &str, marker: &str) -> std::path::PathBuf {
     );
     dir
 }
+
+/// Keeps transparent huge pages away from this process (`prctl(PR_SET_THP_DISABLE)`) for tests
+/// that measure resident memory: with THP set to `always`, a fault or khugepaged can make a whole
+/// 2 MB range of a sparsely used heap resident at any moment, which has nothing to do with what
+/// the code under test holds.
+pub fn disable_transparent_huge_pages() {
+    const PR_SET_THP_DISABLE: i32 = 41;
+    extern "C" {
+        fn prctl(option: i32, ...) -> i32;
+    }
+    // SAFETY: PR_SET_THP_DISABLE only sets a flag of this process's memory map.
+    let rc = unsafe { prctl(PR_SET_THP_DISABLE, 1u64, 0u64, 0u64, 0u64) };
+    assert_eq!(rc, 0, "prctl(PR_SET_THP_DISABLE) failed");
+}
