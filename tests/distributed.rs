@@ -109,6 +109,43 @@ fn a_dead_peer_is_an_error_that_names_its_rank() {
 }
 
 #[test]
+fn a_peer_dead_during_the_backward_is_an_error_that_names_its_rank() {
+    if !gloo_or_skip() {
+        return;
+    }
+    let dir = common::temp_dir("ddp-dead-backward");
+    let data = dir.join("data");
+    write_idx_data(&data, 32);
+    // Group norms keep no buffers, so no broadcast comes before the gradient buckets: the first
+    // collective after rank 1's exit is an allreduce launched from the backward's hooks.
+    std::fs::write(
+        dir.join("model.json"),
+        r#"{"arch": "resnet", "block": "basic", "layers": [1, 1, 1, 1], "channels": [4, 8, 8, 8],
+            "stem_width": 4, "in_channels": 1, "num_classes": 10,
+            "norm": {"group_norm": {"num_groups": 2}}}"#,
+    )
+    .unwrap();
+    let run = dir.join("run");
+    case_trainer(&run, &dir, 1, 4).save_checkpoint().unwrap();
+    let out = spawn_ranks(
+        2,
+        &train_args(run.to_str().unwrap(), data.to_str().unwrap()),
+        &[("RESIDUAL_FAULT_EXIT", "1:2"), ("OMP_NUM_THREADS", "1")],
+    );
+    assert_eq!(out[1].status.code(), Some(17), "{}", text(&out[1].stderr));
+    assert!(!out[0].status.success());
+    let err = text(&out[0].stderr);
+    assert!(
+        err.contains("averaging gradients: allreduce failed on rank 0 of 2")
+            && err.contains("rank 1 has exited"),
+        "{err}"
+    );
+    let line = err.lines().find(|l| l.contains("averaging gradients"));
+    println!("rank 0 after rank 1's exit: {}", line.unwrap_or_default());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn nccl_collectives_and_a_training_run_on_cuda() {
     let gpus = tch::Cuda::device_count();
     if gpus == 0 {
@@ -303,6 +340,15 @@ fn two_ranks_match_pytorch_ddp_on_cifar_resnet20() {
     for (rank, o) in out.iter().enumerate() {
         assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
     }
+    // Its 1.1 MB of gradients fill 2 buckets (DDP's first one holds 1 MB), each allreduced from
+    // the backward's hooks as soon as its gradients are in.
+    let log = text(&out[0].stderr);
+    assert_eq!(
+        log.matches("8 of 8 gradient buckets started during the backward")
+            .count(),
+        2,
+        "{log}"
+    );
     // Rank 0 alone wrote the metrics: one line per epoch.
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 2, "{metrics}");
