@@ -3,12 +3,15 @@
 // with RESIDUAL_WITH_GLOO (gloo's headers found), NCCL only with RESIDUAL_WITH_NCCL (nccl.h and
 // libtorch_cuda found); the collective code itself is libtorch's. Every entry point catches C++
 // exceptions and returns them as a message, so nothing unwinds into Rust. SyncBatchNorm is a
-// custom autograd function here: its forward and backward each run one collective.
+// custom autograd function here: its forward and backward each run one collective. The
+// gradient reducer allreduces buckets from autograd hooks while the backward runs, as DDP's.
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 #ifdef RESIDUAL_WITH_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #endif
@@ -25,8 +28,10 @@
 #include <exception>
 #include <fstream>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -248,6 +253,90 @@ struct SyncBatchNormFunction : public torch::autograd::Function<SyncBatchNormFun
   }
 };
 
+// DDP's Reducer (torch/csrc/distributed/c10d/reducer.cpp), cut to what training here needs:
+// fixed buckets of parameters in DDP's order. Armed for a backward, a post hook on each
+// parameter's gradient accumulator copies the gradient times `scale` into its bucket as soon as
+// it is accumulated, and the buckets whose gradients are all in are allreduced asynchronously,
+// in bucket order (as DDP launches them), while the backward goes on. `finish` waits for them
+// and copies the averages back; a bucket not launched by then (a backward not armed, or a
+// gradient that did not come) is reduced there, from the gradients as they are.
+struct Bucket {
+  std::vector<std::size_t> params;  // indices into Reducer::params
+  std::vector<int64_t> offsets;     // of each parameter's gradient in `flat`
+  at::Tensor flat;
+  std::size_t pending = 0;  // gradients still to come in this backward
+  c10::intrusive_ptr<c10d::Work> work;
+};
+
+struct Reducer {
+  Group* group;
+  std::vector<at::Tensor> params;
+  std::vector<std::pair<std::size_t, std::size_t>> slot;  // (bucket, position) of each parameter
+  std::vector<Bucket> buckets;
+  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;
+  std::vector<uintptr_t> hooks;
+  double scale;
+  std::mutex mu;
+  bool armed = false;
+  std::size_t next = 0;  // the first bucket not launched in this backward
+  std::vector<bool> seen;
+  std::string error;     // from a hook: thrown into the autograd engine, it would abort the step
+  double hook_seconds = 0;
+};
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+c10::intrusive_ptr<c10d::Work> launch_sum(Group* g, at::Tensor& t) {
+  std::vector<at::Tensor> ts{t};
+  c10d::AllreduceOptions o;
+  o.reduceOp = c10d::ReduceOp::SUM;
+  o.timeout = g->timeout;
+  return g->backend->allreduce(ts, o);
+}
+
+// The autograd hook of parameter `i`: its gradient is complete.
+void gradient_ready(Reducer* r, std::size_t i);
+
+// A post hook on a parameter's gradient accumulator (DDP's autograd_hook).
+struct GradientReadyHook : public torch::autograd::FunctionPostHook {
+  GradientReadyHook(Reducer* r, std::size_t i) : reducer(r), index(i) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
+                                            const torch::autograd::variable_list&) override {
+    gradient_ready(reducer, index);
+    return outputs;
+  }
+  Reducer* reducer;
+  std::size_t index;
+};
+
+void gradient_ready(Reducer* r, std::size_t i) {
+  std::lock_guard<std::mutex> lock(r->mu);
+  if (!r->armed || r->seen[i] || !r->error.empty()) return;
+  auto t0 = std::chrono::steady_clock::now();
+  try {
+    at::NoGradGuard no_grad;
+    const at::Tensor& grad = r->params[i].grad();
+    if (grad.defined()) {
+      r->seen[i] = true;
+      auto [b, pos] = r->slot[i];
+      Bucket& bucket = r->buckets[b];
+      // DDP divides by the world size while copying into the bucket.
+      bucket.flat.narrow(0, bucket.offsets[pos], grad.numel())
+          .copy_(at::mul(grad.reshape({-1}), r->scale));
+      --bucket.pending;
+      while (r->next < r->buckets.size() && r->buckets[r->next].pending == 0) {
+        Bucket& ready = r->buckets[r->next++];
+        ready.work = launch_sum(r->group, ready.flat);
+      }
+    }
+  } catch (const std::exception& e) {
+    r->error = e.what();
+  }
+  r->hook_seconds += seconds_since(t0);
+}
+
 }  // namespace
 
 extern "C" {
@@ -427,6 +516,128 @@ int residual_pg_barrier(void* pg, char* err, int errlen) {
     o.timeout = g->timeout;
     wait(g, g->backend->barrier(o));
   });
+}
+
+// A gradient reducer over `n` parameters (at::Tensor*, in DDP's bucket order) in `n_buckets`
+// buckets: bucket k holds parameters bucket_ends[k - 1] .. bucket_ends[k] (of one dtype and
+// device), whose gradients are multiplied by `scale` and summed over the group. Hooks the
+// parameters' gradient accumulators; returns null and writes `err` on failure.
+void* residual_reducer_new(void* pg, void** params, int n, const int64_t* bucket_ends,
+                           int n_buckets, double scale, char* err, int errlen) {
+  auto g = static_cast<Group*>(pg);
+  void* out = nullptr;
+  guarded(g, "the gradient reducer", err, errlen, [&] {
+    auto r = std::make_unique<Reducer>();
+    r->group = g;
+    r->scale = scale;
+    for (int i = 0; i < n; ++i) r->params.push_back(*static_cast<at::Tensor*>(params[i]));
+    r->slot.resize(n);
+    r->seen.assign(n, false);
+    int64_t start = 0;
+    for (int k = 0; k < n_buckets; ++k) {
+      Bucket b;
+      int64_t numel = 0;
+      for (int64_t i = start; i < bucket_ends[k]; ++i) {
+        r->slot[i] = {static_cast<std::size_t>(k), b.params.size()};
+        b.params.push_back(static_cast<std::size_t>(i));
+        b.offsets.push_back(numel);
+        numel += r->params[i].numel();
+      }
+      if (b.params.empty()) throw std::runtime_error("an empty gradient bucket");
+      b.flat = at::empty({numel}, r->params[start].options().requires_grad(false));
+      r->buckets.push_back(std::move(b));
+      start = bucket_ends[k];
+    }
+    if (start != n) throw std::runtime_error("the buckets do not cover the parameters");
+    Reducer* raw = r.get();
+    for (int i = 0; i < n; ++i) {
+      auto acc = torch::autograd::impl::grad_accumulator(r->params[i]);
+      if (!acc) throw std::runtime_error("parameter " + std::to_string(i) + " is not a leaf "
+                                         "that requires grad");
+      auto index = static_cast<std::size_t>(i);
+      r->hooks.push_back(acc->add_post_hook(std::make_unique<GradientReadyHook>(raw, index)));
+      // The variable holds its accumulator weakly: kept here, the hook stays with it.
+      r->accumulators.push_back(std::move(acc));
+    }
+    out = r.release();
+  });
+  return out;
+}
+
+// Prepares for a backward whose gradients are the step's: the hooks reduce them as they come.
+void residual_reducer_arm(void* reducer) {
+  auto r = static_cast<Reducer*>(reducer);
+  std::lock_guard<std::mutex> lock(r->mu);
+  for (auto& b : r->buckets) {
+    b.pending = b.params.size();
+    // A work never waited for (a failed step) may still write its buffer.
+    if (b.work) b.flat = at::empty_like(b.flat);
+    b.work.reset();
+  }
+  std::fill(r->seen.begin(), r->seen.end(), false);
+  r->next = 0;
+  r->error.clear();
+  r->armed = true;
+}
+
+// Waits for the buckets launched during the backward, reduces the others, and writes the
+// averaged gradients back; `hook_seconds` gets the time spent in the hooks since the last call,
+// `launched` the number of buckets the backward launched, `buckets` the number of buckets.
+int residual_reducer_finish(void* reducer, double* hook_seconds, int* launched, int* buckets,
+                            char* err, int errlen) {
+  auto r = static_cast<Reducer*>(reducer);
+  std::lock_guard<std::mutex> lock(r->mu);
+  r->armed = false;
+  *hook_seconds = r->hook_seconds;
+  r->hook_seconds = 0;
+  *launched = static_cast<int>(r->next);
+  *buckets = static_cast<int>(r->buckets.size());
+  return guarded(r->group, "allreduce", err, errlen, [&] {
+    if (!r->error.empty()) {
+      throw std::runtime_error("launching a gradient bucket during the backward: " + r->error);
+    }
+    at::NoGradGuard no_grad;
+    for (auto& b : r->buckets) {
+      std::vector<at::Tensor> grads;
+      for (auto i : b.params) grads.push_back(r->params[i].grad());
+      if (b.work) {
+        auto work = std::move(b.work);
+        b.work.reset();
+        wait(r->group, work);
+        for (std::size_t p = 0; p < grads.size(); ++p) {
+          grads[p].copy_(b.flat.narrow(0, b.offsets[p], grads[p].numel()).view_as(grads[p]));
+        }
+        continue;
+      }
+      // Not launched: the defined gradients as they are, as DDP's reducer after no_sync.
+      std::vector<at::Tensor> parts;
+      for (auto& grad : grads) {
+        if (grad.defined()) parts.push_back(at::mul(grad.reshape({-1}), r->scale));
+      }
+      if (parts.empty()) continue;
+      auto flat = at::cat(parts, 0);
+      wait(r->group, launch_sum(r->group, flat));
+      int64_t offset = 0;
+      for (auto& grad : grads) {
+        if (!grad.defined()) continue;
+        grad.copy_(flat.narrow(0, offset, grad.numel()).view_as(grad));
+        offset += grad.numel();
+      }
+    }
+  });
+}
+
+// Unhooks the parameters and frees the reducer (before its process group).
+void residual_reducer_free(void* reducer) {
+  auto r = static_cast<Reducer*>(reducer);
+  if (r == nullptr) return;
+  try {
+    for (std::size_t i = 0; i < r->accumulators.size(); ++i) {
+      r->accumulators[i]->del_post_hook(r->hooks[i]);
+    }
+    delete r;
+  } catch (...) {
+  }
 }
 
 }  // extern "C"

@@ -4,8 +4,10 @@ Writes OUT/ddp/: a tiny IDX data set (`data/`), the model config (`model.json`),
 options (`train.json`), the initial weights (`init.safetensors`), and what 2 Gloo processes of
 `torch.nn.parallel.DistributedDataParallel` (launched by torchrun on 127.0.0.1) end with after
 `epochs` epochs of SGD: rank 0's state_dict (`final.safetensors`) and each step's loss per rank
-(`losses.json`). The model is a CIFAR ResNet (depth 8); OUT/ddp/resnet18/ holds the same files
-(the data aside) for resnet18's layout at widths (4, 8, 16, 32), one epoch in batches of 9.
+(`losses.json`). The model is a CIFAR ResNet (depth 8); OUT/ddp/cifar_resnet20/ holds the same files
+(the data aside) for cifar_resnet20 (depth 20), whose initial weights are not stored but drawn
+by `seeded_init`, and OUT/ddp/resnet18/ for resnet18's layout at widths (4, 8, 16, 32), one epoch
+in batches of 9.
 OUT/ddp/image_folder/ trains a depth-8 CIFAR ResNet for 3 classes on a folder of 8x8 PNGs
 (`data/train/cK/*.png`, `data/val/`) read by torchvision's `ImageFolder` (`ToTensor`,
 `Normalize` with ImageNet's statistics) through `DistributedSampler(shuffle=False)` over the
@@ -46,6 +48,8 @@ TRAIN = {"epochs": 2, "batch_size": 8, "lr": 0.05, "momentum": 0.9, "weight_deca
 # noise times 1/std in floats (it differed by 2e-2 between two correct runs).
 CASES = {
     "cifar_resnet8": ({"arch": "cifar_resnet", "depth": 8, "in_channels": 1}, "", 2, 8),
+    "cifar_resnet20": ({"arch": "cifar_resnet", "depth": 20, "in_channels": 1}, "cifar_resnet20",
+                       2, 8),
     # resnet18's blocks and layers; torchvision's constructor fixes the widths, so given in full.
     "resnet18": ({"arch": "resnet", "block": "basic", "layers": [2, 2, 2, 2],
                   "channels": [4, 8, 16, 32], "stem_width": 4, "in_channels": 1,
@@ -54,6 +58,9 @@ CASES = {
     "image_folder": ({"arch": "cifar_resnet", "depth": 8, "in_channels": 3, "num_classes": 3},
                      "image_folder", 2, 4),
 }
+# Cases whose initial weights come from `seeded_init` (the test draws them too) instead of an
+# init.safetensors: cifar_resnet20's 1.1 MB of float32 weights would be stored twice otherwise.
+SEEDED_INIT = {"cifar_resnet20"}
 FOLDER_COUNTS = [6, 5, 5]
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 WORLD = 2
@@ -92,6 +99,25 @@ def shard(order, rank: int, world: int):
     total = math.ceil(len(order) / world) * world
     padded = (order * math.ceil(total / len(order)))[:total]
     return padded[rank:total:world]
+
+
+def seeded_init(model, seed: int) -> dict:
+    """Initial weights that tests/distributed.rs draws too: the k-th entry with 2 or more
+    dimensions (convolutions, `fc.weight`) in sorted key order uniform in ±sqrt(6 / fan_in) from
+    SplitMix64(seed, k), biases 0, batch norms at their defaults. Computed in float64 and rounded
+    to float32 once, so that both languages get the same bits."""
+    state = model.state_dict()
+    drawn = [k for k in sorted(state) if state[k].dim() >= 2]
+    for stream, key in enumerate(drawn):
+        t = state[key]
+        bound = math.sqrt(6.0 / (t.numel() // t.shape[0]))
+        rng = SplitMix(seed, stream)
+        values = [(2.0 * ((rng.next() >> 11) * 2.0 ** -53) - 1.0) * bound for _ in range(t.numel())]
+        state[key] = torch.tensor(values, dtype=torch.float64).float().reshape(t.shape)
+    for key in state:
+        if key.endswith(".bias"):
+            state[key] = torch.zeros_like(state[key])
+    return state
 
 
 class NarrowResNet(ResNet):
@@ -187,8 +213,9 @@ def prepare(out: str, case: str) -> str:
     os.makedirs(folder, exist_ok=True)
     torch.manual_seed(TRAIN["seed"])
     model = build(config)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              os.path.join(folder, "init.safetensors"))
+    if case not in SEEDED_INIT:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  os.path.join(folder, "init.safetensors"))
     with open(os.path.join(folder, "model.json"), "w") as f:
         json.dump(config, f)
     with open(os.path.join(folder, "train.json"), "w") as f:
@@ -204,7 +231,9 @@ def worker(out: str, case: str) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build(config)
-    model.load_state_dict(load_file(os.path.join(folder, "init.safetensors")))
+    init = seeded_init(model, TRAIN["seed"]) if case in SEEDED_INIT \
+        else load_file(os.path.join(folder, "init.safetensors"))
+    model.load_state_dict(init)
     model.train()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=TRAIN["lr"], momentum=TRAIN["momentum"],

@@ -5,8 +5,9 @@
 //! naming the rank that failed and, when it can tell, the peer that exited.
 //!
 //! [`Ddp`] adds what `torch.nn.parallel.DistributedDataParallel` does around a training step:
-//! parameters and buffers broadcast from rank 0, gradients averaged in buckets, and buffers
-//! broadcast before each forward (`broadcast_buffers=True`). With [`Ddp::enable_sync_batch_norm`]
+//! parameters and buffers broadcast from rank 0, gradients averaged in buckets that are
+//! allreduced from autograd hooks while the backward runs, and buffers broadcast before each
+//! forward (`broadcast_buffers=True`). With [`Ddp::enable_sync_batch_norm`]
 //! the model's batch norms in training mode become `torch.nn.SyncBatchNorm`: statistics of the
 //! global batch, with a backward that reduces over the ranks too.
 
@@ -77,10 +78,34 @@ extern "C" {
         err: *mut c_char,
         errlen: c_int,
     ) -> c_int;
+    fn residual_reducer_new(
+        pg: *mut c_void,
+        params: *const *mut c_void,
+        n: c_int,
+        bucket_ends: *const i64,
+        n_buckets: c_int,
+        scale: f64,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> *mut c_void;
+    fn residual_reducer_arm(reducer: *mut c_void);
+    fn residual_reducer_finish(
+        reducer: *mut c_void,
+        hook_seconds: *mut f64,
+        launched: *mut c_int,
+        buckets: *mut c_int,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> c_int;
+    fn residual_reducer_free(reducer: *mut c_void);
 }
 
 /// DDP's default gradient bucket size (`bucket_cap_mb=25`).
 pub const BUCKET_BYTES: i64 = 25 * 1024 * 1024;
+
+/// DDP's cap on the first gradient bucket (`dist._DEFAULT_FIRST_BUCKET_BYTES`): a small first
+/// bucket starts communicating early in the backward.
+pub const FIRST_BUCKET_BYTES: i64 = 1024 * 1024;
 
 /// The collective backends compiled into this build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -505,6 +530,16 @@ pub fn sync_batch_norm(
 /// Consecutive runs of `tensors` of one dtype and device holding at most `cap_bytes` each (a
 /// tensor larger than the cap gets a bucket of its own).
 pub fn buckets(tensors: &[Tensor], cap_bytes: i64) -> Vec<std::ops::Range<usize>> {
+    buckets_after_first(tensors, cap_bytes, cap_bytes)
+}
+
+/// As [`buckets`], with the first bucket capped at `first_cap_bytes` (DDP's gradient buckets:
+/// [`FIRST_BUCKET_BYTES`], then [`BUCKET_BYTES`]).
+pub fn buckets_after_first(
+    tensors: &[Tensor],
+    first_cap_bytes: i64,
+    cap_bytes: i64,
+) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut bytes = 0;
@@ -512,7 +547,12 @@ pub fn buckets(tensors: &[Tensor], cap_bytes: i64) -> Vec<std::ops::Range<usize>
         let size = t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
         let same = i == start
             || (t.kind() == tensors[start].kind() && t.device() == tensors[start].device());
-        if i > start && (!same || bytes + size > cap_bytes) {
+        let cap = if out.is_empty() {
+            first_cap_bytes
+        } else {
+            cap_bytes
+        };
+        if i > start && (!same || bytes + size > cap) {
             out.push(start..i);
             start = i;
             bytes = 0;
@@ -525,25 +565,28 @@ pub fn buckets(tensors: &[Tensor], cap_bytes: i64) -> Vec<std::ops::Range<usize>
     out
 }
 
+/// The gradient reducer of `csrc/distributed.cpp` (DDP's `Reducer`): hooks on the parameters'
+/// gradient accumulators that allreduce each bucket as soon as its gradients are in.
+struct Reducer(*mut c_void);
+
+impl Drop for Reducer {
+    fn drop(&mut self) {
+        // SAFETY: made by `residual_reducer_new`, freed once, before its process group.
+        unsafe { residual_reducer_free(self.0) }
+    }
+}
+
 /// Runs `op` on each bucket of `tensors` flattened into one contiguous tensor, then copies the
-/// result back into the tensors (DDP's `_broadcast_coalesced` and bucketed allreduce).
+/// result back into the tensors (DDP's `_broadcast_coalesced`).
 fn coalesced(
     tensors: &[Tensor],
     cap_bytes: i64,
-    scale: Option<f64>,
     mut op: impl FnMut(&Tensor) -> Result<()>,
 ) -> Result<()> {
     for range in buckets(tensors, cap_bytes) {
         let group = &tensors[range];
         let flat = tch::no_grad(|| {
-            let parts: Vec<Tensor> = group
-                .iter()
-                .map(|t| match scale {
-                    // DDP multiplies each gradient by 1/world_size while copying it into the bucket.
-                    Some(s) => t.reshape([-1]) * s,
-                    None => t.reshape([-1]),
-                })
-                .collect();
+            let parts: Vec<Tensor> = group.iter().map(|t| t.reshape([-1])).collect();
             Tensor::cat(&parts, 0)
         });
         op(&flat)?;
@@ -564,28 +607,69 @@ fn coalesced(
 /// gradient order (the reverse of registration order, here the reverse of name order) and the
 /// buffers (BatchNorm statistics) that rank 0 broadcasts.
 pub struct Ddp {
+    /// Declared first: dropped before the group it reduces over.
+    reducer: Reducer,
     pub group: Rc<ProcessGroup>,
     params: Vec<Tensor>,
     buffers: Vec<Tensor>,
     pub bucket_bytes: i64,
-    /// Seconds spent in gradient and buffer communication since the last [`Ddp::take_comm_seconds`].
-    comm_seconds: f64,
+    /// What communication cost since the last [`Ddp::take_comm`].
+    comm: CommStats,
+}
+
+/// Communication of one rank over some steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CommStats {
+    /// Seconds spent on gradient and buffer communication that the backward did not hide:
+    /// buffer broadcasts, the hooks' copies into buckets and launches, and the wait for the
+    /// gradient buckets after the backward.
+    pub seconds: f64,
+    /// Gradient buckets reduced.
+    pub buckets: u64,
+    /// Of those, the buckets launched during the backward (the rest waited for its end).
+    pub overlapped: u64,
 }
 
 impl Ddp {
-    /// Wraps the variables of `vs`: trainable ones are parameters, the rest buffers.
-    pub fn new(group: ProcessGroup, vs: &tch::nn::VarStore) -> Self {
+    /// Wraps the variables of `vs`: trainable ones are parameters, the rest buffers; hooks the
+    /// parameters' gradients into buckets of [`FIRST_BUCKET_BYTES`], then [`BUCKET_BYTES`].
+    pub fn new(group: ProcessGroup, vs: &tch::nn::VarStore) -> Result<Self> {
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let (params, buffers): (Vec<_>, Vec<_>) =
             vars.into_iter().partition(|(_, t)| t.requires_grad());
-        Self {
+        let params: Vec<Tensor> = params.into_iter().rev().map(|(_, t)| t).collect();
+        let ends: Vec<i64> = buckets_after_first(&params, FIRST_BUCKET_BYTES, BUCKET_BYTES)
+            .into_iter()
+            .map(|r| r.end as i64)
+            .collect();
+        let ptrs: Vec<*mut c_void> = params.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+        let mut err = vec![0 as c_char; ERR_LEN];
+        // SAFETY: `ptrs` are tch's `at::Tensor*`, alive for the call (the C side keeps copies);
+        // `ends` has one entry per bucket; the C side catches all.
+        let reducer = unsafe {
+            residual_reducer_new(
+                group.ptr,
+                ptrs.as_ptr(),
+                ptrs.len() as c_int,
+                ends.as_ptr(),
+                ends.len() as c_int,
+                1.0 / group.world_size as f64,
+                err.as_mut_ptr(),
+                ERR_LEN as c_int,
+            )
+        };
+        if reducer.is_null() {
+            bail!("{}", message(&err));
+        }
+        Ok(Self {
+            reducer: Reducer(reducer),
             group: Rc::new(group),
-            params: params.into_iter().rev().map(|(_, t)| t).collect(),
+            params,
             buffers: buffers.into_iter().map(|(_, t)| t).collect(),
             bucket_bytes: BUCKET_BYTES,
-            comm_seconds: 0.0,
-        }
+            comm: CommStats::default(),
+        })
     }
 
     pub fn rank(&self) -> usize {
@@ -619,10 +703,8 @@ impl Ddp {
             .chain(&self.buffers)
             .map(Tensor::shallow_clone)
             .collect();
-        coalesced(&all, 250 * 1024 * 1024, None, |t| {
-            self.group.broadcast(t, 0)
-        })
-        .context("broadcasting the model from rank 0")
+        coalesced(&all, 250 * 1024 * 1024, |t| self.group.broadcast(t, 0))
+            .context("broadcasting the model from rank 0")
     }
 
     /// Broadcasts the buffers from rank 0 (`broadcast_buffers=True`, before each forward).
@@ -631,29 +713,47 @@ impl Ddp {
             return Ok(());
         }
         let start = std::time::Instant::now();
-        coalesced(&self.buffers, self.bucket_bytes, None, |t| {
+        coalesced(&self.buffers, self.bucket_bytes, |t| {
             self.group.broadcast(t, 0)
         })
         .context("broadcasting buffers from rank 0")?;
-        self.comm_seconds += start.elapsed().as_secs_f64();
+        self.comm.seconds += start.elapsed().as_secs_f64();
         Ok(())
     }
 
-    /// Averages the gradients over all ranks, bucket by bucket, in place.
+    /// Makes the next backward the step's last (DDP's `prepare_for_backward`; the backwards of
+    /// earlier micro-batches run as under `no_sync`): each gradient bucket is allreduced
+    /// asynchronously as soon as all its gradients are accumulated, while the backward goes on.
+    pub fn prepare_for_backward(&mut self) {
+        // SAFETY: a live reducer; no backward is running on another thread.
+        unsafe { residual_reducer_arm(self.reducer.0) }
+    }
+
+    /// Averages the gradients over all ranks, in place: waits for the buckets launched during
+    /// the backward and reduces the others (all of them when [`Ddp::prepare_for_backward`] was
+    /// not called).
     pub fn all_reduce_grads(&mut self) -> Result<()> {
         let start = std::time::Instant::now();
-        let grads: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(Tensor::grad)
-            .filter(Tensor::defined)
-            .collect();
-        let scale = 1.0 / self.group.world_size as f64;
-        coalesced(&grads, self.bucket_bytes, Some(scale), |t| {
-            self.group.all_reduce_sum(t)
-        })
-        .context("averaging gradients")?;
-        self.comm_seconds += start.elapsed().as_secs_f64();
+        let mut hook_seconds = 0.0;
+        let (mut launched, mut buckets): (c_int, c_int) = (0, 0);
+        let mut err = vec![0 as c_char; ERR_LEN];
+        // SAFETY: a live reducer, out-parameters and the error buffer with its length.
+        let rc = unsafe {
+            residual_reducer_finish(
+                self.reducer.0,
+                &mut hook_seconds,
+                &mut launched,
+                &mut buckets,
+                err.as_mut_ptr(),
+                ERR_LEN as c_int,
+            )
+        };
+        if rc != 0 {
+            bail!("averaging gradients: {}", message(&err));
+        }
+        self.comm.seconds += start.elapsed().as_secs_f64() + hook_seconds;
+        self.comm.buckets += buckets as u64;
+        self.comm.overlapped += launched as u64;
         Ok(())
     }
 
@@ -668,9 +768,9 @@ impl Ddp {
         Ok(Vec::<f64>::try_from(t.to_device(Device::Cpu))?)
     }
 
-    /// The communication time accumulated since the last call, in seconds.
-    pub fn take_comm_seconds(&mut self) -> f64 {
-        std::mem::take(&mut self.comm_seconds)
+    /// The communication accumulated since the last call.
+    pub fn take_comm(&mut self) -> CommStats {
+        std::mem::take(&mut self.comm)
     }
 }
 
@@ -884,5 +984,10 @@ mod tests {
         let ts = [f(4), f(6), f(1), f(20), d(2), d(2)];
         assert_eq!(buckets(&ts, 40), vec![0..2, 2..3, 3..4, 4..6]);
         assert!(buckets(&[], 40).is_empty());
+        // DDP's gradient buckets: a smaller first one (here 20 bytes: 5 floats).
+        assert_eq!(
+            buckets_after_first(&ts, 20, 40),
+            vec![0..1, 1..3, 3..4, 4..6]
+        );
     }
 }

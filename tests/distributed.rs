@@ -109,6 +109,43 @@ fn a_dead_peer_is_an_error_that_names_its_rank() {
 }
 
 #[test]
+fn a_peer_dead_during_the_backward_is_an_error_that_names_its_rank() {
+    if !gloo_or_skip() {
+        return;
+    }
+    let dir = common::temp_dir("ddp-dead-backward");
+    let data = dir.join("data");
+    write_idx_data(&data, 32);
+    // Group norms keep no buffers, so no broadcast comes before the gradient buckets: the first
+    // collective after rank 1's exit is an allreduce launched from the backward's hooks.
+    std::fs::write(
+        dir.join("model.json"),
+        r#"{"arch": "resnet", "block": "basic", "layers": [1, 1, 1, 1], "channels": [4, 8, 8, 8],
+            "stem_width": 4, "in_channels": 1, "num_classes": 10,
+            "norm": {"group_norm": {"num_groups": 2}}}"#,
+    )
+    .unwrap();
+    let run = dir.join("run");
+    case_trainer(&run, &dir, 1, 4).save_checkpoint().unwrap();
+    let out = spawn_ranks(
+        2,
+        &train_args(run.to_str().unwrap(), data.to_str().unwrap()),
+        &[("RESIDUAL_FAULT_EXIT", "1:2"), ("OMP_NUM_THREADS", "1")],
+    );
+    assert_eq!(out[1].status.code(), Some(17), "{}", text(&out[1].stderr));
+    assert!(!out[0].status.success());
+    let err = text(&out[0].stderr);
+    assert!(
+        err.contains("averaging gradients: allreduce failed on rank 0 of 2")
+            && err.contains("rank 1 has exited"),
+        "{err}"
+    );
+    let line = err.lines().find(|l| l.contains("averaging gradients"));
+    println!("rank 0 after rank 1's exit: {}", line.unwrap_or_default());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn nccl_collectives_and_a_training_run_on_cuda() {
     let gpus = tch::Cuda::device_count();
     if gpus == 0 {
@@ -191,6 +228,25 @@ fn run_from_reference(run: &std::path::Path, epochs: u64) {
 
 /// As [`run_from_reference`], for the reference case in folder `reference`.
 fn run_from_case(run: &std::path::Path, reference: &std::path::Path, epochs: u64, batch_size: i64) {
+    let trainer = case_trainer(run, reference, epochs, batch_size);
+    let init = residual::checkpoint::StateDict::read(
+        &reference.join("init.safetensors"),
+        &Default::default(),
+    )
+    .unwrap();
+    let report = residual::checkpoint::load_state_dict(&trainer.vs, &init, true).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    trainer.save_checkpoint().unwrap();
+}
+
+/// A new run in `run` for the model of `reference/model.json`, with `python_ref/ddp_ref.py`'s
+/// training options.
+fn case_trainer(
+    run: &std::path::Path,
+    reference: &std::path::Path,
+    epochs: u64,
+    batch_size: i64,
+) -> residual::train::Trainer {
     use residual::train::{Schedule, TrainOptions, Trainer};
     let config = residual::ModelConfig::from_file(&reference.join("model.json")).unwrap();
     let options = TrainOptions {
@@ -205,15 +261,33 @@ fn run_from_case(run: &std::path::Path, reference: &std::path::Path, epochs: u64
         augment: None,
         ..Default::default()
     };
-    let trainer = Trainer::create(run, config, options, tch::Device::Cpu).unwrap();
-    let init = residual::checkpoint::StateDict::read(
-        &reference.join("init.safetensors"),
-        &Default::default(),
-    )
-    .unwrap();
-    let report = residual::checkpoint::load_state_dict(&trainer.vs, &init, true).unwrap();
-    assert!(report.is_clean(), "{report:?}");
-    trainer.save_checkpoint().unwrap();
+    Trainer::create(run, config, options, tch::Device::Cpu).unwrap()
+}
+
+/// `python_ref/ddp_ref.py`'s `seeded_init` (initial weights not stored with the reference): the
+/// k-th entry with 2 or more dimensions in sorted key order uniform in ±sqrt(6 / fan_in) from
+/// SplitMix64(seed, k), computed in f64 and rounded to f32 once; biases 0; batch norms as built.
+fn seeded_init(vs: &tch::nn::VarStore, seed: u64) {
+    let mut state = residual::checkpoint::StateDict::from_var_store(vs);
+    let _no_grad = tch::no_grad_guard();
+    let mut stream = 0;
+    for (key, t) in state.entries.iter_mut() {
+        if t.dim() >= 2 {
+            let n = t.numel();
+            let bound = (6.0 / (n / t.size()[0] as usize) as f64).sqrt();
+            let mut rng = residual::data::SplitMix::new(seed, stream);
+            let values: Vec<f32> = (0..n)
+                .map(|_| {
+                    let u = (rng.next_u64() >> 11) as f64 * 2f64.powi(-53);
+                    ((2.0 * u - 1.0) * bound) as f32
+                })
+                .collect();
+            t.copy_(&tch::Tensor::from_slice(&values).view(t.size().as_slice()));
+            stream += 1;
+        } else if key.ends_with(".bias") {
+            let _ = t.zero_();
+        }
+    }
 }
 
 fn final_weights(run: &std::path::Path) -> residual::checkpoint::StateDict {
@@ -243,26 +317,37 @@ fn train_args<'a>(run: &'a str, data: &'a str) -> Vec<&'a str> {
 }
 
 #[test]
-fn two_ranks_under_torchrun_match_pytorch_ddp() {
+fn two_ranks_match_pytorch_ddp_on_cifar_resnet20() {
     if !gloo_or_skip() {
         return;
     }
-    let reference = ddp_reference();
+    let reference = common::reference_dir("ddp/cifar_resnet20", "final.safetensors");
     let dir = common::temp_dir("ddp-parity");
     let run = dir.join("run");
-    run_from_reference(&run, 2);
-    let data = reference.join("data");
-    let out = torchrun(
+    let trainer = case_trainer(&run, &reference, 2, 8);
+    seeded_init(&trainer.vs, 3);
+    trainer.save_checkpoint().unwrap();
+    let init = residual::checkpoint::StateDict::from_var_store(&trainer.vs);
+    drop(trainer);
+    let data = ddp_reference().join("data");
+    // The ranks as torchrun starts them (one intra-op thread each), without its 2-3 s of
+    // start-up: the restart test below runs under torchrun itself.
+    let out = spawn_ranks(
         2,
-        &[],
         &train_args(run.to_str().unwrap(), data.to_str().unwrap()),
-        &[],
+        &[("OMP_NUM_THREADS", "1")],
     );
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
+    for (rank, o) in out.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
+    }
+    // Its 1.1 MB of gradients fill 2 buckets (DDP's first one holds 1 MB), each allreduced from
+    // the backward's hooks as soon as its gradients are in.
+    let log = text(&out[0].stderr);
+    assert_eq!(
+        log.matches("8 of 8 gradient buckets started during the backward")
+            .count(),
+        2,
+        "{log}"
     );
     // Rank 0 alone wrote the metrics: one line per epoch.
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
@@ -272,10 +357,22 @@ fn two_ranks_under_torchrun_match_pytorch_ddp() {
         &Default::default(),
     )
     .unwrap();
-    let diff = max_abs_diff(&final_weights(&run), &pytorch);
-    println!("max |Δ| between Rust DDP and PyTorch DDP after 8 steps: {diff:e}");
-    // Same kernels, same order of the two-term sums: equal up to a last-bit slip at most.
+    let rust = final_weights(&run);
+    let diff = max_abs_diff(&rust, &pytorch);
+    let buffers = rust
+        .entries
+        .iter()
+        .filter(|(k, _)| k.ends_with("running_mean") || k.ends_with("running_var"))
+        .map(|(k, v)| (v - pytorch.get(k).unwrap()).abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    println!(
+        "cifar_resnet20: max |Δ| between Rust DDP and PyTorch DDP after 8 steps: {diff:e} (BatchNorm running statistics {buffers:e})"
+    );
+    // One intra-op thread per rank on both sides (torchrun's OMP_NUM_THREADS=1): the same
+    // kernels summing in the same order, so the same bits (0 here), up to a last-bit slip.
     assert!(diff <= 1e-6, "max |Δ| {diff}");
+    let moved = max_abs_diff(&init, &pytorch);
+    assert!(moved > 1e-3, "the weights barely moved: {moved}");
 
     // Each epoch's training loss is the mean over both ranks' (padded) shards, as PyTorch's.
     let losses: Vec<Vec<f64>> =
@@ -356,13 +453,16 @@ fn a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_ends_as_an_uninterrupted
         log.contains("RESIDUAL_FAULT_EXIT: exiting after step 6"),
         "{log}"
     );
-    // The uninterrupted run is the PyTorch reference (the parity test shows them equal).
+    // The uninterrupted run is PyTorch DDP's (the depth-8 reference run).
     let pytorch = residual::checkpoint::StateDict::read(
         &reference.join("final.safetensors"),
         &Default::default(),
     )
     .unwrap();
     let diff = max_abs_diff(&final_weights(&run), &pytorch);
+    println!(
+        "CIFAR ResNet-8 restarted under torchrun: max |Δ| from PyTorch DDP after 8 steps: {diff:e}"
+    );
     assert!(diff <= 1e-6, "max |Δ| {diff}");
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 2, "{metrics}");

@@ -195,7 +195,7 @@ impl Trainer {
         };
         trainer.quiet |= group.rank != 0;
         trainer.fault_exit = crate::distributed::injected_exit(env);
-        let ddp = Ddp::new(group, &trainer.vs);
+        let ddp = Ddp::new(group, &trainer.vs)?;
         ddp.sync_module_states()?;
         let first = trainer.state.global_step == 0 && ddp.rank() == 0;
         trainer.ddp = Some(ddp);
@@ -343,7 +343,7 @@ impl Trainer {
             lr = self
                 .options
                 .lr_at(epoch as f64 + group as f64 / updates.max(1) as f64);
-            let (loss, wrong) = self.train_micro_batch(&x, &y, accumulated == 0, group_size)?;
+            let (loss, wrong) = self.train_micro_batch(&x, &y, accumulated, group_size)?;
             accumulated += 1;
             if accumulated >= group_size {
                 self.optimizer_step(lr)?;
@@ -475,14 +475,17 @@ impl Trainer {
             self.log_epoch(metrics);
         }
         if let Some(ddp) = &mut self.ddp {
-            let comm = ddp.take_comm_seconds();
+            let comm = ddp.take_comm();
             if ddp.rank() == 0 {
                 eprintln!(
-                    "{}: rank 0 of {}: gradient and buffer communication {comm:.2}s of the epoch's {:.1}s ({:.0}%)",
+                    "{}: rank 0 of {}: gradient and buffer communication not hidden by the backward {:.2}s of the epoch's {:.1}s ({:.0}%); {} of {} gradient buckets started during the backward",
                     self.run.path.display(),
                     ddp.world_size(),
+                    comm.seconds,
                     metrics.seconds,
-                    100.0 * comm / metrics.seconds.max(1e-9)
+                    100.0 * comm.seconds / metrics.seconds.max(1e-9),
+                    comm.overlapped,
+                    comm.buckets
                 );
             }
         }
@@ -497,14 +500,15 @@ impl Trainer {
     }
 
     /// The forward and backward of one micro-batch, the gradients added to those of the
-    /// group's earlier ones (`first`: zeroed before) with the loss divided by `group_size`;
-    /// returns the summed loss and the wrong predictions as tensors on the device, without
-    /// waiting for them.
+    /// group's `done` earlier ones (zeroed before the first) with the loss divided by
+    /// `group_size`; returns the summed loss and the wrong predictions as tensors on the device,
+    /// without waiting for them. Data-parallel, the group's last backward allreduces the
+    /// gradient buckets as they fill.
     fn train_micro_batch(
         &mut self,
         x: &Tensor,
         y: &Tensor,
-        first: bool,
+        done: i64,
         group_size: i64,
     ) -> Result<(Tensor, Tensor)> {
         if let Some(ddp) = &mut self.ddp {
@@ -512,8 +516,11 @@ impl Trainer {
         }
         let logits = self.forward(x, true)?;
         let loss = logits_loss(&logits, y, self.options.label_smoothing);
-        if first {
+        if done == 0 {
             self.sgd.zero_grad();
+        }
+        if let (Some(ddp), true) = (&mut self.ddp, done + 1 >= group_size) {
+            ddp.prepare_for_backward();
         }
         let share = if group_size > 1 {
             &loss / group_size as f64
@@ -580,7 +587,8 @@ impl Trainer {
         }
     }
 
-    /// Averages the gradients over the data-parallel ranks (DDP's reducer, after the backward).
+    /// Averages the gradients over the data-parallel ranks (DDP's reducer: waits for the buckets
+    /// launched during the backward).
     fn all_reduce_grads(&mut self) -> Result<()> {
         match &mut self.ddp {
             Some(ddp) => ddp.all_reduce_grads(),
