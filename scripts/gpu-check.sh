@@ -22,8 +22,19 @@ mkdir -p "$bundle/bin/tests" "$bundle/python_ref" "$bundle/data/fashion-mnist"
 
 log=target/gpu-check-build.log
 cargo build --release --quiet
-# pack BINARY OUT.xz: strip, drop the run path (and check it is gone), compress.
+# pack BINARY OUT.xz: strip, drop the run path (and check it is gone), compress. A binary packed
+# before and not rebuilt since (same path, inode, size and modification time) is copied from
+# target/gpu-bundle-packed/ instead: stripping and xz take ~1 s of CPU per binary, and in a built
+# tree (`make test` again) no binary has changed.
+cache=target/gpu-bundle-packed
+mkdir -p "$cache"
 pack() {
+  local key cached="$cache/${2#"$bundle"/}"
+  key=$(stat -c '%n %i %s %Y' "$(readlink -f "$1")")
+  if [[ -f $cached && -f $cached.key && $(<"$cached.key") == "$key" ]]; then
+    cp "$cached" "$2"
+    return
+  fi
   local tmp="$bundle/tmp.bin"
   strip -o "$tmp" "$1"
   patchelf --remove-rpath "$tmp"
@@ -33,6 +44,9 @@ pack() {
   fi
   xz -6 -T2 -c "$tmp" > "$2"
   rm "$tmp"
+  mkdir -p "$(dirname "$cached")"
+  cp "$2" "$cached"
+  echo "$key" > "$cached.key"
 }
 pack target/release/residual "$bundle/bin/residual.xz"
 if ! cargo test --release --no-run --message-format=json > "$log.json" 2> "$log"; then
