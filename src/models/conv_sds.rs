@@ -84,7 +84,7 @@ impl ConvSdsLayer {
         expect_sequence(self.input_size, self.hidden_dim, &self.conv1.ws)
     }
 
-    /// Replaces `conv2(conv1(x))` by one convolution for inference ([`FusedConv`]), its weights
+    /// Replaces `conv2(conv1(x))` by one convolution for inference (`W = W2·W1`, `b = W2·b1 + b2`), its weights
     /// composed in float64 from the current ones; with `pack`, run by oneDNN on a pre-reordered
     /// weight with the ReLU fused where it can (CPU, float32). A training forward is refused
     /// from then on: the composed weights would not follow the trained ones.
