@@ -165,9 +165,12 @@ impl ConvSdsLayer {
                         cell.get_or_init(|| w).shallow_clone()
                     }
                 };
+                // The packed convolution writes channels-last; layer_norm wants contiguous rows,
+                // and the addition runs faster on matching layouts.
                 let mut out =
                     conv_pointwise(&x4, &weight, Some(&fused.bias), &geometry, true, None)?
-                        .squeeze_dim(-2);
+                        .squeeze_dim(-2)
+                        .contiguous();
                 out += x;
                 out
             }
