@@ -136,20 +136,10 @@ fn group_norm_stays_and_still_matches() {
 
 #[test]
 fn models_without_batch_norm_pass_through_unchanged() {
-    let cases = [
-        (
-            r#"{"arch": "conv_sds_layer", "input_size": 8, "hidden_dim": 6}"#,
-            vec![2, 8, 6],
-        ),
-        (
-            r#"{"arch": "conv_sds_head", "n_layers": 3, "input_size": 64, "hidden_size": 96}"#,
-            vec![2, 64, 96],
-        ),
-        (
-            r#"{"arch": "sid_residual_block", "hidden_size": 16, "intermediate_size": 32}"#,
-            vec![3, 16],
-        ),
-    ];
+    let cases = [(
+        r#"{"arch": "sid_residual_block", "hidden_size": 16, "intermediate_size": 32}"#,
+        vec![3, 16],
+    )];
     for (json, shape) in cases {
         let (_vs, plain, _fast_vs, fast, norms) = twins(json);
         assert_eq!(norms, 0);
@@ -162,6 +152,62 @@ fn models_without_batch_norm_pass_through_unchanged() {
         assert_eq!(diff, 0.0, "{json}: changed by {diff:.2e}");
         // Nothing folded, so a training forward still runs.
         let _ = fast.forward_named(&inputs, true).unwrap();
+    }
+}
+
+/// ConvSDS's inference form composes each layer's two convolutions into one (packed for oneDNN
+/// with the ReLU fused, or not): the same outputs within 1e-4, batched or not, on odd sizes, and
+/// a training forward refused.
+#[test]
+fn conv_sds_layers_fold_their_two_convolutions_into_one() {
+    let cases = [
+        (
+            r#"{"arch": "conv_sds_layer", "input_size": 8, "hidden_dim": 6}"#,
+            vec![2, 8, 6],
+        ),
+        (
+            r#"{"arch": "conv_sds_layer", "input_size": 5, "hidden_dim": 3}"#,
+            vec![5, 3],
+        ),
+        (
+            r#"{"arch": "conv_sds_head", "n_layers": 3, "input_size": 64, "hidden_size": 97}"#,
+            vec![3, 64, 97],
+        ),
+        (
+            r#"{"arch": "conv_sds_head", "n_layers": 2, "input_size": 33, "hidden_size": 40, "num_labels": 3}"#,
+            vec![33, 40],
+        ),
+    ];
+    for (json, shape) in cases {
+        tch::manual_seed(3);
+        let mut inputs = Inputs::new();
+        inputs.insert(
+            "input".into(),
+            Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)),
+        );
+        let (vs, plain, _fast_vs, _, _) = twins(json);
+        for pack_mkldnn in [true, false] {
+            let mut copy_vs = VarStore::new(Device::Cpu);
+            let copy = ModelConfig::from_json(json)
+                .unwrap()
+                .build(copy_vs.root())
+                .unwrap();
+            copy_vs.copy(&vs).unwrap();
+            let opts = InferenceOptions {
+                pack_mkldnn,
+                ..Default::default()
+            };
+            let fast = for_inference(copy, &opts).unwrap();
+            // Twice: the first call packs the weight, the second runs on the packed copy.
+            for _ in 0..2 {
+                let diff = relative_difference(plain.as_ref(), fast.as_ref(), &inputs);
+                println!("{json} {shape:?} pack {pack_mkldnn}: {diff:.2e}");
+                assert!(diff <= 1e-4, "{json} {shape:?}: off by {diff:.2e}");
+            }
+            // Refused only where the convolutions were composed.
+            let err = fast.forward_named(&inputs, true).unwrap_err();
+            assert!(format!("{err:#}").contains("folded"), "{json}: {err:#}");
+        }
     }
 }
 

@@ -70,7 +70,8 @@ impl Default for InferenceOptions {
 /// (`opts.pack_mkldnn`), and a forward that runs under `c10::InferenceMode` and without
 /// gradients. Its eval-mode outputs match the model as built to float rounding (~1e-6 relative
 /// in fp32, `tests/inference.rs`); a training forward is refused where a norm was folded and
-/// runs the model as built elsewhere. GroupNorm, ConvSDS and SiD keep their layers.
+/// runs the model as built elsewhere. Each ConvSDS layer's two convolutions become one
+/// ([`super::conv_sds::ConvSdsLayer::fuse_convs`]); GroupNorm and SiD keep their layers.
 pub fn for_inference(mut model: Box<dyn Model>, opts: &InferenceOptions) -> Result<Box<dyn Model>> {
     if let Some(threads) = opts.threads {
         if threads == 0 {
