@@ -38,10 +38,11 @@ pub trait Model: std::fmt::Debug {
         bail!("this model has no separate classifier, so no features to return")
     }
 
-    /// Folds every batch norm into the convolution before it (ResNets), after which the model
-    /// runs in eval mode only (a training forward is refused); with `pack`, those convolutions
-    /// are packed for oneDNN where it runs them (CPU, float32). Models without one are left as
-    /// they are. Used through [`for_inference`].
+    /// Folds the model's linear layers for inference: every batch norm into the convolution
+    /// before it (ResNets), each ConvSDS layer's two convolutions into one; after that the model
+    /// runs in eval mode only (a training forward is refused). With `pack`, the folded
+    /// convolutions are packed for oneDNN where it runs them (CPU, float32). Models with nothing
+    /// to fold (SiD) are left as they are. Used through [`for_inference`].
     fn fold_batch_norm(&mut self, _pack: bool) -> Result<()> {
         Ok(())
     }
