@@ -31,6 +31,16 @@ extern "C" {
         other: *const c_void,
         out: *mut *mut c_void,
     ) -> i32;
+    fn residual_conv_pointwise_add_(
+        x: *const c_void,
+        w: *const c_void,
+        b: *const c_void,
+        geometry: *const i64,
+        groups: i64,
+        relu: i32,
+        other: *const c_void,
+        out: *mut *mut c_void,
+    ) -> i32;
 }
 
 /// A global libtorch switch.
@@ -303,4 +313,53 @@ pub fn conv_pointwise(
     }
     // SAFETY: `out` is a heap at::Tensor made for us, as tch's own generated calls return them.
     Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+}
+
+/// [`conv_pointwise`] with `add`, computed into `add`'s own memory (oneDNN's sum post-op,
+/// `torch.ops.mkldnn._convolution_pointwise_`) when nothing else can see it: `add` is the only
+/// handle on its tensor and storage, channels-last with more than one pixel, `weight` packed and one
+/// group. Otherwise (`add` shared, another layout) it hands `add` back untouched (`Ok(Err(add))`)
+/// for [`conv_pointwise`]. The out-of-place form costs an output allocation and, in libtorch
+/// 2.11, a copy of that uninitialised output into channels-last order (README, "Inference fast
+/// path").
+pub fn conv_pointwise_add_into(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    geometry: &ConvGeometry,
+    relu: bool,
+    add: Tensor,
+) -> Result<std::result::Result<Tensor, Tensor>> {
+    let g = geometry;
+    let numbers = [
+        g.padding[0],
+        g.padding[1],
+        g.stride[0],
+        g.stride[1],
+        g.dilation[0],
+        g.dilation[1],
+    ];
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: every pointer is a live at::Tensor owned by the caller (`add` by this function) or
+    // null where allowed; `numbers` holds the six values read; the C side catches every C++
+    // exception, writes into `add` only when this is its one handle, and on 1 hands over a new
+    // at::Tensor on the same tensor, owned from here on by the returned Tensor.
+    let rc = unsafe {
+        residual_conv_pointwise_add_(
+            x.as_ptr() as *const c_void,
+            weight.as_ptr() as *const c_void,
+            bias.map_or(std::ptr::null(), |t| t.as_ptr() as *const c_void),
+            numbers.as_ptr(),
+            g.groups,
+            relu as i32,
+            add.as_ptr() as *const c_void,
+            &mut out,
+        )
+    };
+    match rc {
+        // SAFETY: `out` is a heap at::Tensor made for us, as tch's own generated calls return them.
+        1 if !out.is_null() => Ok(Ok(unsafe { Tensor::from_ptr(out as *mut _) })),
+        0 => Ok(Err(add)),
+        _ => bail!("oneDNN convolution failed: {}", last_error()),
+    }
 }

@@ -269,6 +269,60 @@ fn packed_convolution_fuses_bias_addition_and_relu() {
 }
 
 #[test]
+fn packed_convolution_adds_into_an_unshared_shortcut_and_leaves_a_shared_one() {
+    tch::manual_seed(3);
+    let vs = VarStore::new(Device::Cpu);
+    let mut conv = conv3x3(vs.root() / "conv", 8, 16, 1, 1, 1);
+    conv.bs = Some(Tensor::randn([16], (Kind::Float, Device::Cpu)));
+    // Channels-last (NHWC) memory of its own (not a view), as the packed convolutions write.
+    let nhwc = |c: i64| {
+        let opts = (Kind::Float, Device::Cpu);
+        let mut t = Tensor::empty_strided([2, c, 6, 6], [36 * c, 1, 6 * c, c], opts);
+        t.copy_(&Tensor::randn([2, c, 6, 6], opts));
+        t
+    };
+    let x = nhwc(8);
+    let shortcut = || nhwc(16);
+    let mut packed = conv3x3(vs.root() / "packed", 8, 16, 1, 1, 1);
+    packed.ws = conv.ws.shallow_clone();
+    packed.bs = conv.bs.as_ref().map(Tensor::shallow_clone);
+    packed.pack();
+    tch::no_grad(|| {
+        // The only handle: the sum lands in the shortcut's own memory.
+        let other = shortcut();
+        let want = (x.apply(&*conv) + &other).relu();
+        let at = other.data_ptr();
+        let got = packed.forward_fused_into(&x, true, other).unwrap();
+        assert_eq!(got.data_ptr(), at, "not computed in place");
+        let diff = relative(&got, &want);
+        assert!(diff <= 1e-5, "in place: off by {diff:.2e}");
+        // Shared (a second handle, or a view): a new tensor, the shortcut unchanged.
+        for view in [false, true] {
+            let other = shortcut();
+            let kept = if view {
+                other.narrow(0, 0, 2)
+            } else {
+                other.shallow_clone()
+            };
+            let before = other.copy();
+            let want = (x.apply(&*conv) + &other).relu();
+            let got = packed.forward_fused_into(&x, true, other).unwrap();
+            assert_ne!(
+                got.data_ptr(),
+                kept.data_ptr(),
+                "view {view}: wrote into a shared one"
+            );
+            assert!(
+                kept.equal(&before),
+                "view {view}: the shared shortcut changed"
+            );
+            let diff = relative(&got, &want);
+            assert!(diff <= 1e-5, "view {view}: off by {diff:.2e}");
+        }
+    });
+}
+
+#[test]
 fn options_read_from_json_with_defaults() {
     let opts: InferenceOptions = serde_json::from_str("{}").unwrap();
     assert_eq!(opts, InferenceOptions::default());

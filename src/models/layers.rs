@@ -193,6 +193,22 @@ impl Conv2d {
             },
         }
     }
+
+    /// `relu(conv(x) + add)` (ReLU when asked) taking `add` by value: when packed, the sum is
+    /// written into `add`'s memory where no other handle shares it
+    /// ([`crate::backend::conv_pointwise_add_into`]), else as [`Conv2d::forward_fused`].
+    pub fn forward_fused_into(&self, x: &Tensor, relu: bool, add: Tensor) -> Result<Tensor> {
+        let Some(cell) = &self.packed else {
+            return self.forward_fused(x, relu, Some(&add));
+        };
+        let packed = &self.packed_weight(cell, x)?;
+        let bias = self.conv.bs.as_ref();
+        let geometry = self.geometry();
+        match crate::backend::conv_pointwise_add_into(x, packed, bias, &geometry, relu, add)? {
+            Ok(out) => Ok(out),
+            Err(add) => self.forward_fused(x, relu, Some(&add)),
+        }
+    }
 }
 
 impl nn::Module for Conv2d {

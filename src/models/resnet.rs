@@ -199,14 +199,16 @@ fn excite(se: &Option<SqueezeExcite>, out: Tensor) -> Tensor {
 }
 
 /// The end of a residual branch: `relu(se(norm(conv(out))) + shortcut(x))`, or without the
-/// shortcut for plain networks; one fused op where `conv` is packed and nothing comes between.
+/// shortcut for plain networks; one fused op where `conv` is packed and nothing comes between,
+/// which writes the sum into the shortcut's memory where `x` (or the projection of it) has no other
+/// handle ([`Conv2d::forward_fused_into`]).
 #[allow(clippy::too_many_arguments)]
 fn close(
     conv: &Conv2d,
     norm: &Norm2d,
     out: &Tensor,
     se: &Option<SqueezeExcite>,
-    x: &Tensor,
+    x: Tensor,
     downsample: &Option<Downsample>,
     plain: bool,
     train: bool,
@@ -219,12 +221,15 @@ fn close(
         return Ok(branch()?.relu());
     }
     let identity = match downsample {
-        Some(d) => d.forward_t(x, train)?,
-        None => x.shallow_clone(),
+        Some(d) => d.forward_t(&x, train)?,
+        None => x,
     };
-    match se {
-        None => conv_norm_add_relu(conv, norm, out, &identity, train),
-        Some(_) => Ok((branch()? + identity).relu()),
+    match (se, norm) {
+        (None, Norm2d::Folded) if !train && conv.is_packed() => {
+            conv.forward_fused_into(out, true, identity)
+        }
+        (None, _) => conv_norm_add_relu(conv, norm, out, &identity, train),
+        (Some(_), _) => Ok((branch()? + identity).relu()),
     }
 }
 
@@ -360,9 +365,15 @@ pub fn bottleneck_width(planes: i64, width_per_group: i64, groups: i64) -> i64 {
 impl Block {
     /// `[B, inplanes, H, W] -> [B, planes * expansion, H', W']`, `H' = ceil(H / stride)`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_owned(x.shallow_clone(), train)
+    }
+
+    /// [`Block::forward_t`] taking `x` by value: where `x` is its tensor's only handle, the
+    /// inference form adds the branch into `x`'s memory instead of a new tensor.
+    pub fn forward_owned(&self, x: Tensor, train: bool) -> Result<Tensor> {
         match self {
             Block::Basic(b) => {
-                let out = conv_norm_relu(&b.conv1, &b.bn1, x, train)?;
+                let out = conv_norm_relu(&b.conv1, &b.bn1, &x, train)?;
                 close(
                     &b.conv2,
                     &b.bn2,
@@ -375,7 +386,7 @@ impl Block {
                 )
             }
             Block::Bottleneck(b) => {
-                let out = conv_norm_relu(&b.conv1, &b.bn1, x, train)?;
+                let out = conv_norm_relu(&b.conv1, &b.bn1, &x, train)?;
                 let out = conv_norm_relu(&b.conv2, &b.bn2, &out, train)?;
                 close(
                     &b.conv3,
@@ -584,7 +595,7 @@ pub fn run_stages(layers: &[&[Block]], mut h: Tensor, train: bool) -> Result<Vec
     for (s, blocks) in layers.iter().enumerate() {
         for (i, block) in blocks.iter().enumerate() {
             h = block
-                .forward_t(&h, train)
+                .forward_owned(h, train)
                 .with_context(|| format!("layer{}.{i}", s + 1))?;
         }
         outputs.push(h.shallow_clone());
@@ -1095,8 +1106,14 @@ impl ResNet {
     /// The outputs of `layer1` .. `layer4` (strides 4, 8, 16, 32 without dilation), for detection
     /// and segmentation heads.
     pub fn forward_stages(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        let h = self.conv1.forward_t(x, train)?;
-        let h = self.bn1.forward_t(&h, train).context("bn1")?.relu();
+        let h = match &self.conv1 {
+            // One fused op where bn1 is folded into a packed conv1.
+            Stem::Conv(conv1) => stem(conv1, &self.bn1, x, train)?,
+            Stem::Deep(_) => {
+                let h = self.conv1.forward_t(x, train)?;
+                self.bn1.forward_t(&h, train).context("bn1")?.relu()
+            }
+        };
         let h = h.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         let layers = [&self.layer1, &self.layer2, &self.layer3, &self.layer4];
         run_stages(&layers.map(Vec::as_slice), h, train)
