@@ -270,6 +270,16 @@ pub struct ConvGeometry {
     pub groups: i64,
 }
 
+impl ConvGeometry {
+    /// Padding, stride and dilation, two each, in the order the C++ shim reads them.
+    fn shim_numbers(&self) -> [i64; 6] {
+        let [p0, p1] = self.padding;
+        let [s0, s1] = self.stride;
+        let [d0, d1] = self.dilation;
+        [p0, p1, s0, s1, d0, d1]
+    }
+}
+
 /// `relu(conv2d(x, weight, bias) + add)` (ReLU when `relu`, the sum when `add` is given) as one
 /// oneDNN op, `torch.ops.mkldnn._convolution_pointwise` (PyTorch's Inductor emits the same): the
 /// bias, the addition and the ReLU are applied to the convolution's output tile while it is still
@@ -283,14 +293,7 @@ pub fn conv_pointwise(
     add: Option<&Tensor>,
 ) -> Result<Tensor> {
     let g = geometry;
-    let numbers = [
-        g.padding[0],
-        g.padding[1],
-        g.stride[0],
-        g.stride[1],
-        g.dilation[0],
-        g.dilation[1],
-    ];
+    let numbers = g.shim_numbers();
     let ptr = |t: Option<&Tensor>| t.map_or(std::ptr::null(), |t| t.as_ptr() as *const c_void);
     let mut out: *mut c_void = std::ptr::null_mut();
     // SAFETY: every pointer is a live at::Tensor owned by the caller or null where allowed;
@@ -331,14 +334,7 @@ pub fn conv_pointwise_add_into(
     add: Tensor,
 ) -> Result<std::result::Result<Tensor, Tensor>> {
     let g = geometry;
-    let numbers = [
-        g.padding[0],
-        g.padding[1],
-        g.stride[0],
-        g.stride[1],
-        g.dilation[0],
-        g.dilation[1],
-    ];
+    let numbers = g.shim_numbers();
     let mut out: *mut c_void = std::ptr::null_mut();
     // SAFETY: every pointer is a live at::Tensor owned by the caller (`add` by this function) or
     // null where allowed; `numbers` holds the six values read; the C side catches every C++

@@ -316,8 +316,12 @@ fn infer_image_preprocessing_follows_the_weights() {
         &residual::infer::LoadSettings::default(),
     )
     .unwrap();
-    // What `infer` runs by default.
-    model.model = residual::models::for_inference(model.model, &Default::default()).unwrap();
+    // What `infer` runs for images classified in one forward.
+    model.model = residual::models::for_inference(
+        model.model,
+        &residual::models::InferenceOptions::one_forward(),
+    )
+    .unwrap();
     let file = |case: &str, name: &str| pre.join(case).join(name).to_str().unwrap().to_string();
     let cases: Vec<(&str, &str, Vec<String>)> = vec![
         (

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use residual::checkpoint::{ReadOptions, StateDict};
 use residual::device::{device_name, parse_device};
 use residual::infer::{LoadSettings, LoadedModel, Prediction};
+use residual::models::InferenceOptions;
 use residual::preprocess::{CropMode, Interpolation, Pipeline, Preprocess, Resize};
 use residual::{Inputs, ModelConfig};
 use serde::Serialize;
@@ -128,7 +129,8 @@ impl Args {
         };
         let mut loaded = LoadedModel::load_any(config, &self.weights, device, &settings)?;
         if !self.plain {
-            loaded.model = residual::models::for_inference(loaded.model, &Default::default())?;
+            loaded.model =
+                residual::models::for_inference(loaded.model, &self.inference_options())?;
         }
         if !loaded.report.is_clean() {
             eprint!("warning: {}", loaded.report);
@@ -137,6 +139,20 @@ impl Args {
             self.run_on_tensors(&loaded)
         } else {
             self.classify(&loaded)
+        }
+    }
+
+    /// The inference form's options: [`InferenceOptions::one_forward`] for images classified in
+    /// one forward, the defaults otherwise.
+    fn inference_options(&self) -> InferenceOptions {
+        let one_forward = !self.image.is_empty()
+            && self
+                .batch_size
+                .is_none_or(|batch| batch >= self.image.len());
+        if one_forward {
+            InferenceOptions::one_forward()
+        } else {
+            InferenceOptions::default()
         }
     }
 
