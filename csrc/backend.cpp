@@ -216,4 +216,39 @@ int residual_conv_pointwise_add_(const at::Tensor* x, const at::Tensor* w, const
   }
 }
 
+// `x @ w.T + b` as oneDNN's linear (mkldnn::_linear_pointwise, what Inductor emits on the CPU) on a
+// weight reordered once by residual_reorder_linear_weight. At the small batches of tabular
+// models, MKL's sgemm spends most of its time copying (packing) the weight on every call; the
+// reordered weight is packed once. Writes a new tensor to `out`; 0 on success.
+int residual_linear_pointwise(const at::Tensor* x, const at::Tensor* w, const at::Tensor* b,
+                              at::Tensor** out) {
+  try {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+    c10::IValue bias = b == nullptr ? c10::IValue() : c10::IValue(*b);
+    c10::IValue scalars(c10::impl::GenericList(c10::OptionalType::create(c10::NumberType::get())));
+    torch::jit::Stack stack{*x, *w, bias, std::string("none"), scalars, std::string("")};
+    op.callBoxed(&stack);
+    *out = new at::Tensor(stack.at(0).toTensor());
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(e);
+  }
+}
+
+// A dense float32 `[out, in]` weight in oneDNN's layout for inputs of `batch` rows
+// (mkldnn::_reorder_linear_weight). Writes a new tensor to `out`; 0 on success.
+int residual_reorder_linear_weight(const at::Tensor* w, int64_t batch, at::Tensor** out) {
+  try {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_reorder_linear_weight", "");
+    torch::jit::Stack stack{*w, c10::IValue(batch)};
+    op.callBoxed(&stack);
+    *out = new at::Tensor(stack.at(0).toTensor());
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(e);
+  }
+}
+
 }  // extern "C"

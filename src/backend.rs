@@ -31,6 +31,13 @@ extern "C" {
         other: *const c_void,
         out: *mut *mut c_void,
     ) -> i32;
+    fn residual_linear_pointwise(
+        x: *const c_void,
+        w: *const c_void,
+        b: *const c_void,
+        out: *mut *mut c_void,
+    ) -> i32;
+    fn residual_reorder_linear_weight(w: *const c_void, batch: i64, out: *mut *mut c_void) -> i32;
     fn residual_conv_pointwise_add_(
         x: *const c_void,
         w: *const c_void,
@@ -358,4 +365,42 @@ pub fn conv_pointwise_add_into(
         0 => Ok(Err(add)),
         _ => bail!("oneDNN convolution failed: {}", last_error()),
     }
+}
+
+/// `x @ weight.T + bias` as oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`), `weight`
+/// reordered by [`reorder_linear_weight`]; `x` is `[*, in]`, float32 on the CPU.
+pub fn linear_pointwise(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: every pointer is a live at::Tensor owned by the caller or null where allowed; the
+    // C side catches every C++ exception and on success hands over a new at::Tensor, owned from
+    // here on by the returned Tensor.
+    let rc = unsafe {
+        residual_linear_pointwise(
+            x.as_ptr() as *const c_void,
+            weight.as_ptr() as *const c_void,
+            bias.map_or(std::ptr::null(), |t| t.as_ptr() as *const c_void),
+            &mut out,
+        )
+    };
+    if rc != 0 || out.is_null() {
+        bail!("oneDNN linear failed: {}", last_error());
+    }
+    // SAFETY: `out` is a heap at::Tensor made for us, as tch's own generated calls return them.
+    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+}
+
+/// A float32 CPU `[out, in]` weight in oneDNN's layout for inputs of `batch` rows
+/// (`torch.ops.mkldnn._reorder_linear_weight`), for [`linear_pointwise`].
+pub fn reorder_linear_weight(weight: &Tensor, batch: i64) -> Result<Tensor> {
+    let dense = weight.detach();
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: `dense` is a live at::Tensor; the C side catches every C++ exception and on success
+    // hands over a new at::Tensor.
+    let rc =
+        unsafe { residual_reorder_linear_weight(dense.as_ptr() as *const c_void, batch, &mut out) };
+    if rc != 0 || out.is_null() {
+        bail!("oneDNN weight reorder failed: {}", last_error());
+    }
+    // SAFETY: as in `linear_pointwise`.
+    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
 }

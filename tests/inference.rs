@@ -155,6 +155,35 @@ fn models_without_batch_norm_pass_through_unchanged() {
     }
 }
 
+/// The SiD classifier's inference form runs its linear layers through oneDNN on weights packed
+/// for the first call's row count: the same outputs within 1e-4 at that and at other batch sizes,
+/// and a training forward refused.
+#[test]
+fn sid_classifier_linears_run_packed_and_match() {
+    let json = r#"{"arch": "sid_classifier", "num_categories_list": [3, 7, 5], "num_numerical_features": 4,
+        "num_text_features": 2, "text_input_size": 24, "embedding_size": 16, "hidden_size": 48,
+        "intermediate_size": 80, "num_hidden_layers": 3, "num_labels": 5}"#;
+    let (_vs, plain, _fast_vs, fast, norms) = twins(json);
+    assert_eq!(norms, 0);
+    let config = ModelConfig::from_json(json).unwrap();
+    for batch in [4, 1, 7] {
+        let settings = residual::train::BenchSettings {
+            batch_size: batch,
+            image_size: 1,
+            steps: 1,
+            warmup: 0,
+            device: Device::Cpu,
+            amp: None,
+            channels_last: false,
+            rss_at: vec![],
+        };
+        let inputs = residual::train::bench_inputs(&config, &settings).unwrap();
+        let diff = relative_difference(plain.as_ref(), fast.as_ref(), &inputs);
+        assert!(diff <= 1e-4, "batch {batch}: changed by {diff:.2e}");
+        assert!(fast.forward_named(&inputs, true).is_err());
+    }
+}
+
 /// ConvSDS's inference form composes each layer's two convolutions into one (packed for oneDNN
 /// with the ReLU fused, or not): the same outputs within 1e-4, batched or not, on odd sizes, and
 /// a training forward refused.

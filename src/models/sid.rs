@@ -285,7 +285,7 @@ impl SidEmbeddings {
 #[derive(Debug)]
 pub struct SidResidualBlock {
     /// `feedforward.0` and `feedforward.2` (index 1 is the parameter-free GELU).
-    pub feedforward: (nn::Linear, nn::Linear),
+    pub feedforward: (layers::Linear, layers::Linear),
     pub dropout: f64,
     pub hidden_size: i64,
 }
@@ -325,8 +325,8 @@ impl SidResidualBlock {
         let ff = &path / "feedforward";
         Self {
             feedforward: (
-                layers::linear(&ff / 0, hidden, intermediate, Some(bias)),
-                layers::linear(&ff / 2, intermediate, hidden * 2, Some(bias)),
+                layers::linear(&ff / 0, hidden, intermediate, Some(bias)).into(),
+                layers::linear(&ff / 2, intermediate, hidden * 2, Some(bias)).into(),
             ),
             dropout,
             hidden_size: hidden,
@@ -381,7 +381,7 @@ impl Model for SidResidualBlock {
 #[derive(Debug)]
 pub struct SidAttention {
     pub blocks: Vec<SidResidualBlock>,
-    pub linear: nn::Linear,
+    pub linear: layers::Linear,
 }
 
 impl nn::ModuleT for SidAttention {
@@ -402,7 +402,7 @@ impl nn::ModuleT for SidAttention {
 pub struct SidLayer {
     pub attention: Option<SidAttention>,
     pub attention_dropout: f64,
-    pub projection: nn::Linear,
+    pub projection: layers::Linear,
     pub transform: Vec<SidResidualBlock>,
     pub droppath: StochasticDepth,
 }
@@ -423,7 +423,8 @@ impl SidLayer {
                     h,
                     config.num_total_features(),
                     Some(BiasInit::Zeros),
-                ),
+                )
+                .into(),
             }
         });
         let transform = &path / "transform";
@@ -435,7 +436,8 @@ impl SidLayer {
                 config.total_embedding_size(),
                 h,
                 Some(BiasInit::Zeros),
-            ),
+            )
+            .into(),
             transform: (0..config.num_transform_blocks)
                 .map(|j| block(&transform / j))
                 .collect(),
@@ -566,7 +568,7 @@ impl SidModel {
 #[derive(Debug)]
 pub struct SidClassifier {
     pub model: SidModel,
-    pub classifier: nn::Linear,
+    pub classifier: layers::Linear,
 }
 
 impl SidClassifier {
@@ -579,8 +581,41 @@ impl SidClassifier {
                 config.hidden_size,
                 num_labels,
                 Some(BiasInit::Uniform),
-            ),
+            )
+            .into(),
         })
+    }
+
+    /// Every linear layer of the blocks, the attention heads, the projections and the classifier
+    /// (the text projections, used as matrices, stay as they are).
+    fn linears_mut(&mut self) -> Vec<&mut layers::Linear> {
+        let mut out = Vec::new();
+        for layer in &mut self.model.layers {
+            let mut blocks: Vec<&mut SidResidualBlock> = layer.transform.iter_mut().collect();
+            if let Some(attention) = &mut layer.attention {
+                blocks.extend(attention.blocks.iter_mut());
+                out.push(&mut attention.linear);
+            }
+            for block in blocks {
+                out.push(&mut block.feedforward.0);
+                out.push(&mut block.feedforward.1);
+            }
+            out.push(&mut layer.projection);
+        }
+        out.push(&mut self.classifier);
+        out
+    }
+
+    /// Refuses a training forward once the linear layers are packed for oneDNN (no autograd
+    /// through the packed weights).
+    fn check_train(&self, train: bool) -> Result<()> {
+        if train && self.classifier.is_packed() {
+            anyhow::bail!(
+                "this SiD classifier is in its inference form (linear layers packed for oneDNN): \
+                 a training forward needs the model as built"
+            );
+        }
+        Ok(())
     }
 
     pub fn forward_t(
@@ -603,14 +638,27 @@ impl Model for SidClassifier {
     }
 
     fn forward_named(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
+        self.check_train(train)?;
         let [categorical, numerical, text] = sid_inputs(inputs)?;
         self.forward_t(categorical, numerical, text, train)
     }
 
     /// The normalised hidden state of `SiDModel`, `[B, H]`.
     fn forward_features(&self, inputs: &Inputs, train: bool) -> Result<Tensor> {
+        self.check_train(train)?;
         let [categorical, numerical, text] = sid_inputs(inputs)?;
         self.model.forward_t(categorical, numerical, text, train)
+    }
+
+    /// SiD has no norm to fold; with `pack`, its linear layers run through oneDNN on weights
+    /// packed once ([`layers::Linear::pack`]).
+    fn fold_batch_norm(&mut self, pack: bool) -> Result<()> {
+        if pack {
+            for linear in self.linears_mut() {
+                linear.pack();
+            }
+        }
+        Ok(())
     }
 }
 
