@@ -84,7 +84,8 @@ impl InferenceOptions {
 /// gradients. Its eval-mode outputs match the model as built to float rounding (~1e-6 relative
 /// in fp32, `tests/inference.rs`); a training forward is refused where a norm was folded and
 /// runs the model as built elsewhere. Each ConvSDS layer's two convolutions become one
-/// ([`super::conv_sds::ConvSdsLayer::fuse_convs`]); GroupNorm and SiD keep their layers.
+/// ([`super::conv_sds::ConvSdsLayer::fuse_convs`]); the SiD classifier's linear layers run on
+/// weights packed for oneDNN (`opts.pack_mkldnn`); GroupNorm stays as it is.
 pub fn for_inference(mut model: Box<dyn Model>, opts: &InferenceOptions) -> Result<Box<dyn Model>> {
     if let Some(threads) = opts.threads {
         if threads == 0 {
