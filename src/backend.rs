@@ -318,11 +318,7 @@ pub fn conv_pointwise(
             &mut out,
         )
     };
-    if rc != 0 || out.is_null() {
-        bail!("oneDNN convolution failed: {}", last_error());
-    }
-    // SAFETY: `out` is a heap at::Tensor made for us, as tch's own generated calls return them.
-    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+    owned_tensor(rc, out, "oneDNN convolution")
 }
 
 /// [`conv_pointwise`] with `add`, computed into `add`'s own memory (oneDNN's sum post-op,
@@ -382,11 +378,7 @@ pub fn linear_pointwise(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> R
             &mut out,
         )
     };
-    if rc != 0 || out.is_null() {
-        bail!("oneDNN linear failed: {}", last_error());
-    }
-    // SAFETY: `out` is a heap at::Tensor made for us, as tch's own generated calls return them.
-    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+    owned_tensor(rc, out, "oneDNN linear")
 }
 
 /// A float32 CPU `[out, in]` weight in oneDNN's layout for inputs of `batch` rows
@@ -398,9 +390,15 @@ pub fn reorder_linear_weight(weight: &Tensor, batch: i64) -> Result<Tensor> {
     // hands over a new at::Tensor.
     let rc =
         unsafe { residual_reorder_linear_weight(dense.as_ptr() as *const c_void, batch, &mut out) };
+    owned_tensor(rc, out, "oneDNN weight reorder")
+}
+
+/// The tensor a shim call returning 0 handed over through `out`, or its failure as an error.
+fn owned_tensor(rc: i32, out: *mut c_void, what: &str) -> Result<Tensor> {
     if rc != 0 || out.is_null() {
-        bail!("oneDNN weight reorder failed: {}", last_error());
+        bail!("{what} failed: {}", last_error());
     }
-    // SAFETY: as in `linear_pointwise`.
+    // SAFETY: on 0 the shim's `out` is a heap at::Tensor made for us, as tch's own generated
+    // calls return them, and nothing else owns it.
     Ok(unsafe { Tensor::from_ptr(out as *mut _) })
 }
