@@ -8,6 +8,8 @@
 //! * [`backend`]: libtorch switches tch lacks (TF32, determinism), through a small C++ shim.
 //! * [`device`], [`doctor`]: device selection and the environment report.
 //! * [`distributed`]: c10d process groups (Gloo, NCCL) and DDP's gradient averaging.
+//! * [`memory`]: what the C allocator does with freed memory (kept for loops, trimmed after
+//!   one-off work).
 //! * [`fs`]: atomic file writes, shared by checkpoints, training runs and experiment reports.
 //! * [`predictor`]: [`Predictor`], one model served to many threads (`Send + Sync`), with a
 //!   pool of workers.
@@ -28,6 +30,7 @@ pub mod experiment;
 pub mod fs;
 pub mod infer;
 pub mod inspect;
+pub mod memory;
 pub mod models;
 pub mod parity;
 pub mod predictor;

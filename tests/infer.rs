@@ -294,6 +294,41 @@ fn small_model(dir: &Path) -> (PathBuf, PathBuf) {
     (config, manifest.case_dir(case).join("state_dict.pth"))
 }
 
+fn load(config: &Path, weights: &Path) -> residual::infer::LoadedModel {
+    residual::infer::LoadedModel::load(
+        residual::ModelConfig::from_file(config).unwrap(),
+        weights,
+        tch::Device::Cpu,
+        &residual::infer::LoadSettings::default(),
+    )
+    .unwrap()
+}
+
+/// `into_one_forward` (what `infer` runs on images) gives the model's outputs, frees the
+/// variables folding replaced, and a Predictor can no longer be made from the emptied store.
+#[test]
+fn one_forward_form_matches_the_model_and_releases_its_variables() {
+    let dir = common::temp_dir("one_forward");
+    let (config, weights) = small_model(&dir);
+    let plain = load(&config, &weights);
+    let once = load(&config, &weights).into_one_forward().unwrap();
+    assert!(once.vs.variables().is_empty());
+    assert_eq!(once.kind(), tch::Kind::Float);
+    let err = residual::Predictor::from_loaded(&once, &Default::default()).unwrap_err();
+    assert!(format!("{err:#}").contains("released"), "{err:#}");
+    tch::manual_seed(3);
+    let mut inputs = residual::Inputs::new();
+    inputs.insert(
+        "input".into(),
+        tch::Tensor::randn([3, 3, 20, 20], tch::kind::FLOAT_CPU),
+    );
+    let want = plain.run(&inputs, None, false).unwrap();
+    let got = once.run(&inputs, None, false).unwrap();
+    let scale = want.abs().max().double_value(&[]);
+    let diff = max_abs_diff(&got, &want).unwrap();
+    assert!(diff <= 1e-4 * scale, "max |diff| {diff} at scale {scale}");
+}
+
 /// The preprocessing references of python_ref/preprocess.py.
 fn preprocess_references() -> PathBuf {
     common::reference_dir("preprocess", "cases.json")
@@ -309,19 +344,8 @@ fn infer_image_preprocessing_follows_the_weights() {
         StateDict::read(&pre.join("references.safetensors"), &ReadOptions::default()).unwrap();
     let dir = common::temp_dir("preprocess");
     let (config, weights) = small_model(&dir);
-    let mut model = residual::infer::LoadedModel::load(
-        residual::ModelConfig::from_file(&config).unwrap(),
-        &weights,
-        tch::Device::Cpu,
-        &residual::infer::LoadSettings::default(),
-    )
-    .unwrap();
     // What `infer` runs for images classified in one forward.
-    model.model = residual::models::for_inference(
-        model.model,
-        &residual::models::InferenceOptions::one_forward(),
-    )
-    .unwrap();
+    let model = load(&config, &weights).into_one_forward().unwrap();
     let file = |case: &str, name: &str| pre.join(case).join(name).to_str().unwrap().to_string();
     let cases: Vec<(&str, &str, Vec<String>)> = vec![
         (

@@ -128,9 +128,11 @@ impl Args {
             non_strict: self.non_strict,
         };
         let mut loaded = LoadedModel::load_any(config, &self.weights, device, &settings)?;
-        if !self.plain {
+        if self.one_forward() {
+            loaded = loaded.into_one_forward()?;
+        } else if !self.plain {
             loaded.model =
-                residual::models::for_inference(loaded.model, &self.inference_options())?;
+                residual::models::for_inference(loaded.model, &InferenceOptions::default())?;
         }
         if !loaded.report.is_clean() {
             eprint!("warning: {}", loaded.report);
@@ -142,18 +144,14 @@ impl Args {
         }
     }
 
-    /// The inference form's options: [`InferenceOptions::one_forward`] for images classified in
-    /// one forward, the defaults otherwise.
-    fn inference_options(&self) -> InferenceOptions {
-        let one_forward = !self.image.is_empty()
+    /// Images classified in one forward, by the inference form: run as
+    /// [`LoadedModel::into_one_forward`] prepares them.
+    fn one_forward(&self) -> bool {
+        !self.plain
+            && !self.image.is_empty()
             && self
                 .batch_size
-                .is_none_or(|batch| batch >= self.image.len());
-        if one_forward {
-            InferenceOptions::one_forward()
-        } else {
-            InferenceOptions::default()
-        }
+                .is_none_or(|batch| batch >= self.image.len())
     }
 
     fn run_on_tensors(&self, loaded: &LoadedModel) -> Result<ExitCode> {

@@ -94,43 +94,20 @@ pub fn for_inference(mut model: Box<dyn Model>, opts: &InferenceOptions) -> Resu
         tch::set_num_threads(threads as i32);
     }
     if opts.keep_freed_memory {
-        keep_freed_memory()?;
+        crate::memory::keep_freed_memory()?;
     }
     model
         .fold_batch_norm(opts.pack_mkldnn)
         .context("cannot fold the batch norms for inference")?;
+    if !opts.keep_freed_memory {
+        // Folding computes in float64: its temporaries are twice the weights' size.
+        crate::memory::release_free_memory();
+    }
     Ok(Box::new(Fast {
         inner: model,
         opts: opts.clone(),
         graph: Default::default(),
     }))
-}
-
-/// Raises glibc's mmap and trim thresholds (once for the process) so that large blocks come
-/// from, and return to, the heap: the next forward reuses pages already mapped instead of
-/// faulting in new zeroed ones.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() -> Result<()> {
-    use std::sync::OnceLock;
-    const M_TRIM_THRESHOLD: i32 = -1;
-    const M_MMAP_THRESHOLD: i32 = -3;
-    extern "C" {
-        fn mallopt(param: i32, value: i32) -> i32;
-    }
-    static DONE: OnceLock<bool> = OnceLock::new();
-    // SAFETY: mallopt only sets allocator parameters; glibc serialises it against allocations.
-    let ok = *DONE.get_or_init(|| unsafe {
-        mallopt(M_MMAP_THRESHOLD, i32::MAX) == 1 && mallopt(M_TRIM_THRESHOLD, i32::MAX) == 1
-    });
-    if !ok {
-        bail!("glibc refused mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD)");
-    }
-    Ok(())
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() -> Result<()> {
-    Ok(())
 }
 
 /// A model prepared by [`for_inference`].

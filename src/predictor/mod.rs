@@ -238,6 +238,9 @@ impl Predictor {
 
     /// A predictor for a loaded model: its config, weights and class names.
     pub fn from_loaded(loaded: &LoadedModel, options: &PredictorOptions) -> Result<Self> {
+        if loaded.vs.variables().is_empty() {
+            bail!("this loaded model's weights were released (LoadedModel::into_one_forward)");
+        }
         let mut predictor = Self::with_weights(&loaded.config, &loaded.vs, options)?;
         predictor.labels = loaded.labels.clone();
         Ok(predictor)

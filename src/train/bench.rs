@@ -209,6 +209,8 @@ pub fn benchmark(config: &ModelConfig, settings: &BenchSettings) -> Result<f64> 
     if settings.channels_last {
         vars_channels_last(&vs);
     }
+    // As `residual train` runs its steps (`Trainer::run`).
+    crate::memory::keep_freed_memory()?;
     let mut sgd = Sgd::new(&vs, 0.9, 1e-4, true);
     let y = Tensor::randint(
         classes.min(10),

@@ -281,12 +281,14 @@ impl Trainer {
         }
     }
 
-    /// Sets the switches of [`Trainer::switches`] for as long as the returned guard lives, and
-    /// puts 4-D weights in channels-last order when asked.
+    /// Sets the switches of [`Trainer::switches`] for as long as the returned guard lives, puts
+    /// 4-D weights in channels-last order when asked, and keeps freed memory in the heap for the
+    /// next step ([`crate::memory::keep_freed_memory`]).
     fn apply_settings(&self) -> Result<SwitchGuard> {
         if self.options.amp.is_some() && !self.vs.device().is_cuda() {
             bail!("--amp needs a CUDA device (libtorch's autocast here is CUDA-only)");
         }
+        crate::memory::keep_freed_memory()?;
         let guard = SwitchGuard::new()?;
         self.switches(guard.saved()).apply()?;
         if self.options.channels_last {
