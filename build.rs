@@ -7,9 +7,6 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_LIB");
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=csrc/backend.cpp");
-    println!("cargo:rerun-if-changed=csrc/distributed.cpp");
-    println!("cargo:rerun-if-changed=csrc/cuda.cpp");
 
     let lib_dir = match libtorch_lib_dir() {
         Ok(dir) => dir,
@@ -77,37 +74,20 @@ fn libtorch_lib_dir() -> Result<PathBuf, String> {
     }
 }
 
-/// Compiles `csrc/backend.cpp` (libtorch switches tch lacks) against the same libtorch headers.
-fn compile_shim(lib_dir: &Path) {
-    let root = lib_dir.parent().unwrap_or(lib_dir);
-    let include = std::env::var("LIBTORCH_INCLUDE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.to_path_buf())
-        .join("include");
-    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
+/// A C++17 build of `source` against libtorch's headers (`$LIBTORCH_INCLUDE/include`, else the
+/// `include` folder beside `lib_dir`) with its C++ ABI (`LIBTORCH_CXX11_ABI`, default 1).
+fn torch_cpp(lib_dir: &Path, source: &str) -> cc::Build {
+    println!("cargo:rerun-if-changed={source}");
     println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .include(&include)
-        .flag("-std=c++17")
-        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .file("csrc/backend.cpp")
-        .compile("residual_shim");
-}
-
-/// Compiles `csrc/jit.cpp` (TorchScript freeze and optimize_for_inference, which tch lacks).
-fn compile_jit(lib_dir: &Path) {
-    println!("cargo:rerun-if-changed=csrc/jit.cpp");
     let root = lib_dir.parent().unwrap_or(lib_dir);
     let include = std::env::var("LIBTORCH_INCLUDE")
         .map(PathBuf::from)
         .unwrap_or_else(|_| root.to_path_buf())
         .join("include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .pic(true)
         .warnings(false)
@@ -115,8 +95,18 @@ fn compile_jit(lib_dir: &Path) {
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .file("csrc/jit.cpp")
-        .compile("residual_jit");
+        .file(source);
+    build
+}
+
+/// Compiles `csrc/backend.cpp` (libtorch switches tch lacks) against the same libtorch headers.
+fn compile_shim(lib_dir: &Path) {
+    torch_cpp(lib_dir, "csrc/backend.cpp").compile("residual_shim");
+}
+
+/// Compiles `csrc/jit.cpp` (TorchScript freeze and optimize_for_inference, which tch lacks).
+fn compile_jit(lib_dir: &Path) {
+    torch_cpp(lib_dir, "csrc/jit.cpp").compile("residual_jit");
 }
 
 /// Compiles `csrc/distributed.cpp` (c10d process groups): Gloo when gloo's headers exist (Debian's
@@ -162,19 +152,7 @@ fn compile_distributed(lib_dir: &Path) {
             continue;
         }
         tried.push((with_gloo, with_nccl));
-        let mut build = cc::Build::new();
-        build
-            .cpp(true)
-            .pic(true)
-            .warnings(false)
-            .include(root.join("include"))
-            .include(root.join("include/torch/csrc/api/include"))
-            .flag("-std=c++17")
-            .flag(format!(
-                "-D_GLIBCXX_USE_CXX11_ABI={}",
-                std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string())
-            ))
-            .file("csrc/distributed.cpp");
+        let mut build = torch_cpp(lib_dir, "csrc/distributed.cpp");
         if let (true, Some(dir)) = (with_gloo, &gloo) {
             build
                 .include(dir)
@@ -221,19 +199,7 @@ fn compile_cuda(lib_dir: &Path) {
         None
     };
     for with_cuda in [cuda.is_some(), false] {
-        let mut build = cc::Build::new();
-        build
-            .cpp(true)
-            .pic(true)
-            .warnings(false)
-            .include(root.join("include"))
-            .include(root.join("include/torch/csrc/api/include"))
-            .flag("-std=c++17")
-            .flag(format!(
-                "-D_GLIBCXX_USE_CXX11_ABI={}",
-                std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string())
-            ))
-            .file("csrc/cuda.cpp");
+        let mut build = torch_cpp(lib_dir, "csrc/cuda.cpp");
         if let (true, Some(dirs)) = (with_cuda, &cuda) {
             for dir in dirs {
                 build.include(dir);
