@@ -310,6 +310,23 @@ fn max_abs_diff(a: &residual::checkpoint::StateDict, b: &residual::checkpoint::S
         .fold(0.0, f64::max)
 }
 
+/// `train --resume run` on 2 ranks of one intra-op thread each, as torchrun starts them (and as
+/// the references ran), without its start-up time; every rank must succeed.
+fn train_two_ranks(run: &std::path::Path, data: &std::path::Path) -> Vec<Output> {
+    let args = train_args(run.to_str().unwrap(), data.to_str().unwrap());
+    let out = spawn_ranks(2, &args, &[("OMP_NUM_THREADS", "1")]);
+    for (rank, o) in out.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
+    }
+    out
+}
+
+/// PyTorch DDP's final state in `reference/final.safetensors`.
+fn final_reference(reference: &std::path::Path) -> residual::checkpoint::StateDict {
+    residual::checkpoint::StateDict::read(&reference.join("final.safetensors"), &Default::default())
+        .unwrap()
+}
+
 fn train_args<'a>(run: &'a str, data: &'a str) -> Vec<&'a str> {
     vec![
         "train", "--resume", run, "--data", data, "--device", "cpu", "--quiet",
@@ -332,14 +349,7 @@ fn two_ranks_match_pytorch_ddp_on_cifar_resnet20() {
     let data = ddp_reference().join("data");
     // The ranks as torchrun starts them (one intra-op thread each), without its 2-3 s of
     // start-up: the restart test below runs under torchrun itself.
-    let out = spawn_ranks(
-        2,
-        &train_args(run.to_str().unwrap(), data.to_str().unwrap()),
-        &[("OMP_NUM_THREADS", "1")],
-    );
-    for (rank, o) in out.iter().enumerate() {
-        assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
-    }
+    let out = train_two_ranks(&run, &data);
     // Its 1.1 MB of gradients fill 2 buckets (DDP's first one holds 1 MB), each allreduced from
     // the backward's hooks as soon as its gradients are in.
     let log = text(&out[0].stderr);
@@ -352,11 +362,7 @@ fn two_ranks_match_pytorch_ddp_on_cifar_resnet20() {
     // Rank 0 alone wrote the metrics: one line per epoch.
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 2, "{metrics}");
-    let pytorch = residual::checkpoint::StateDict::read(
-        &reference.join("final.safetensors"),
-        &Default::default(),
-    )
-    .unwrap();
+    let pytorch = final_reference(&reference);
     let rust = final_weights(&run);
     let diff = max_abs_diff(&rust, &pytorch);
     let buffers = rust
@@ -408,19 +414,8 @@ fn two_ranks_match_pytorch_ddp_on_a_narrow_resnet18() {
     let data = ddp_reference().join("data");
     // The ranks as torchrun would start them (one intra-op thread each, as torchrun sets and
     // the reference uses), without its start-up time.
-    let out = spawn_ranks(
-        2,
-        &train_args(run.to_str().unwrap(), data.to_str().unwrap()),
-        &[("OMP_NUM_THREADS", "1")],
-    );
-    for (rank, o) in out.iter().enumerate() {
-        assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
-    }
-    let pytorch = residual::checkpoint::StateDict::read(
-        &reference.join("final.safetensors"),
-        &Default::default(),
-    )
-    .unwrap();
+    train_two_ranks(&run, &data);
+    let pytorch = final_reference(&reference);
     let diff = max_abs_diff(&final_weights(&run), &pytorch);
     println!(
         "resnet18 (widths 4-32): max |Δ| between Rust DDP and PyTorch DDP after 3 steps: {diff:e}"
@@ -454,11 +449,7 @@ fn a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_ends_as_an_uninterrupted
         "{log}"
     );
     // The uninterrupted run is PyTorch DDP's (the depth-8 reference run).
-    let pytorch = residual::checkpoint::StateDict::read(
-        &reference.join("final.safetensors"),
-        &Default::default(),
-    )
-    .unwrap();
+    let pytorch = final_reference(&reference);
     let diff = max_abs_diff(&final_weights(&run), &pytorch);
     println!(
         "CIFAR ResNet-8 restarted under torchrun: max |Δ| from PyTorch DDP after 8 steps: {diff:e}"
@@ -737,14 +728,7 @@ fn unreadable_files_of_every_rank_are_counted_once_by_rank_0() {
     }
     let run = dir.join("run");
     folder_run(&run, 4, 1, None);
-    let out = spawn_ranks(
-        2,
-        &train_args(run.to_str().unwrap(), data.to_str().unwrap()),
-        &[("OMP_NUM_THREADS", "1")],
-    );
-    for (rank, o) in out.iter().enumerate() {
-        assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
-    }
+    let out = train_two_ranks(&run, &data);
     let (first, second) = (text(&out[0].stderr), text(&out[1].stderr));
     // Each rank names the files it skipped (with seed 3 both are in rank 1's shard); rank 0
     // alone gives the epoch's total over ranks.
@@ -771,19 +755,8 @@ fn two_ranks_streaming_an_image_folder_match_pytorch_ddp_on_torchvisions_image_f
     let run = dir.join("run");
     folder_run(&run, 4, 2, Some(&reference.join("init.safetensors")));
     let data = reference.join("data");
-    let out = spawn_ranks(
-        2,
-        &train_args(run.to_str().unwrap(), data.to_str().unwrap()),
-        &[("OMP_NUM_THREADS", "1")],
-    );
-    for (rank, o) in out.iter().enumerate() {
-        assert!(o.status.success(), "rank {rank}: {}", text(&o.stderr));
-    }
-    let pytorch = residual::checkpoint::StateDict::read(
-        &reference.join("final.safetensors"),
-        &Default::default(),
-    )
-    .unwrap();
+    train_two_ranks(&run, &data);
+    let pytorch = final_reference(&reference);
     let diff = max_abs_diff(&final_weights(&run), &pytorch);
     println!(
         "image folder: max |Δ| between Rust DDP and PyTorch DDP (ImageFolder, DistributedSampler) after 4 steps: {diff:e}"
