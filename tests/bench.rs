@@ -39,16 +39,7 @@ fn anon_before_after(fast: bool) -> Option<(u64, u64)> {
     let config =
         ModelConfig::from_json(r#"{"arch": "cifar_resnet", "depth": 8, "in_channels": 1}"#)
             .unwrap();
-    let settings = BenchSettings {
-        batch_size: 1,
-        image_size: 28,
-        steps: 1,
-        warmup: 0,
-        device: Device::Cpu,
-        amp: None,
-        channels_last: false,
-        rss_at: vec![],
-    };
+    let settings = BenchSettings::one_call(1, 28);
     tch::manual_seed(0);
     let vs = VarStore::new(Device::Cpu);
     let model: Box<dyn Model> = config.build(vs.root()).unwrap();

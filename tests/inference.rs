@@ -167,16 +167,7 @@ fn sid_classifier_linears_run_packed_and_match() {
     assert_eq!(norms, 0);
     let config = ModelConfig::from_json(json).unwrap();
     for batch in [4, 1, 7] {
-        let settings = residual::train::BenchSettings {
-            batch_size: batch,
-            image_size: 1,
-            steps: 1,
-            warmup: 0,
-            device: Device::Cpu,
-            amp: None,
-            channels_last: false,
-            rss_at: vec![],
-        };
+        let settings = residual::train::BenchSettings::one_call(batch, 1);
         let inputs = residual::train::bench_inputs(&config, &settings).unwrap();
         let diff = relative_difference(plain.as_ref(), fast.as_ref(), &inputs);
         assert!(diff <= 1e-4, "batch {batch}: changed by {diff:.2e}");

@@ -71,11 +71,7 @@ impl Linear {
     /// batches MKL's sgemm spends most of its time packing the weight on every call (SiD at
     /// batch 4: 58% of the time in `sgemm_scopy`); oneDNN's linear on the packed weight does not.
     pub fn pack(&mut self) {
-        let ws = &self.linear.ws;
-        if ws.device() == tch::Device::Cpu
-            && ws.kind() == tch::Kind::Float
-            && tch::utils::has_mkldnn()
-        {
+        if packable(&self.linear.ws) {
             self.packed = Some(OnceLock::new());
         }
     }
@@ -210,11 +206,7 @@ impl Conv2d {
     /// can run it: a float32 CPU weight on a libtorch built with oneDNN (a no-op elsewhere). The
     /// reorder happens on the first forward, for its input's size.
     pub fn pack(&mut self) {
-        let ws = &self.conv.ws;
-        if ws.device() == tch::Device::Cpu
-            && ws.kind() == tch::Kind::Float
-            && tch::utils::has_mkldnn()
-        {
+        if packable(&self.conv.ws) {
             self.packed = Some(OnceLock::new());
         }
     }
@@ -372,6 +364,14 @@ pub enum Norm2d {
     /// A batch norm folded into the convolution before it ([`Norm2d::fold_into`]): passes its
     /// input through, in eval mode only.
     Folded,
+}
+
+/// Whether oneDNN can run on `weight` reordered into its blocked layout: float32 on the CPU, with a
+/// libtorch built with oneDNN.
+fn packable(weight: &Tensor) -> bool {
+    weight.device() == tch::Device::Cpu
+        && weight.kind() == tch::Kind::Float
+        && tch::utils::has_mkldnn()
 }
 
 const NORM_EPS: f64 = 1e-5;

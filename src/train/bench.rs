@@ -40,6 +40,23 @@ pub struct BenchSettings {
     pub rss_at: Vec<u64>,
 }
 
+impl BenchSettings {
+    /// One timed call and no warm-up, on the CPU, float32, contiguous inputs: the settings
+    /// for [`bench_inputs`] alone; change the rest with struct update syntax.
+    pub fn one_call(batch_size: i64, image_size: i64) -> Self {
+        Self {
+            batch_size,
+            image_size,
+            steps: 1,
+            warmup: 0,
+            device: Device::Cpu,
+            amp: None,
+            channels_last: false,
+            rss_at: Vec::new(),
+        }
+    }
+}
+
 /// What [`bench_inference`] measured.
 #[derive(Debug, Clone)]
 pub struct InferenceBench {
